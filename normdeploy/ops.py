@@ -1,0 +1,269 @@
+"""Canonical normalization ops of the ONNX domain ``normdeploy`` (version 1).
+
+Passes match on ``(domain, op_type)``; every op below also has an ONNX function body
+(:func:`function_proto`) so that a file still holding one runs on any ONNX runtime, and
+a NumPy reference (:data:`REFERENCE`) that tests and emulators compare against.
+
+| op           | inputs               | attributes                  | eval math |
+|--------------|----------------------|-----------------------------|-----------|
+| UnifiedNorm  | X, R, W, B           | epsilon=1e-5, axis=1        | W X / sqrt(R + eps) + B, per channel on ``axis`` |
+| PowerNorm    | X, Phi, W, B         | groups=1, epsilon=1e-5      | W GroupScaling(X) / sqrt(Phi + eps) + B, channels last |
+| GroupScaling | X                    | groups=1, epsilon=1e-5      | X / sqrt(mean_group(X^2) + eps), channels last |
+| RMSNorm      | X, G                 | epsilon=1e-6                | G X / sqrt(mean(X^2) + eps), last axis |
+| CRMSNorm     | X, G                 | epsilon=1e-6                | G X / sqrt((sum X^2 + (sum X)^2) / (d) + eps), d = width + 1 |
+| DynamicTanh  | X, Alpha, W, B       | axis=-1                     | W tanh(Alpha X) + B, per channel on ``axis`` |
+| ScaleNorm    | X, G                 | epsilon=1e-5                | G X / max(norm2(X), eps), last axis, G scalar |
+
+Per-channel parameters are 1-D of length C; ``axis`` names the channel axis of X.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "normdeploy"
+VERSION = 1
+
+#: attribute defaults per op; an attribute missing on a node takes its default.
+ATTRIBUTES: dict[str, dict[str, float | int]] = {
+    "UnifiedNorm": {"epsilon": 1e-5, "axis": 1},
+    "PowerNorm": {"groups": 1, "epsilon": 1e-5},
+    "GroupScaling": {"groups": 1, "epsilon": 1e-5},
+    "RMSNorm": {"epsilon": 1e-6},
+    "CRMSNorm": {"epsilon": 1e-6},
+    "DynamicTanh": {"axis": -1},
+    "ScaleNorm": {"epsilon": 1e-5},
+}
+INPUTS: dict[str, tuple[str, ...]] = {
+    "UnifiedNorm": ("X", "R", "W", "B"),
+    "PowerNorm": ("X", "Phi", "W", "B"),
+    "GroupScaling": ("X",),
+    "RMSNorm": ("X", "G"),
+    "CRMSNorm": ("X", "G"),
+    "DynamicTanh": ("X", "Alpha", "W", "B"),
+    "ScaleNorm": ("X", "G"),
+}
+OPS = tuple(ATTRIBUTES)
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, float | int]:
+    """The node's attributes with the op's defaults filled in."""
+    attrs = dict(ATTRIBUTES[node.op_type])
+    for a in node.attribute:
+        attrs[a.name] = helper.get_attribute_value(a)
+    return attrs
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+def _bcast(v: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    pos = axis % rank
+    return v.reshape([-1] + [1] * (rank - pos - 1))
+
+
+def _ref_unified(x, r, w, b, epsilon=1e-5, axis=1):
+    scale = w / np.sqrt(r + np.asarray(epsilon, r.dtype))
+    return x * _bcast(scale, x.ndim, axis) + _bcast(b, x.ndim, axis)
+
+
+def _ref_group_scaling(x, groups=1, epsilon=1e-5):
+    c = x.shape[-1]
+    g = x.reshape(*x.shape[:-1], groups, c // groups).astype(np.float32)
+    g = g / np.sqrt(np.mean(g * g, axis=-1, keepdims=True) + np.float32(epsilon))
+    return g.reshape(x.shape).astype(x.dtype)
+
+
+def _ref_power(x, phi, w, b, groups=1, epsilon=1e-5):
+    xs = _ref_group_scaling(x, groups, epsilon)
+    return xs * (w / np.sqrt(phi + np.asarray(epsilon, phi.dtype))) + b
+
+
+def _ref_rms(x, g, epsilon=1e-6):
+    xf = x.astype(np.float32)
+    ms = np.mean(xf * xf, axis=-1, keepdims=True)
+    return (g * (xf / np.sqrt(ms + np.float32(epsilon)))).astype(x.dtype)
+
+
+def _ref_crms(x, g, epsilon=1e-6):
+    xf = x.astype(np.float32)
+    d = x.shape[-1] + 1
+    ms = (np.sum(xf * xf, -1, keepdims=True) + np.sum(xf, -1, keepdims=True) ** 2) / np.float32(d)
+    return (g * (xf / np.sqrt(ms + np.float32(epsilon)))).astype(x.dtype)
+
+
+def _ref_dyt(x, alpha, w, b, axis=-1):
+    return _bcast(w, x.ndim, axis) * np.tanh(alpha * x) + _bcast(b, x.ndim, axis)
+
+
+def _ref_scale(x, g, epsilon=1e-5):
+    xf = x.astype(np.float32)
+    n = np.sqrt(np.sum(xf * xf, axis=-1, keepdims=True))
+    return (g * xf / np.maximum(n, np.float32(epsilon))).astype(x.dtype)
+
+
+REFERENCE = {
+    "UnifiedNorm": _ref_unified,
+    "PowerNorm": _ref_power,
+    "GroupScaling": _ref_group_scaling,
+    "RMSNorm": _ref_rms,
+    "CRMSNorm": _ref_crms,
+    "DynamicTanh": _ref_dyt,
+    "ScaleNorm": _ref_scale,
+}
+
+
+# ----------------------------------------------------------------------------- function bodies
+
+class _Body:
+    """Collects the nodes of one function body; names are local to the function."""
+
+    def __init__(self, opset: int):
+        self.opset, self.nodes, self._n = opset, [], 0
+
+    def __call__(self, op: str, *inputs: str, **attrs) -> str:
+        self._n += 1
+        out = f"t{self._n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def attr_const(self, name: str, kind: int) -> str:
+        """A Constant whose value is the function attribute ``name`` (float or int)."""
+        self._n += 1
+        out = f"t{self._n}"
+        field = {onnx.AttributeProto.FLOAT: "value_float", onnx.AttributeProto.INT: "value_int"}[kind]
+        attr = onnx.AttributeProto(name=field, ref_attr_name=name, type=kind)
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(attr)
+        self.nodes.append(node)
+        return out
+
+    def ints(self, *values: int) -> str:
+        return self("Constant", value=helper.make_tensor("v", TensorProto.INT64, [len(values)], list(values)))
+
+    def reduce(self, op: str, x: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self(op, x, self.ints(*axes), keepdims=1)
+        return self(op, x, axes=axes, keepdims=1)
+
+    def cast_like(self, x: str, like: str) -> str:
+        return self("CastLike", x, like)
+
+    def bcast(self, v: str, x: str) -> str:
+        """Reshape per-channel ``v`` [C] to broadcast on the channel axis of ``x`` (attribute ``axis``)."""
+        rank = self("Size", self("Shape", x))
+        pos = self("Mod", self("Add", self.attr_const("axis", onnx.AttributeProto.INT), rank), rank)
+        trailing = self("Sub", self("Sub", rank, pos), self("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
+        ones = self("ConstantOfShape", self("Reshape", trailing, self.ints(1)),
+                    value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+        return self("Reshape", v, self("Concat", self("Shape", v), ones, axis=0))
+
+
+def _body_unified(f: _Body) -> list[str]:
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "R")
+    scale = f("Div", "W", f("Sqrt", f("Add", "R", eps)))
+    return [f("Add", f("Mul", "X", f.bcast(scale, "X")), f.bcast("B", "X"))]
+
+
+def _group_scaling(f: _Body, x: str) -> str:
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), x)
+    groups = f("Reshape", f.attr_const("groups", onnx.AttributeProto.INT), f.ints(1))
+    shape = f("Shape", x)
+    grouped_shape = f("Concat", f("Slice", shape, f.ints(0), f.ints(-1)), groups, f.ints(-1), axis=0)
+    g = f("Reshape", x, grouped_shape)
+    ms = f.reduce("ReduceMean", f("Mul", g, g), [-1])
+    return f("Reshape", f("Div", g, f("Sqrt", f("Add", ms, eps))), shape)
+
+
+def _body_group_scaling(f: _Body) -> list[str]:
+    return [_group_scaling(f, "X")]
+
+
+def _body_power(f: _Body) -> list[str]:
+    xs = _group_scaling(f, "X")
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "Phi")
+    scale = f("Div", "W", f("Sqrt", f("Add", "Phi", eps)))
+    return [f("Add", f("Mul", xs, scale), "B")]
+
+
+def _body_rms(f: _Body) -> list[str]:
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "X")
+    ms = f.reduce("ReduceMean", f("Mul", "X", "X"), [-1])
+    return [f("Mul", "G", f("Div", "X", f("Sqrt", f("Add", ms, eps))))]
+
+
+def _body_crms(f: _Body) -> list[str]:
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "X")
+    width = f("Slice", f("Shape", "X"), f.ints(-1), f.ints(2**62))
+    d = f.cast_like(f("Add", width, f.ints(1)), "X")
+    s = f.reduce("ReduceSum", "X", [-1])
+    ss = f.reduce("ReduceSum", f("Mul", "X", "X"), [-1])
+    ms = f("Div", f("Add", ss, f("Mul", s, s)), d)
+    return [f("Mul", "G", f("Div", "X", f("Sqrt", f("Add", ms, eps))))]
+
+
+def _body_dyt(f: _Body) -> list[str]:
+    t = f("Tanh", f("Mul", "Alpha", "X"))
+    return [f("Add", f("Mul", f.bcast("W", "X"), t), f.bcast("B", "X"))]
+
+
+def _body_scale(f: _Body) -> list[str]:
+    eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "X")
+    norm = f("Sqrt", f.reduce("ReduceSum", f("Mul", "X", "X"), [-1]))
+    return [f("Mul", "G", f("Div", "X", f("Max", norm, eps)))]
+
+
+_BODIES = {
+    "UnifiedNorm": _body_unified,
+    "PowerNorm": _body_power,
+    "GroupScaling": _body_group_scaling,
+    "RMSNorm": _body_rms,
+    "CRMSNorm": _body_crms,
+    "DynamicTanh": _body_dyt,
+    "ScaleNorm": _body_scale,
+}
+
+
+def function_proto(op: str, opset: int) -> onnx.FunctionProto:
+    """The ONNX function body of canonical ``op``, written for default-domain ``opset``."""
+    f = _Body(opset)
+    (out,) = _BODIES[op](f)
+    f.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    return helper.make_function(
+        DOMAIN, op, list(INPUTS[op]), ["Y"], f.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES[op]),
+    )
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise ValueError("model imports no default ONNX opset")
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give ``model`` the function bodies of the canonical ops it uses (and no others).
+
+    Idempotent; bodies are regenerated for the model's default-domain opset.
+    """
+    used = sorted({n.op_type for n in _all_nodes(model.graph) if n.domain == DOMAIN and n.op_type in _BODIES})
+    keep = [fn for fn in model.functions if fn.domain != DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
+    opset = model_opset(model)
+    model.functions.extend(function_proto(op, opset) for op in used)
+    if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            for g in a.graphs:
+                yield from _all_nodes(g)
