@@ -111,6 +111,7 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript import optimizer
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    _name_norms_after_modules(model)
     for n in model.graph.node:
         del n.metadata_props[:]
     for vi in list(model.graph.input) + list(model.graph.output):
@@ -126,6 +127,28 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
             pass
     ops.attach_functions(model)
     return infer_shapes(model)
+
+
+def _name_norms_after_modules(model: onnx.ModelProto) -> None:
+    """Name each normalization node after the torch module that emitted it (``blocks.0.norm1``)."""
+    import ast
+
+    from .survey import kind_of
+
+    used = {n.name for n in model.graph.node}
+    for n in model.graph.node:
+        if not kind_of(n):
+            continue
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes:
+            continue
+        try:
+            path = ".".join(s for s in ast.literal_eval(scopes)[1:-1] if s)
+        except (ValueError, SyntaxError):
+            continue
+        if path and path not in used:
+            used.add(path)
+            n.name = path
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

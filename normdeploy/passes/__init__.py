@@ -28,16 +28,23 @@ class Skip:
 
 
 @dataclass
+class Rewrite:
+    node: str | None
+    what: str
+
+
+@dataclass
 class PassResult:
     name: str
     exact: bool
     matched: int = 0
-    rewrites: list[str] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def rewrote(self, what: str) -> None:
-        self.rewrites.append(what)
+    def rewrote(self, what: str, node: str | None = None) -> None:
+        """Record one change; ``node`` names the normalization node it concerns, if any."""
+        self.rewrites.append(Rewrite(node, what))
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append(Skip(node, reason))

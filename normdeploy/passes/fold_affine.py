@@ -53,7 +53,7 @@ class Affine:
 
 def affine_of(node: gs.Node) -> Affine | str:
     """The per-channel affine computed by ``node``, or the reason it is not a foldable one."""
-    if node.op == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+    if node.op == "BatchNormalization" and node.domain in (None, "", "ai.onnx"):
         if node.attrs.get("training_mode", 0):
             return "BatchNormalization in training mode uses batch statistics"
         if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
@@ -205,5 +205,5 @@ def fold_affine_into_linear(graph: gs.Graph, ctx: PassContext) -> PassResult:
             continue
         if reason is None:
             rewire_output(node, prod)
-        result.rewrote(f"{node.op} {node.name} folded into {prod.op} {prod.name}")
+        result.rewrote(f"{node.op} {node.name} folded into {prod.op} {prod.name}", node.name)
     return result

@@ -1,0 +1,198 @@
+"""The ``normdeploy`` command line.
+
+Errors a user can cause print one line (``error: what is wrong; what to do``) on stderr
+and exit non-zero, with no traceback unless ``--debug``; see :mod:`normdeploy.errors`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import click
+
+from .errors import NormdeployError
+from .pipeline import TARGETS, Options
+
+EXAMPLE = """
+\b
+Example:
+  normdeploy optimize models/digits_cnn_bn_un.pt --data models/digits_test.npz --out out/
+  normdeploy optimize model.onnx --input input_ids:1x128:int64 --target ort-cpu --out out/ --json
+"""
+
+
+@contextmanager
+def _errors(debug: bool):
+    try:
+        yield
+    except NormdeployError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, then the hint
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        click.echo(f"error: internal error ({type(e).__name__}: {msg}); rerun with --debug and report it", err=True)
+        sys.exit(1)
+
+
+class _Progress:
+    """A rich progress display on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress = None
+        self._task = None
+        self._stage = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __call__(self, stage: str, fraction: float | None = None) -> None:
+        if not self._progress:
+            return
+        if stage != self._stage:
+            if self._task is not None:
+                self._progress.update(self._task, completed=100, total=100)
+            self._task = self._progress.add_task(stage, total=100 if fraction is not None else None)
+            self._stage = stage
+        if fraction is not None:
+            self._progress.update(self._task, completed=100 * fraction, total=100)
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+
+def _common(f):
+    opts = [
+        click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]",
+                     help="Input shape, e.g. input:1x3x224x224 or input_ids:1x128:int64; repeatable. "
+                          "Default: read from the model."),
+        click.option("--target", type=click.Choice(TARGETS), default="ort-cpu", show_default=True,
+                     help="What to deploy to."),
+        click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset for torch exports."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Unpickle torch files that reference classes outside torch.nn and normdeploy "
+                          "(unpickling runs code: only for files you trust)."),
+        click.option("--allow-approx", is_flag=True, help="Also run approximate rewrites (need calibration data)."),
+        click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLE)
+@click.version_option(package_name="normdeploy")
+def main():
+    """Fold, fuse or exactly replace the normalization layers of a model, then build and benchmark it."""
+
+
+@main.command(epilog=EXAMPLE)
+@click.argument("model", type=click.Path(dir_okay=False))
+@_common
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: <model name>.normdeploy next to the current directory).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Real inputs for the accuracy check: an .npz with one array per model input.")
+@click.option("--batch", type=int, default=None, help="Batch size for latency (default: the input shape's).")
+@click.option("--bench-seconds", type=float, default=3.0, show_default=True, help="Time budget of the latency run.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: available cores, at most 8).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest accepted max relative error of the optimized model against the original.")
+def optimize(model, inputs, target, opset, trust_pickle, allow_approx, as_json, debug, out, force, data, batch,
+             bench_seconds, no_bench, threads, tolerance):
+    """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
+    from . import package, pipeline
+
+    with _errors(debug):
+        out = out or os.path.splitext(os.path.basename(model))[0] + ".normdeploy"
+        package.check_writable(out, force)
+        opts = Options(target=target, inputs=inputs, data=data, trust_pickle=trust_pickle, opset=opset, batch=batch,
+                       bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
+                       allow_approx=allow_approx)
+        with _Progress(not as_json) as progress:
+            result = pipeline.optimize(model, opts, progress)
+            progress("write", None)
+            path = package.write(out, result, force=force)
+        report = package._jsonable(result.report)
+        if as_json:
+            click.echo(json.dumps({"out": path, **report}, indent=2))
+        else:
+            _print_summary(report, path)
+
+
+def _print_summary(r: dict, path: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"normalization nodes ({r['target']})")
+    t.add_column("kind")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    for k in sorted(set(r["norm_nodes"]["before"]) | set(r["norm_nodes"]["after"])):
+        t.add_row(k, str(r["norm_nodes"]["before"].get(k, 0)), str(r["norm_nodes"]["after"].get(k, 0)))
+    c.print(t)
+    a = r["accuracy"]
+    c.print(f"accuracy: max abs err {a['max_abs_err']:.3g}, max rel err {a['max_rel_err']:.3g}, "
+            f"min cosine {a['cosine_min']:.9f}" + (f", top-1 agreement {a['top1_agreement']:.2%}"
+                                                   if a.get("top1_agreement") is not None else ""))
+    lat = r.get("latency")
+    if lat:
+        left = lat.get("norm_cost_left")
+        c.print(f"latency p50: original {lat['original']['p50_ms']:.4f} ms, optimized {lat['optimized']['p50_ms']:.4f} ms, "
+                f"floor {lat['floor']['p50_ms']:.4f} ms -> speedup {lat['speedup']:.3f}x"
+                + (f", normalization cost left {left:.0%}" if left is not None else "")
+                + f"  [{lat['machine']['machine']}, {lat['threads']} threads, onnxruntime {lat['machine']['onnxruntime']}]")
+    for n in r["notes"]:
+        c.print(f"note: {n}")
+    c.print(f"wrote {path}")
+
+
+@main.command(epilog=EXAMPLE)
+@click.argument("model", type=click.Path(dir_okay=False))
+@_common
+def inspect(model, inputs, target, opset, trust_pickle, allow_approx, as_json, debug):
+    """List every normalization in MODEL, its kind, and which rewrite applies or why none does."""
+    from . import pipeline
+
+    with _errors(debug):
+        opts = Options(target=target, inputs=inputs, trust_pickle=trust_pickle, opset=opset, allow_approx=allow_approx)
+        with _Progress(not as_json) as progress:
+            info = pipeline.inspect_model(model, opts, progress)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{model}: {len(info['normalizations'])} normalization(s), target {target}")
+        for col in ("node", "kind", "op", "what happens"):
+            t.add_column(col, overflow="fold")
+        for e in info["normalizations"]:
+            fate = "; ".join(e["rewrites"]) if e["rewrites"] else "kept: " + "; ".join(e["kept_because"])
+            t.add_row(e["node"], e["kind"], e["op"], fate)
+        Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

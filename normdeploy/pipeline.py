@@ -1,0 +1,230 @@
+"""The pipeline: load -> export -> canonicalize -> rewrite -> lower -> build -> verify/bench.
+
+:func:`optimize` runs every stage and returns a :class:`Result` holding the models and
+the report; :mod:`normdeploy.package` writes them out. No stage reaches back into an
+earlier one; each pass's :class:`~normdeploy.passes.PassResult` goes into the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import __version__, survey
+from .build import OrtRunner, TorchRunner
+from .errors import AccuracyError, InputError, UnsupportedError
+from .export import example_arrays, infer_shapes, to_onnx
+from .load import InputSpec, Loaded, load
+from .passes import PassContext, run_stage
+from .verify import Accuracy, batches, compare
+
+TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
+
+
+@dataclass
+class Options:
+    target: str = "ort-cpu"
+    inputs: tuple[str, ...] = ()
+    data: str | None = None
+    trust_pickle: bool = False
+    opset: int = 20
+    batch: int | None = None
+    bench_seconds: float = 3.0
+    bench: bool = True
+    threads: int | None = None
+    tolerance: float = 1e-4
+    allow_approx: bool = False
+
+
+@dataclass
+class Result:
+    original: onnx.ModelProto
+    optimized: onnx.ModelProto
+    floor: onnx.ModelProto
+    report: dict
+    bench: object = None
+    loaded: Loaded | None = None
+    specs: list[InputSpec] = field(default_factory=list)
+
+
+Progress = Callable[[str, float | None], None]
+
+
+def _noop(stage: str, fraction: float | None = None) -> None:
+    pass
+
+
+def prepare(path: str, opts: Options, progress: Progress = _noop) -> tuple[Loaded, onnx.ModelProto, list[str]]:
+    """load + export: the original model as ONNX with canonical nodes and function bodies."""
+    progress("load", None)
+    loaded = load(path, opts.inputs, opts.trust_pickle)
+    progress("export", None)
+    original, notes = to_onnx(loaded, opts.opset)
+    specs_by_name = {s.name: s for s in loaded.inputs}
+    names = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+    if loaded.kind != "onnx":  # the exporter may rename inputs; keep the user's shapes in order
+        loaded.inputs = [InputSpec(n, s.shape, s.dtype, s.dynamic) for n, s in zip(names, loaded.inputs)]
+    elif set(specs_by_name) != set(names):
+        raise InputError("model inputs changed during export", "report this as a bug")
+    return loaded, original, notes
+
+
+def transform(original: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list]:
+    """canonicalize + rewrite + lower; returns the lowered model and every PassResult."""
+    model, results = original, []
+    for stage in ("canonicalize", "rewrite", "lower"):
+        model, stage_results = run_stage(model, stage, ctx)
+        results.extend(stage_results)
+        model = infer_shapes(model)
+    return model, results
+
+
+def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        npz = np.load(path)
+    except FileNotFoundError:
+        raise InputError(f"data file {path} does not exist", "check the --data path") from None
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"data file {path} is not a readable .npz ({type(e).__name__})",
+                         "save inputs with numpy.savez(path, input_name=array)") from None
+    arrays = {k: npz[k] for k in npz.files if k not in ("label", "labels")}
+    if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputError(f"data file {path} has no array for input(s) {', '.join(missing)}",
+                         f"its arrays are {', '.join(npz.files)}; name them after the model inputs")
+    out = {}
+    for s in specs:
+        a = arrays[s.name]
+        if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]):
+            raise InputError(f"data for input {s.name} has shape {a.shape}, the model takes "
+                             f"[N, {', '.join(map(str, s.shape[1:]))}]", "fix the data file or --input")
+        out[s.name] = a.astype(np.dtype(a.dtype) if s.dtype not in ("float32",) else np.float32)
+    return out
+
+
+def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
+    if opts.target not in TARGETS:
+        raise InputError(f"unknown target {opts.target!r}", f"choose one of {', '.join(TARGETS)}")
+    if opts.target.startswith("trt-"):
+        raise UnsupportedError(f"target {opts.target} is not available in this build yet",
+                               "use --target ort-cpu")
+    loaded, original, export_notes = prepare(path, opts, progress)
+    specs = loaded.inputs
+    notes = list(export_notes) + survey.validate_parameters(original)
+
+    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version())
+    progress("rewrite", None)
+    optimized, results = transform(original, ctx)
+    floor = survey.floor_model(original)
+
+    progress("build", None)
+    run_orig = OrtRunner(original, opts.target, opts.threads)
+    run_opt = OrtRunner(optimized, opts.target, opts.threads)
+
+    progress("verify", None)
+    batch = opts.batch or specs[0].shape[0]
+    feed = example_arrays(specs, seed=0, batch=batch)
+    run_orig.check_feed(feed)
+    random_feeds = [example_arrays(specs, seed=s, batch=max(batch, 4)) for s in range(4)]
+    accuracies = {"random": compare(run_orig, run_opt, random_feeds, "random N(0,1), seeds 0-3")}
+    if opts.data:
+        data = load_data(opts.data, specs)
+        run_orig.check_feed({k: v[:1] for k, v in data.items()})
+        accuracies["data"] = compare(run_orig, run_opt, batches(data, 64), f"data file {opts.data}")
+    fidelity = None
+    if loaded.kind in ("module", "torchscript", "exported_program"):
+        module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
+        torch_runner = TorchRunner(module, run_orig.input_names, run_orig.output_names)
+        fidelity = compare(torch_runner, run_orig, random_feeds[:1], "torch eager vs exported ONNX, random")
+    worst = _worst(accuracies)
+    if worst["max_rel_err"] > opts.tolerance:
+        bad = max((o for a in accuracies.values() for o in a.outputs), key=lambda o: o.max_rel_err)
+        raise AccuracyError(f"optimized model differs from the original: output {bad.name} max relative error "
+                            f"{bad.max_rel_err:.3g} > tolerance {opts.tolerance:g}",
+                            "report this with the model; pass --tolerance to accept it")
+
+    bench = None
+    if opts.bench:
+        from .bench import interleaved
+
+        progress("bench", 0.0)
+        runners = {"original": run_orig, "optimized": run_opt, "floor": OrtRunner(floor, opts.target, opts.threads)}
+        bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
+
+    report = build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst,
+                          fidelity, bench, batch)
+    return Result(original, optimized, floor, report, bench, loaded, specs)
+
+
+def _worst(accuracies: dict[str, Accuracy]) -> dict:
+    accs = list(accuracies.values())
+    top1 = [a.top1_agreement for a in accs if a.top1_agreement is not None]
+    return {"max_abs_err": max(a.max_abs_err for a in accs), "max_rel_err": max(a.max_rel_err for a in accs),
+            "cosine_min": min(a.cosine_min for a in accs), "top1_agreement": min(top1) if top1 else None}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst, fidelity,
+                 bench, batch) -> dict:
+    latency = None
+    if bench is not None:
+        lo, hi = bench.ratio_interval("original", "optimized")
+        latency = {name: t.to_json() for name, t in bench.timings.items()}
+        latency.update({
+            "speedup": bench.ratio("original", "optimized"),
+            "speedup_ci95": [lo, hi],
+            "norm_cost_left": bench.norm_cost_left(),
+            "method": "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)",
+            "batch": batch, "threads": bench.threads, "machine": bench.machine,
+        })
+    for r in results:
+        notes.extend(r.notes)
+    return {
+        "normdeploy_version": __version__,
+        "target": opts.target,
+        "input": {"path": path, "kind": loaded.kind, "inputs": [s.to_json() for s in specs]},
+        "passes": [r.to_json() for r in results],
+        "norm_nodes": {"before": survey.count_by_kind(original), "after": survey.count_by_kind(optimized)},
+        "accuracy": {**worst, "tolerance": opts.tolerance, **{k: a.to_json() for k, a in accuracies.items()}},
+        "export_fidelity": fidelity.to_json() if fidelity else None,
+        "latency": latency,
+        "notes": notes,
+    }
+
+
+def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
+    """Every normalization in the model (after canonicalization), its kind, and its fate.
+
+    The fate is read from a dry run of the rewrite and lower stages for ``opts.target``:
+    the pass that rewrote the node, or the reasons every pass gave for leaving it.
+    """
+    loaded, original, notes = prepare(path, opts, progress)
+    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version())
+    progress("canonicalize", None)
+    canonical, canon_results = run_stage(original, "canonicalize", ctx)
+    canonical = infer_shapes(canonical)
+    progress("rewrite", None)
+    rewritten, rewrite_results = run_stage(canonical, "rewrite", ctx)
+    _, lower_results = run_stage(infer_shapes(rewritten), "lower", ctx)
+    entries = []
+    for n in survey.find_norms(canonical):
+        applied, reasons = [], []
+        for r in rewrite_results + lower_results:
+            applied += [f"{r.name}: {w.what}" for w in r.rewrites if w.node == n.name]
+            reasons += [f"{r.name}: {s.reason}" for s in r.skipped if s.node == n.name]
+        recognized = [f"{r.name}: {w.what}" for r in canon_results for w in r.rewrites if w.node == n.name]
+        entries.append({"node": n.name, "kind": n.kind, "op": f"{n.domain + '::' if n.domain else ''}{n.op_type}",
+                        "recognized": recognized, "rewrites": applied,
+                        "kept_because": [] if applied else (reasons or ["no pass applies to this kind on this target"])})
+    return {"model": path, "kind": loaded.kind, "target": opts.target,
+            "inputs": [s.to_json() for s in loaded.inputs], "normalizations": entries,
+            "counts": survey.count_by_kind(canonical), "notes": notes}
