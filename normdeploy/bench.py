@@ -67,16 +67,27 @@ class BenchResult:
         return (self.p50(optimized) - self.p50(floor)) / span
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(threads: int) -> dict:
     import onnxruntime
 
-    return {"cpu": platform.processor() or platform.machine(), "machine": platform.machine(),
+    return {"cpu": cpu_name(), "machine": platform.machine(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "threads": threads,
             "cores": len(__import__("os").sched_getaffinity(0))}
 
 
 def interleaved(runners: dict, feed: dict, seconds: float = 3.0, warmup: int = 5, min_rounds: int = 10,
-                max_rounds: int = 2000, progress=None) -> BenchResult:
+                max_rounds: int = 200_000, progress=None) -> BenchResult:
     """Time every runner on ``feed`` in rotating order until ``seconds`` have passed."""
     names = list(runners)
     batch = next(iter(feed.values())).shape[0] if feed else 1

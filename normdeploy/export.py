@@ -33,13 +33,15 @@ DEFAULT_OPSET = 20
 def example_arrays(specs: list[InputSpec], seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
     """Deterministic random inputs for ``specs``: N(0, 1) floats, small non-negative integers, masks of ones.
 
+    ``batch`` replaces the first dimension of inputs whose first axis is dynamic.
+
     Integer inputs (token ids) are drawn from [0, 16) so they are valid for any vocabulary
     of at least 16 entries; inputs whose name says "mask" are all ones.
     """
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:
-        shape = (batch,) + tuple(s.shape[1:]) if batch else s.shape
+        shape = (batch,) + tuple(s.shape[1:]) if batch and 0 in s.dynamic else s.shape
         dt = numpy_dtype(s.dtype)
         if np.issubdtype(dt, np.floating):
             out[s.name] = rng.standard_normal(shape).astype(dt)

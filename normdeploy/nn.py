@@ -70,7 +70,7 @@ class UnifiedNorm(nn.Module):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, axis: int = 1, momentum: float = 0.1,
-                 window: int = 4, outlier_factor: float = 3.0):
+                 window: int = 4, outlier_factor: float = 5.0):
         super().__init__()
         self.num_features, self.eps, self.axis = num_features, eps, axis
         self.momentum, self.window, self.outlier_factor = momentum, window, outlier_factor

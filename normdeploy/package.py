@@ -27,9 +27,11 @@ def check_writable(out: str, force: bool) -> None:
         raise InputError(f"output directory {out} exists and is not empty", "pass --force to replace it, or another --out")
     if not os.path.isdir(parent):
         raise InputError(f"the parent directory of {out} does not exist", f"create {parent} first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory {out} is not writable (no write permission on {parent})",
-                         "choose a --out you can write to")
+    try:  # a real probe: os.access says yes to root even on read-only file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".normdeploy-probe-", dir=parent))
+    except OSError as e:
+        raise InputError(f"output directory {out} is not writable ({e.strerror or e} in {parent})",
+                         "choose a --out you can write to") from None
 
 
 def write(out: str, result, force: bool = False, name: str | None = None) -> str:

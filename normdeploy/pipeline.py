@@ -62,13 +62,28 @@ def prepare(path: str, opts: Options, progress: Progress = _noop) -> tuple[Loade
     loaded = load(path, opts.inputs, opts.trust_pickle)
     progress("export", None)
     original, notes = to_onnx(loaded, opts.opset)
-    specs_by_name = {s.name: s for s in loaded.inputs}
-    names = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
-    if loaded.kind != "onnx":  # the exporter may rename inputs; keep the user's shapes in order
-        loaded.inputs = [InputSpec(n, s.shape, s.dtype, s.dynamic) for n, s in zip(names, loaded.inputs)]
-    elif set(specs_by_name) != set(names):
-        raise InputError("model inputs changed during export", "report this as a bug")
+    if loaded.kind != "onnx":
+        loaded.inputs = _specs_after_export(original, loaded.inputs, notes)
     return loaded, original, notes
+
+
+def _specs_after_export(model: onnx.ModelProto, specs: list[InputSpec], notes: list[str]) -> list[InputSpec]:
+    """The exported graph is the truth: its input names, and which axes it kept dynamic.
+
+    The exporter may rename inputs (kept in order) and may fix an axis the user wanted
+    dynamic (an ExportedProgram saved without dynamic shapes, say); then the exported size wins.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    out = []
+    for vi, spec in zip(graph_inputs, specs):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        shape = tuple(s if d is None else d for s, d in zip(spec.shape, dims)) if len(dims) == len(spec.shape) else spec.shape
+        if shape != spec.shape:
+            notes.append(f"input {vi.name}: the exported model fixes its shape to {list(shape)}")
+        dynamic = {i: (vi.type.tensor_type.shape.dim[i].dim_param or f"d{i}") for i, d in enumerate(dims) if d is None}
+        out.append(InputSpec(vi.name, shape, spec.dtype, dynamic))
+    return out
 
 
 def transform(original: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list]:
@@ -133,8 +148,13 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
     accuracies = {"random": compare(run_orig, run_opt, random_feeds, "random N(0,1), seeds 0-3")}
     if opts.data:
         data = load_data(opts.data, specs)
-        run_orig.check_feed({k: v[:1] for k, v in data.items()})
-        accuracies["data"] = compare(run_orig, run_opt, batches(data, 64), f"data file {opts.data}")
+        static = any(0 not in s.dynamic for s in specs)
+        chunks = batches(data, specs[0].shape[0] if static else 64, drop_last=static)
+        if not chunks:
+            raise InputError(f"data file {opts.data} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
+                             "give at least one full batch")
+        run_orig.check_feed(chunks[0])
+        accuracies["data"] = compare(run_orig, run_opt, chunks, f"data file {opts.data}")
     fidelity = None
     if loaded.kind in ("module", "torchscript", "exported_program"):
         module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj

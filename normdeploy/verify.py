@@ -107,6 +107,7 @@ def compare(original: Runner, optimized: Runner, feeds: list[dict[str, np.ndarra
     return acc
 
 
-def batches(data: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+def batches(data: dict[str, np.ndarray], batch: int, drop_last: bool = False) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(data.values())))
-    return [{k: v[i:i + batch] for k, v in data.items()} for i in range(0, n, batch)]
+    stop = n - n % batch if drop_last else n
+    return [{k: v[i:i + batch] for k, v in data.items()} for i in range(0, stop, batch)]

@@ -1,0 +1,69 @@
+"""Shared helpers: export torch modules to ONNX the way the pipeline does, run ONNX on ORT."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(ROOT, "models")
+
+
+def export_module(module, *shapes, opset: int = 20, dynamic: bool = True) -> onnx.ModelProto:
+    """Export ``module`` (eval) through normdeploy's export stage; inputs are float32 of ``shapes``."""
+    from normdeploy.export import to_onnx
+    from normdeploy.load import InputSpec, Loaded
+
+    specs = [InputSpec(f"input_{i}" if len(shapes) > 1 else "input", tuple(s), "float32", {0: "batch"} if dynamic else {})
+             for i, s in enumerate(shapes)]
+    model, _ = to_onnx(Loaded("module", "<test>", module.eval(), specs), opset)
+    return model
+
+
+def ort_run(model: onnx.ModelProto, *arrays: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in s.get_inputs()]
+    return s.run(None, dict(zip(names, arrays)))
+
+
+def randomize(module, seed: int = 0, low: float = 0.5, high: float = 1.5):
+    """Give every parameter and floating buffer non-trivial values (deterministically)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.empty_like(p).uniform_(low, high, generator=g) * torch.where(
+                torch.rand(p.shape, generator=g) < 0.3, -1.0, 1.0))
+        for name, b in module.named_buffers():
+            if b.dtype.is_floating_point and ("running" in name or "moment" in name or "phi" in name):
+                b.copy_(torch.empty_like(b).uniform_(0.2, 2.0, generator=g))
+            elif b.dtype.is_floating_point and "mean" in name:
+                b.copy_(torch.randn(b.shape, generator=g))
+    return module
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from normdeploy.cli import main
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
