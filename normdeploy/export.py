@@ -145,7 +145,8 @@ def _name_norms_after_modules(model: onnx.ModelProto) -> None:
         if not scopes:
             continue
         try:
-            path = ".".join(s for s in ast.literal_eval(scopes)[1:-1] if s)
+            scope_list = ast.literal_eval(scopes)  # ['', 'blocks', 'blocks.0', 'blocks.0.norm1', 'layer_norm']
+            path = scope_list[-2] if len(scope_list) >= 2 else ""
         except (ValueError, SyntaxError):
             continue
         if path and path not in used:

