@@ -117,9 +117,13 @@ def main():
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: available cores, at most 8).")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="Largest accepted max relative error of the optimized model against the original.")
+              help="Largest accepted max relative error of the optimized model against the original (exact rewrites).")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration inputs (.npz, one array per model input) for --allow-approx.")
+@click.option("--max-error", type=float, default=1e-2, show_default=True,
+              help="With --allow-approx: largest accepted max relative error; above it the run is refused.")
 def optimize(model, inputs, target, opset, trust_pickle, allow_approx, as_json, debug, out, force, data, batch,
-             bench_seconds, no_bench, threads, tolerance):
+             bench_seconds, no_bench, threads, tolerance, calib, max_error):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from . import package, pipeline
 
@@ -128,7 +132,7 @@ def optimize(model, inputs, target, opset, trust_pickle, allow_approx, as_json, 
         package.check_writable(out, force)
         opts = Options(target=target, inputs=inputs, data=data, trust_pickle=trust_pickle, opset=opset, batch=batch,
                        bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
-                       allow_approx=allow_approx)
+                       allow_approx=allow_approx, calib=calib, max_error=max_error)
         with _Progress(not as_json) as progress:
             result = pipeline.optimize(model, opts, progress)
             progress("write", None)
