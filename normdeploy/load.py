@@ -11,7 +11,8 @@ Formats, told apart by content, not by extension:
 
 Input specs come from ``--input name:1x3x224x224[:dtype]`` (repeatable), else from the
 model: ONNX graph inputs, an ExportedProgram's example inputs, or an ``example_inputs``
-attribute (``{"name": shape}``) on a pickled module.
+attribute (``{"name": shape}``, dtypes other than float32 in ``example_input_dtypes``) on a
+pickled module.
 """
 from __future__ import annotations
 
@@ -111,8 +112,14 @@ def load(path: str, input_texts: tuple[str, ...] = (), trust_pickle: bool = Fals
         return Loaded(kind, path, sm.eval(), _specs_from_texts(input_texts, path))
     module = load_pickled_module(path, trust_pickle)
     examples = getattr(module, "example_inputs", None)
+    dtypes = getattr(module, "example_input_dtypes", None) or {}
     if not input_texts and isinstance(examples, dict):
-        specs = [InputSpec(str(k), tuple(int(d) for d in v), "float32", {0: "batch"}) for k, v in examples.items()]
+        specs = [InputSpec(str(k), tuple(int(d) for d in v), str(dtypes.get(k, "float32")), {0: "batch"})
+                 for k, v in examples.items()]
+        for spec in specs:
+            if spec.dtype not in _DTYPES:
+                raise InputError(f"{path}: example_input_dtypes gives {spec.name} the unknown dtype {spec.dtype!r}",
+                                 f"use one of {', '.join(_DTYPES)}")
     else:
         specs = _specs_from_texts(input_texts, path)
     return Loaded("module", path, module.eval(), specs)
