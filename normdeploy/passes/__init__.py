@@ -116,5 +116,6 @@ def run_pass(model: onnx.ModelProto, spec: PassSpec, ctx: PassContext) -> tuple[
 
 def _load_all() -> None:
     """Import every pass module so that its ``@register`` lines run (registry order = import order)."""
-    from . import ln_free, preln_to_rmsnorm, fold_affine  # noqa: F401  (order = run order)
+    from . import canonicalize_layernorm, canonicalize_rmsnorm  # noqa: F401  (order = run order)
+    from . import ln_free, preln_to_rmsnorm, fold_affine  # noqa: F401
     from ..lower import ort_cpu  # noqa: F401
