@@ -132,26 +132,47 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _name_norms_after_modules(model: onnx.ModelProto) -> None:
-    """Name each normalization node after the torch module that emitted it (``blocks.0.norm1``)."""
+    """Name nodes after the torch module that emitted them.
+
+    A normalization node takes the module path itself (``blocks.0.norm1``); any other node
+    becomes ``<module path>/<exporter name>``, so that a normalization the canonicalize stage
+    later assembles from decomposed ops can take its module's name back
+    (:func:`name_norms_by_module`).
+    """
     import ast
 
     from .survey import kind_of
 
     used = {n.name for n in model.graph.node}
     for n in model.graph.node:
-        if not kind_of(n):
-            continue
         scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
         if not scopes:
             continue
         try:
             scope_list = ast.literal_eval(scopes)  # ['', 'blocks', 'blocks.0', 'blocks.0.norm1', 'layer_norm']
-            path = scope_list[-2] if len(scope_list) >= 2 else ""
         except (ValueError, SyntaxError):
             continue
-        if path and path not in used:
-            used.add(path)
-            n.name = path
+        path = scope_list[-2] if len(scope_list) >= 2 else ""
+        if not path:
+            continue
+        name = path if kind_of(n) and path not in used else f"{path}/{n.name}"
+        if name not in used:
+            used.add(name)
+            n.name = name
+
+
+def name_norms_by_module(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each normalization node named ``<module>/<...>`` its module's name, when that is free."""
+    from .survey import kind_of
+
+    used = {n.name for n in model.graph.node}
+    for n in model.graph.node:
+        if kind_of(n) and "/" in n.name:
+            path = n.name.split("/", 1)[0]
+            if path not in used:
+                used.add(path)
+                n.name = path
+    return model
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ import onnx
 from . import __version__, survey
 from .build import OrtRunner, TorchRunner
 from .errors import AccuracyError, InputError, UnsupportedError
-from .export import example_arrays, infer_shapes, to_onnx
+from .export import example_arrays, infer_shapes, name_norms_by_module, to_onnx
 from .load import InputSpec, Loaded, load
 from .passes import PassContext, run_stage
 from .verify import Accuracy, batches, compare
@@ -99,6 +99,8 @@ def transform(original: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelPr
         model, stage_results = run_stage(model, stage, ctx)
         results.extend(stage_results)
         model = infer_shapes(model)
+        if stage == "canonicalize":
+            model = name_norms_by_module(model)
     return model, results
 
 
@@ -250,7 +252,7 @@ def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
     ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version())
     progress("canonicalize", None)
     canonical, canon_results = run_stage(original, "canonicalize", ctx)
-    canonical = infer_shapes(canonical)
+    canonical = name_norms_by_module(infer_shapes(canonical))
     progress("rewrite", None)
     rewritten, rewrite_results = run_stage(canonical, "rewrite", ctx)
     _, lower_results = run_stage(infer_shapes(rewritten), "lower", ctx)
@@ -260,7 +262,8 @@ def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
         for r in rewrite_results + lower_results:
             applied += [f"{r.name}: {w.what}" for w in r.rewrites if w.node == n.name]
             reasons += [f"{r.name}: {s.reason}" for s in r.skipped if s.node == n.name]
-        recognized = [f"{r.name}: {w.what}" for r in canon_results for w in r.rewrites if w.node == n.name]
+        recognized = [f"{r.name}: {w.what}" for r in canon_results for w in r.rewrites
+                      if w.node in (n.name,) or (w.node or "").split("/", 1)[0] == n.name]
         entries.append({"node": n.name, "kind": n.kind, "op": f"{n.domain + '::' if n.domain else ''}{n.op_type}",
                         "recognized": recognized, "rewrites": applied,
                         "kept_because": [] if applied else (reasons or ["no pass applies to this kind on this target"])})

@@ -1,0 +1,61 @@
+"""`normdeploy inspect` names every normalization's kind and says what happens to it."""
+import json
+
+import torch
+
+from normdeploy import nn as N
+
+
+class HandRMSNorm(torch.nn.Module):
+    """Llama-style RMSNorm written by hand with torch.rsqrt."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class Zoo(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.un = N.UnifiedNorm(8)
+        self.proj = torch.nn.Linear(8, 16)
+        self.ln = torch.nn.LayerNorm(16)
+        self.rms = torch.nn.RMSNorm(16, eps=1e-6)
+        self.hand = HandRMSNorm(16)
+        self.pn = N.PowerNorm(16, groups=4)
+        self.dyt = N.DynamicTanh(16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.un(self.bn(self.conv(x))))  # [N, 8, 8, 8]
+        t = self.proj(h.flatten(2).transpose(1, 2))  # [N, 64, 16]
+        t = torch.relu(self.ln(t))
+        t = torch.relu(self.rms(t))
+        t = torch.relu(self.hand(t))
+        t = torch.relu(self.pn(t))
+        return self.head(self.dyt(t)).mean(1)
+
+
+def test_inspect_names_every_kind(cli, tmp_path):
+    p = tmp_path / "zoo.pt"
+    torch.save(Zoo().eval(), p)
+    r = cli("inspect", p, "--input", "1x1x8x8", "--json", "--trust-pickle")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    kinds = {e["node"]: e["kind"] for e in info["normalizations"]}
+    assert kinds == {"bn": "BatchNorm", "un": "UnifiedNorm", "ln": "LayerNorm", "rms": "RMSNorm",
+                     "hand": "RMSNorm", "pn": "PowerNorm", "dyt": "DynamicTanh"}, kinds
+    by_node = {e["node"]: e for e in info["normalizations"]}
+    assert any("folded into Conv" in w for w in by_node["bn"]["rewrites"])
+    assert by_node["hand"]["recognized"], "the hand-written RMSNorm must be recognized by a canonicalize pass"
+    for e in info["normalizations"]:
+        assert e["rewrites"] or e["kept_because"]
+    r = cli("inspect", p, "--input", "1x1x8x8", "--trust-pickle")
+    assert r.exit_code == 0 and "UnifiedNorm" in r.stdout and "PowerNorm" in r.stdout
