@@ -118,4 +118,4 @@ def _load_all() -> None:
     """Import every pass module so that its ``@register`` lines run (registry order = import order)."""
     from . import canonicalize_layernorm, canonicalize_rmsnorm  # noqa: F401  (order = run order)
     from . import ln_free, preln_to_rmsnorm, fold_affine  # noqa: F401
-    from ..lower import ort_cpu  # noqa: F401
+    from ..lower import ort_cpu, trt  # noqa: F401
