@@ -90,6 +90,8 @@ def _common(f):
                      help="Unpickle torch files that reference classes outside torch.nn and normdeploy "
                           "(unpickling runs code: only for files you trust)."),
         click.option("--allow-approx", is_flag=True, help="Also run approximate rewrites (need calibration data)."),
+        click.option("--preln-form", type=click.Choice(["rmsnorm", "crmsnorm"]), default="rmsnorm", show_default=True,
+                     help="What the LayerNorms of a pre-LN residual stream become (both exact)."),
         click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]
@@ -122,7 +124,7 @@ def main():
               help="Calibration inputs (.npz, one array per model input) for --allow-approx.")
 @click.option("--max-error", type=float, default=1e-2, show_default=True,
               help="With --allow-approx: largest accepted max relative error; above it the run is refused.")
-def optimize(model, inputs, target, opset, trust_pickle, allow_approx, as_json, debug, out, force, data, batch,
+def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_form, as_json, debug, out, force, data, batch,
              bench_seconds, no_bench, threads, tolerance, calib, max_error):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from . import package, pipeline
@@ -132,7 +134,7 @@ def optimize(model, inputs, target, opset, trust_pickle, allow_approx, as_json, 
         package.check_writable(out, force)
         opts = Options(target=target, inputs=inputs, data=data, trust_pickle=trust_pickle, opset=opset, batch=batch,
                        bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
-                       allow_approx=allow_approx, calib=calib, max_error=max_error)
+                       allow_approx=allow_approx, calib=calib, max_error=max_error, preln_form=preln_form)
         with _Progress(not as_json) as progress:
             result = pipeline.optimize(model, opts, progress)
             progress("write", None)
@@ -175,12 +177,13 @@ def _print_summary(r: dict, path: str) -> None:
 @main.command(epilog=EXAMPLE)
 @click.argument("model", type=click.Path(dir_okay=False))
 @_common
-def inspect(model, inputs, target, opset, trust_pickle, allow_approx, as_json, debug):
+def inspect(model, inputs, target, opset, trust_pickle, allow_approx, preln_form, as_json, debug):
     """List every normalization in MODEL, its kind, and which rewrite applies or why none does."""
     from . import pipeline
 
     with _errors(debug):
-        opts = Options(target=target, inputs=inputs, trust_pickle=trust_pickle, opset=opset, allow_approx=allow_approx)
+        opts = Options(target=target, inputs=inputs, trust_pickle=trust_pickle, opset=opset, allow_approx=allow_approx,
+                       preln_form=preln_form)
         with _Progress(not as_json) as progress:
             info = pipeline.inspect_model(model, opts, progress)
         if as_json:

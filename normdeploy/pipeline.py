@@ -38,6 +38,7 @@ class Options:
     allow_approx: bool = False
     calib: str | None = None
     max_error: float = 1e-2
+    preln_form: str = "rmsnorm"
 
 
 @dataclass
@@ -139,7 +140,8 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
     specs = loaded.inputs
     notes = list(export_notes) + survey.validate_parameters(original)
 
-    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version())
+    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
+                      options={"preln_form": opts.preln_form})
     tolerance = opts.tolerance
     if opts.allow_approx:
         if not opts.calib:
@@ -249,7 +251,8 @@ def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
     the pass that rewrote the node, or the reasons every pass gave for leaving it.
     """
     loaded, original, notes = prepare(path, opts, progress)
-    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version())
+    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
+                      options={"preln_form": opts.preln_form})
     progress("canonicalize", None)
     canonical, canon_results = run_stage(original, "canonicalize", ctx)
     canonical = name_norms_by_module(infer_shapes(canonical))

@@ -79,7 +79,7 @@ REGISTRY: dict[str, PassSpec] = {}
 
 
 def register(name: str, stage: str, exact: bool = True, targets: tuple[str, ...] | None = None):
-    """Register a pass; registration order is run order within a stage."""
+    """Register a pass; :data:`ORDER` (then registration order) is run order within a stage."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
 
@@ -92,10 +92,17 @@ def register(name: str, stage: str, exact: bool = True, targets: tuple[str, ...]
     return deco
 
 
+#: Run order within a stage; passes not listed run after these, in registration order.
+ORDER = ("recognize_layernorm", "recognize_rmsnorm",
+         "ln_free", "preln_to_crmsnorm", "preln_to_rmsnorm", "fold_mpbn_into_threshold", "fold_affine_into_linear")
+
+
 def passes_for(stage: str, ctx: PassContext) -> list[PassSpec]:
     _load_all()
-    return [p for p in REGISTRY.values() if p.stage == stage and (p.targets is None or ctx.target in p.targets)
-            and (p.exact or ctx.allow_approx)]
+    rank = {name: i for i, name in enumerate(ORDER)}
+    chosen = [p for p in REGISTRY.values() if p.stage == stage and (p.targets is None or ctx.target in p.targets)
+              and (p.exact or ctx.allow_approx)]
+    return sorted(chosen, key=lambda p: rank.get(p.name, len(ORDER)))
 
 
 def run_stage(model: onnx.ModelProto, stage: str, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
@@ -110,12 +117,14 @@ def run_pass(model: onnx.ModelProto, spec: PassSpec, ctx: PassContext) -> tuple[
     graph = import_graph(model)
     result = spec.fn(graph, ctx)
     if result.rewrites:
-        model = export_model(graph, model)
+        from ..export import infer_shapes  # later passes read ranks and widths
+
+        model = infer_shapes(export_model(graph, model))
     return model, result
 
 
 def _load_all() -> None:
-    """Import every pass module so that its ``@register`` lines run (registry order = import order)."""
-    from . import canonicalize_layernorm, canonicalize_rmsnorm  # noqa: F401  (order = run order)
-    from . import ln_free, preln_to_rmsnorm, fold_affine  # noqa: F401
+    """Import every pass module so that its ``@register`` lines run."""
+    from . import canonicalize_layernorm, canonicalize_rmsnorm  # noqa: F401
+    from . import fold_affine, ln_free, preln_to_crmsnorm, preln_to_rmsnorm  # noqa: F401
     from ..lower import ort_cpu, trt  # noqa: F401

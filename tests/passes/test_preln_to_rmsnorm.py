@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from normdeploy.passes import REGISTRY, PassContext, run_pass
-from normdeploy.passes import preln_to_rmsnorm  # noqa: F401 - registers the pass
+from normdeploy.passes import preln_to_crmsnorm, preln_to_rmsnorm  # noqa: F401 - registers the passes
 from tests.conftest import export_hf, hf_input, ort_run
 
 transformers.logging.set_verbosity_error()
@@ -34,22 +34,46 @@ def _randomize_norms(model, seed=0):
     return model
 
 
+@pytest.mark.parametrize("form", ["rmsnorm", "crmsnorm"])
 @pytest.mark.parametrize("make,size", [(gpt2, (64, 2, 4)), (gpt2, (96, 3, 6)), (vit, (64, 2, 4)), (vit, (128, 3, 4))],
                          ids=["gpt2-d64", "gpt2-d96", "vit-d64", "vit-d128"])
-def test_preln_becomes_rmsnorm_exactly(make, size):
+def test_preln_becomes_rmsnorm_or_crmsnorm_exactly(make, size, form):
     torch.manual_seed(0)
     model, name, shape, dtype = make(*size)
     proto = export_hf(_randomize_norms(model), name, shape, dtype)
     n_ln = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
-    out, result = run_pass(proto, REGISTRY["preln_to_rmsnorm"], PassContext())
+    op = {"rmsnorm": "RMSNorm", "crmsnorm": "CRMSNorm"}[form]
+    out, result = run_pass(proto, REGISTRY[f"preln_to_{form}"], PassContext(options={"preln_form": form}))
     assert not result.skipped, result.skipped
     assert sum(n.op_type == "LayerNormalization" for n in out.graph.node) == 0
-    assert sum(n.op_type == "RMSNorm" and n.domain == "normdeploy" for n in out.graph.node) == n_ln == 2 * size[1] + 1
+    assert sum(n.op_type == op and n.domain == "normdeploy" for n in out.graph.node) == n_ln == 2 * size[1] + 1
+    if form == "crmsnorm":  # the stream is stored with d-1 coordinates
+        widths = {vi.type.tensor_type.shape.dim[-1].dim_value for vi in out.graph.value_info
+                  if any(n.op_type == "CRMSNorm" and n.input[0] == vi.name for n in out.graph.node)}
+        assert widths == {size[0] - 1}
     for seed in (0, 1):
         x = hf_input(name, (3,) + shape[1:], dtype, seed)
         (ref,), (got,) = ort_run(proto, x), ort_run(out, x)
         rel = np.abs(got - ref).max() / np.abs(ref).max()
         assert rel <= 1e-4, rel
+
+
+@pytest.mark.parametrize("form", ["rmsnorm", "crmsnorm"])
+def test_trained_preln_vit_from_the_zoo(form):
+    """The zoo's trained pre-LN ViT, whole pipeline: exact on the real digits, same predictions."""
+    import os
+
+    from normdeploy.pipeline import Options, prepare, transform
+    from tests.conftest import MODELS
+
+    _, original, _ = prepare(os.path.join(MODELS, "vit_ln.pt"), Options())
+    out, results = transform(original, PassContext(options={"preln_form": form}))
+    conv = next(r for r in results if r.name == f"preln_to_{form}")
+    assert len(conv.rewrites) == 9 and not conv.skipped
+    x = np.load(os.path.join(MODELS, "digits_test.npz"))["input"]
+    (ref,), (got,) = ort_run(original, x), ort_run(out, x)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    assert (got.argmax(1) == ref.argmax(1)).all()
 
 
 def test_tied_embedding_is_untied_not_edited():
