@@ -124,8 +124,11 @@ def main():
               help="Calibration inputs (.npz, one array per model input) for --allow-approx.")
 @click.option("--max-error", type=float, default=1e-2, show_default=True,
               help="With --allow-approx: largest accepted max relative error; above it the run is refused.")
+@click.option("--ort-rms-op", type=click.Choice(["simplified", "standard"]), default="simplified", show_default=True,
+              help="ort-* targets: RMSNorm as ONNX Runtime's SimplifiedLayerNormalization (fastest measured) or as "
+                   "the standard opset-23 RMSNormalization (the file then passes onnx.checker).")
 def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_form, as_json, debug, out, force, data, batch,
-             bench_seconds, no_bench, threads, tolerance, calib, max_error):
+             bench_seconds, no_bench, threads, tolerance, calib, max_error, ort_rms_op):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from . import package, pipeline
 
@@ -134,7 +137,8 @@ def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_for
         package.check_writable(out, force)
         opts = Options(target=target, inputs=inputs, data=data, trust_pickle=trust_pickle, opset=opset, batch=batch,
                        bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
-                       allow_approx=allow_approx, calib=calib, max_error=max_error, preln_form=preln_form)
+                       allow_approx=allow_approx, calib=calib, max_error=max_error, preln_form=preln_form,
+                       ort_rms_op=ort_rms_op)
         with _Progress(not as_json) as progress:
             result = pipeline.optimize(model, opts, progress)
             progress("write", None)

@@ -39,6 +39,7 @@ class Options:
     calib: str | None = None
     max_error: float = 1e-2
     preln_form: str = "rmsnorm"
+    ort_rms_op: str = "simplified"
 
 
 @dataclass
@@ -93,6 +94,12 @@ def transform(original: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelPr
     """canonicalize + rewrite + lower; returns the lowered model and every PassResult."""
     model, results = original, []
     for stage in ("canonicalize", "rewrite", "lower"):
+        if stage == "lower":
+            from .lower.ort_cpu import raise_opset_for_rmsnormalization
+
+            model, note = raise_opset_for_rmsnormalization(model, ctx)
+            if note:
+                ctx.options.setdefault("notes", []).append(note)
         if stage == "rewrite" and ctx.allow_approx and "calib_feeds" in ctx.options:
             from .passes.ln_free import calibrate_stds
 
@@ -141,7 +148,7 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
     notes = list(export_notes) + survey.validate_parameters(original)
 
     ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
-                      options={"preln_form": opts.preln_form})
+                      options={"preln_form": opts.preln_form, "ort_rms_op": opts.ort_rms_op})
     tolerance = opts.tolerance
     if opts.allow_approx:
         if not opts.calib:
@@ -198,7 +205,7 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
         bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
 
     report = build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst,
-                          fidelity, bench, batch, tolerance)
+                          fidelity, bench, batch, tolerance, ctx.options.get("notes", []))
     return Result(original, optimized, floor, report, bench, loaded, specs)
 
 
@@ -216,7 +223,7 @@ def _ort_version() -> str:
 
 
 def build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst, fidelity,
-                 bench, batch, tolerance) -> dict:
+                 bench, batch, tolerance, ctx_notes=()) -> dict:
     latency = None
     if bench is not None:
         lo, hi = bench.ratio_interval("original", "optimized")
@@ -230,6 +237,7 @@ def build_report(path, loaded, specs, opts, original, optimized, results, notes,
         })
     for r in results:
         notes.extend(r.notes)
+    notes.extend(ctx_notes)
     return {
         "normdeploy_version": __version__,
         "target": opts.target,
@@ -252,7 +260,7 @@ def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
     """
     loaded, original, notes = prepare(path, opts, progress)
     ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
-                      options={"preln_form": opts.preln_form})
+                      options={"preln_form": opts.preln_form, "ort_rms_op": opts.ort_rms_op})
     progress("canonicalize", None)
     canonical, canon_results = run_stage(original, "canonicalize", ctx)
     canonical = name_norms_by_module(infer_shapes(canonical))

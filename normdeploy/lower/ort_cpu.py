@@ -144,6 +144,41 @@ def _lower_node(graph: gs.Graph, node: gs.Node, namer: Namer, opset: int) -> Non
         e("Mul", [e("Mul", [x, inv]), e.const("gain", params[0])], y)
 
 
+_RMS_LIKE = ("RMSNorm", "GroupScaling", "PowerNorm")
+
+
+def raise_opset_for_rmsnormalization(model, ctx: PassContext):
+    """With ``--ort-rms-op standard``: move a model below opset 23 to opset 23 before lowering.
+
+    Then RMSNorm lowers to the standard ``RMSNormalization`` and the file passes
+    onnx.checker. The default (``simplified``) keeps the opset and lowers to ONNX Runtime's
+    ``SimplifiedLayerNormalization``, which measured about 5 % faster per model on ONNX
+    Runtime 1.31 CPU (zoo ViTs, d=64, batch 1, interleaved). Needs ONNX Runtime 1.23 or
+    newer; if the version converter fails, the model is left as it is.
+    Returns the model and a note (or None).
+    """
+    if ctx.options.get("ort_rms_op", "simplified") != "standard":
+        return model, None
+    import onnx
+    from onnx import version_converter
+
+    from ..ops import model_opset
+
+    if ctx.target not in ORT_TARGETS or model_opset(model) >= 23:
+        return model, None
+    if not any(n.domain == DOMAIN and n.op_type in _RMS_LIKE for n in model.graph.node):
+        return model, None
+    if ctx.ort_version and tuple(int(p) for p in ctx.ort_version.split(".")[:2]) < (1, 23):
+        return model, None
+    try:
+        converted = version_converter.convert_version(model, 23)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter lacks adapters for some ops
+        return model, f"opset {model_opset(model)} kept (version converter: {str(e).splitlines()[0][:120]}); " \
+                      "RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization"
+    return converted, f"opset raised from {model_opset(model)} to 23 so that RMSNorm lowers to RMSNormalization"
+
+
 @register("lower_canonical_to_standard_ops", stage="lower", exact=True, targets=ORT_TARGETS)
 def lower_canonical_to_standard_ops(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace each canonical normdeploy node by the standard ops ONNX Runtime runs fastest."""
