@@ -126,5 +126,5 @@ def run_pass(model: onnx.ModelProto, spec: PassSpec, ctx: PassContext) -> tuple[
 def _load_all() -> None:
     """Import every pass module so that its ``@register`` lines run."""
     from . import canonicalize_layernorm, canonicalize_rmsnorm  # noqa: F401
-    from . import fold_affine, ln_free, preln_to_crmsnorm, preln_to_rmsnorm  # noqa: F401
+    from . import fold_affine, fold_mpbn, ln_free, preln_to_crmsnorm, preln_to_rmsnorm  # noqa: F401
     from ..lower import ort_cpu, trt  # noqa: F401
