@@ -142,11 +142,14 @@ class _Body:
         return self("Constant", value=helper.make_tensor("v", TensorProto.INT64, [len(values)], list(values)))
 
     def reduce(self, op: str, x: str, axes: list[int]) -> str:
-        if self.opset >= 18:
+        # ReduceSum takes its axes as an input from opset 13, the other reductions from opset 18.
+        if self.opset >= (13 if op == "ReduceSum" else 18):
             return self(op, x, self.ints(*axes), keepdims=1)
         return self(op, x, axes=axes, keepdims=1)
 
     def cast_like(self, x: str, like: str) -> str:
+        if self.opset < 15:  # no CastLike before opset 15: such bodies compute in float32 only
+            return self("Cast", x, to=TensorProto.FLOAT)
         return self("CastLike", x, like)
 
     def bcast(self, v: str, x: str) -> str:
@@ -229,10 +232,11 @@ def function_proto(op: str, opset: int) -> onnx.FunctionProto:
     f = _Body(opset)
     (out,) = _BODIES[op](f)
     f.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    defaults = [helper.make_attribute(name, value) for name, value in ATTRIBUTES[op].items()]
     return helper.make_function(
         DOMAIN, op, list(INPUTS[op]), ["Y"], f.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(ATTRIBUTES[op]),
+        attribute_protos=defaults,  # a node that leaves an attribute out gets the op's default
     )
 
 

@@ -71,3 +71,30 @@ def test_attach_functions_is_idempotent_and_only_for_used_ops():
     ops.attach_functions(model)
     assert model.SerializeToString() == before
     assert [f.name for f in model.functions] == ["DynamicTanh"]
+
+
+@pytest.mark.parametrize("op,shape", [("ScaleNorm", (2, 3, 7)), ("CRMSNorm", (2, 3, 7)), ("RMSNorm", (2, 3, 7)),
+                                      ("UnifiedNorm", (2, 6, 3, 3))])
+@pytest.mark.parametrize("opset", [13, 17])
+def test_function_bodies_run_at_older_opsets_and_use_attribute_defaults(op, shape, opset):
+    """Bodies written for opsets 13-17 (axes as attribute or input) run, and a node without attributes
+    takes the op's defaults."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1] if op == "UnifiedNorm" else shape[-1]
+    params = {"ScaleNorm": [np.array(2.0, np.float32)], "CRMSNorm": [rng.uniform(0.5, 1.5, c).astype(np.float32)],
+              "RMSNorm": [rng.uniform(0.5, 1.5, c).astype(np.float32)],
+              "UnifiedNorm": [rng.uniform(0.5, 2, c).astype(np.float32), rng.uniform(0.5, 1.5, c).astype(np.float32),
+                              rng.standard_normal(c).astype(np.float32)]}[op]
+    names = [f"p{i}" for i in range(len(params))]
+    node = helper.make_node(op, ["x"] + names, ["y"], domain=ops.DOMAIN)  # no attributes: defaults apply
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(p, n) for p, n in zip(params, names)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ops.DOMAIN, 1)],
+                              ir_version=10)
+    ops.attach_functions(model)
+    (y,) = ort_run(model, x)
+    np.testing.assert_allclose(y, ops.REFERENCE[op](x, *params, **ops.ATTRIBUTES[op]), rtol=1e-5, atol=1e-6)
