@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import click
 
-from .errors import NormdeployError
-from .pipeline import TARGETS, Options
+from .errors import InputError, NormdeployError
+from .pipeline import CLI_TARGETS, Options
 
 EXAMPLE = """
 \b
@@ -83,8 +83,8 @@ def _common(f):
         click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]",
                      help="Input shape, e.g. input:1x3x224x224 or input_ids:1x128:int64; repeatable. "
                           "Default: read from the model."),
-        click.option("--target", type=click.Choice(TARGETS), default="ort-cpu", show_default=True,
-                     help="What to deploy to."),
+        click.option("--target", type=click.Choice(CLI_TARGETS), default="ort-cpu", show_default=True,
+                     help="What to deploy to; auto = trt-fp16 where TensorRT and a GPU are present, else ort-cpu."),
         click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset for torch exports."),
         click.option("--trust-pickle", is_flag=True,
                      help="Unpickle torch files that reference classes outside torch.nn and normdeploy "
@@ -114,7 +114,8 @@ def main():
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output directory.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Real inputs for the accuracy check: an .npz with one array per model input.")
-@click.option("--batch", type=int, default=None, help="Batch size for latency (default: the input shape's).")
+@click.option("--batch", default=None, metavar="N|MIN:OPT:MAX",
+              help="Batch for latency (OPT), and the TensorRT optimization profile's range (default: the input's).")
 @click.option("--bench-seconds", type=float, default=3.0, show_default=True, help="Time budget of the latency run.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: available cores, at most 8).")
@@ -127,8 +128,21 @@ def main():
 @click.option("--ort-rms-op", type=click.Choice(["simplified", "standard"]), default="simplified", show_default=True,
               help="ort-* targets: RMSNorm as ONNX Runtime's SimplifiedLayerNormalization (fastest measured) or as "
                    "the standard opset-23 RMSNormalization (the file then passes onnx.checker).")
+@click.option("--lower-only", is_flag=True,
+              help="trt-* targets: write the plugin-lowered, precision-converted ONNX and stop (no GPU needed).")
+@click.option("--io-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="trt-fp16/bf16: dtype of the model's inputs and outputs.")
+@click.option("--workspace", default=None, metavar="SIZE", help="TensorRT workspace limit, e.g. 2G.")
+@click.option("--opt-level", type=int, default=None, help="TensorRT builder optimization level 0-5.")
+@click.option("--hardware-compat", default="none", show_default=True, metavar="none|ampere+|same-cc",
+              help="TensorRT hardware compatibility of the engine.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="TensorRT timing cache file, read if present and written back (reused across builds).")
+@click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
+              help="Also write the model into this Triton Inference Server model repository.")
 def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_form, as_json, debug, out, force, data, batch,
-             bench_seconds, no_bench, threads, tolerance, calib, max_error, ort_rms_op):
+             bench_seconds, no_bench, threads, tolerance, calib, max_error, ort_rms_op, lower_only, io_dtype, workspace,
+             opt_level, hardware_compat, timing_cache, triton_repo):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from . import package, pipeline
 
@@ -138,11 +152,18 @@ def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_for
         opts = Options(target=target, inputs=inputs, data=data, trust_pickle=trust_pickle, opset=opset, batch=batch,
                        bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
                        allow_approx=allow_approx, calib=calib, max_error=max_error, preln_form=preln_form,
-                       ort_rms_op=ort_rms_op)
+                       ort_rms_op=ort_rms_op, lower_only=lower_only, io_dtype=io_dtype, workspace=workspace,
+                       opt_level=opt_level, hardware_compat=hardware_compat, timing_cache=timing_cache)
+        pipeline.resolve_target(opts)  # a missing GPU or TensorRT is said before any work
+        if triton_repo:
+            if lower_only:
+                raise InputError("--triton-repo with --lower-only: the lowered model has TensorRT plugin nodes that "
+                                 "no Triton backend serves", "build the engine on a GPU host (drop --lower-only)")
+            package.check_writable(triton_repo, force=True)
         with _Progress(not as_json) as progress:
             result = pipeline.optimize(model, opts, progress)
             progress("write", None)
-            path = package.write(out, result, force=force)
+            path = package.write(out, result, force=force, triton_repo=triton_repo)
         report = package._jsonable(result.report)
         if as_json:
             click.echo(json.dumps({"out": path, **report}, indent=2))
@@ -167,7 +188,9 @@ def _print_summary(r: dict, path: str) -> None:
             f"min cosine {a['cosine_min']:.9f}" + (f", top-1 agreement {a['top1_agreement']:.2%}"
                                                    if a.get("top1_agreement") is not None else ""))
     lat = r.get("latency")
-    if lat:
+    if lat and lat.get("speedup") is None:
+        c.print(f"TensorRT engine latency (batch {lat['batch']}): {lat['optimized']}")
+    elif lat:
         left = lat.get("norm_cost_left")
         c.print(f"latency p50: original {lat['original']['p50_ms']:.4f} ms, optimized {lat['optimized']['p50_ms']:.4f} ms, "
                 f"floor {lat['floor']['p50_ms']:.4f} ms -> speedup {lat['speedup']:.3f}x"
@@ -175,6 +198,11 @@ def _print_summary(r: dict, path: str) -> None:
                 + f"  [{lat['machine']['machine']}, {lat['threads']} threads, onnxruntime {lat['machine']['onnxruntime']}]")
     for n in r["notes"]:
         c.print(f"note: {n}")
+    prec = (r.get("precision") or {}).get("accuracy")
+    if prec:
+        origin = (prec.get("origin") or {}).get("node")
+        c.print(f"{r['target']} precision: max rel err {prec['max_rel_err']:.3g} against the fp32 lowering"
+                + (f", largest error arises at {origin}" if origin else ""))
     c.print(f"wrote {path}")
 
 

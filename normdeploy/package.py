@@ -15,7 +15,7 @@ import tempfile
 import onnx
 
 from .errors import InputError
-from .triton_repo import config_pbtxt, model_name
+from .triton_repo import model_name, write_repository
 
 
 def check_writable(out: str, force: bool) -> None:
@@ -34,13 +34,18 @@ def check_writable(out: str, force: bool) -> None:
                          "choose a --out you can write to") from None
 
 
-def write(out: str, result, force: bool = False, name: str | None = None) -> str:
+def write(out: str, result, force: bool = False, name: str | None = None, triton_repo: str | None = None) -> str:
+    """Write the output directory; with ``triton_repo``, also the model's entry in that repository."""
     check_writable(out, force)
+    name = name or model_name(os.path.splitext(os.path.basename(result.report["input"]["path"]))[0])
+    if triton_repo and _triton_entry_args(result) is None:
+        raise InputError("--triton-repo: a trt-* model written with --lower-only has plugin nodes that no Triton "
+                         "backend serves", "build the engine on a GPU host (drop --lower-only), or use --target ort-cpu")
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        _write_all(tmp, result, name or model_name(os.path.splitext(os.path.basename(result.report["input"]["path"]))[0]))
+        _write_all(tmp, result, name)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "x"))
@@ -54,7 +59,24 @@ def write(out: str, result, force: bool = False, name: str | None = None) -> str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if triton_repo:
+        os.makedirs(triton_repo, exist_ok=True)
+        write_repository(triton_repo, name, result.optimized, **_triton_entry_args(result))
     return out
+
+
+def _triton_entry_args(result) -> dict | None:
+    """How Triton serves this result: a TensorRT plan, ONNX Runtime, or (lower-only trt models) not at all."""
+    target = result.report["target"]
+    batch_range = result.report.get("batch_range")
+    args = {"max_batch_size": batch_range[2] if batch_range else 64}
+    if batch_range:
+        args["preferred_batch_sizes"] = [batch_range[1]]
+    if result.plan is not None:
+        return {**args, "artifact": result.plan}
+    if target.startswith("trt-"):
+        return None
+    return {**args, "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
 
 
 def _save(model: onnx.ModelProto, path: str) -> None:
@@ -68,6 +90,9 @@ def _save(model: onnx.ModelProto, path: str) -> None:
 def _write_all(d: str, result, name: str) -> None:
     _save(result.original, os.path.join(d, "original.onnx"))
     _save(result.optimized, os.path.join(d, "model.onnx"))
+    if result.plan is not None:
+        with open(os.path.join(d, "model.plan"), "wb") as f:
+            f.write(result.plan)
     report = result.report
     with open(os.path.join(d, "report.json"), "w") as f:
         json.dump(_jsonable(report), f, indent=2, sort_keys=False)
@@ -78,11 +103,10 @@ def _write_all(d: str, result, name: str) -> None:
         from .bench import plot
 
         plot(result.bench, os.path.join(d, "latency.png"), f"{name}: original vs optimized vs floor ({report['target']})")
-    tdir = os.path.join(d, "triton", name)
-    os.makedirs(os.path.join(tdir, "1"))
-    _save(result.optimized, os.path.join(tdir, "1", "model.onnx"))
-    with open(os.path.join(tdir, "config.pbtxt"), "w") as f:
-        f.write(config_pbtxt(result.optimized, name))
+    entry = _triton_entry_args(result)
+    if entry is not None:
+        os.makedirs(os.path.join(d, "triton"))
+        write_repository(os.path.join(d, "triton"), name, result.optimized, **entry)
 
 
 def _jsonable(x):
@@ -125,7 +149,7 @@ def render_markdown(r: dict) -> str:
     if r.get("export_fidelity"):
         f = r["export_fidelity"]
         lines.append(f"- export fidelity ({f['inputs']}): max abs {_fmt(f['max_abs_err'])}")
-    if lat:
+    if lat and lat.get("speedup") is not None:
         m = lat["machine"]
         lines += ["", "## Latency", "",
                   f"{m['machine']} ({m['cpu']}), {lat['threads']} threads, onnxruntime {m['onnxruntime']}, batch {lat['batch']}; "
@@ -137,6 +161,17 @@ def render_markdown(r: dict) -> str:
         lo, hi = lat["speedup_ci95"]
         lines += ["", f"speedup **{lat['speedup']:.3f}x** (95 % interval {_fmt(lo, '.3f')} to {_fmt(hi, '.3f')}); "
                   f"share of normalization cost left {_fmt(lat['norm_cost_left'], '.1%')}", "", "![latency](latency.png)"]
+    elif lat:
+        lines += ["", "## Latency", "", f"TensorRT engine, batch {lat['batch']}: {json.dumps(lat['optimized'])}; "
+                  f"{lat['method']}. {lat.get('note', '')}"]
+    else:
+        lines += ["", "## Latency", "", "not measured (see notes)"]
+    if r.get("precision"):
+        pa = r["precision"].get("accuracy") or {}
+        lines += ["", "## Precision", "", f"`{json.dumps(r['precision'].get('precision', {}))[:400]}`"]
+        if pa:
+            lines.append(f"against the fp32 lowering: max abs {_fmt(pa.get('max_abs_err'))}, max rel "
+                         f"{_fmt(pa.get('max_rel_err'))}; largest error arises at `{(pa.get('origin') or {}).get('node')}`")
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from .passes import PassContext, run_stage
 from .verify import Accuracy, batches, compare
 
 TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
+CLI_TARGETS = TARGETS + ("auto",)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Options:
     data: str | None = None
     trust_pickle: bool = False
     opset: int = 20
-    batch: int | None = None
+    batch: str | int | None = None  # N or MIN:OPT:MAX; latency is measured at OPT
     bench_seconds: float = 3.0
     bench: bool = True
     threads: int | None = None
@@ -40,6 +41,13 @@ class Options:
     max_error: float = 1e-2
     preln_form: str = "rmsnorm"
     ort_rms_op: str = "simplified"
+    # TensorRT targets (DESIGN.md section 4)
+    lower_only: bool = False
+    io_dtype: str = "fp32"
+    workspace: str | None = None
+    opt_level: int | None = None
+    hardware_compat: str = "none"
+    timing_cache: str | None = None
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Result:
     bench: object = None
     loaded: Loaded | None = None
     specs: list[InputSpec] = field(default_factory=list)
+    plan: bytes | None = None  # the serialized TensorRT engine (trt-* targets, not --lower-only)
 
 
 Progress = Callable[[str, float | None], None]
@@ -90,10 +99,11 @@ def _specs_after_export(model: onnx.ModelProto, specs: list[InputSpec], notes: l
     return out
 
 
-def transform(original: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list]:
-    """canonicalize + rewrite + lower; returns the lowered model and every PassResult."""
+def transform(original: onnx.ModelProto, ctx: PassContext,
+              stages: tuple[str, ...] = ("canonicalize", "rewrite", "lower")) -> tuple[onnx.ModelProto, list]:
+    """Run ``stages`` (default: canonicalize + rewrite + lower); returns the model and every PassResult."""
     model, results = original, []
-    for stage in ("canonicalize", "rewrite", "lower"):
+    for stage in stages:
         if stage == "lower":
             from .lower.ort_cpu import raise_opset_for_rmsnormalization
 
@@ -137,17 +147,35 @@ def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return out
 
 
+def resolve_target(opts: Options) -> str:
+    """``auto`` -> trt-fp16 where TensorRT and a GPU are present, else ort-cpu; check the target's flags."""
+    from . import trt_build
+
+    target = trt_build.auto_target() if opts.target == "auto" else opts.target
+    if target not in TARGETS:
+        raise InputError(f"unknown target {opts.target!r}", f"choose one of {', '.join(CLI_TARGETS)}")
+    if target.startswith("trt-"):
+        if not opts.lower_only:
+            trt_build.require(target)  # one line naming what is missing, before any work
+    elif opts.lower_only:
+        raise InputError(f"--lower-only prepares models for TensorRT; target {target} has nothing to lower for",
+                         "use --target trt-fp16 (or trt-fp32, trt-bf16), or drop --lower-only")
+    if opts.io_dtype != "fp32" and target not in ("trt-fp16", "trt-bf16"):
+        raise InputError(f"--io-dtype {opts.io_dtype} needs an fp16 or bf16 target, not {target}",
+                         "use --target trt-fp16 / trt-bf16, or drop --io-dtype")
+    return target
+
+
 def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
-    if opts.target not in TARGETS:
-        raise InputError(f"unknown target {opts.target!r}", f"choose one of {', '.join(TARGETS)}")
-    if opts.target.startswith("trt-"):
-        raise UnsupportedError(f"target {opts.target} is not available in this build yet",
-                               "use --target ort-cpu")
+    from . import trt_build
+
+    target = resolve_target(opts)
+    batch_range = trt_build.parse_batch(opts.batch)
     loaded, original, export_notes = prepare(path, opts, progress)
     specs = loaded.inputs
     notes = list(export_notes) + survey.validate_parameters(original)
 
-    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
+    ctx = PassContext(target=target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
                       options={"preln_form": opts.preln_form, "ort_rms_op": opts.ort_rms_op})
     tolerance = opts.tolerance
     if opts.allow_approx:
@@ -156,20 +184,51 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
         calib = load_data(opts.calib, specs)
         ctx.options["calib_feeds"] = batches(calib, 16)
         tolerance = opts.max_error
+    progress("canonicalize", None)
+    canonical, results = transform(original, ctx, ("canonicalize",))
     progress("rewrite", None)
-    optimized, results = transform(original, ctx)
-    floor = survey.floor_model(original)
+    optimized, more = transform(canonical, ctx, ("rewrite", "lower"))
+    results += more
+    # counted and floored after canonicalization, so that decomposed normalizations count too
+    floor = survey.floor_model(canonical)
+
+    batch = batch_range[1] if batch_range else specs[0].shape[0]
+    if target.startswith("trt-"):
+        return _optimize_trt(path, opts, target, batch, batch_range, loaded, original, canonical, optimized, floor,
+                             results, notes, ctx, tolerance, progress)
 
     progress("build", None)
-    run_orig = OrtRunner(original, opts.target, opts.threads)
-    run_opt = OrtRunner(optimized, opts.target, opts.threads)
-
+    run_orig = OrtRunner(original, target, opts.threads)
+    run_opt = OrtRunner(optimized, target, opts.threads)
     progress("verify", None)
-    batch = opts.batch or specs[0].shape[0]
-    feed = example_arrays(specs, seed=0, batch=batch)
-    run_orig.check_feed(feed)
+    accuracies, worst, fidelity = verify(run_orig, run_opt, loaded, opts, ctx, batch, tolerance)
+
+    bench = None
+    if opts.bench:
+        from .bench import interleaved
+
+        progress("bench", 0.0)
+        runners = {"original": run_orig, "optimized": run_opt, "floor": OrtRunner(floor, target, opts.threads)}
+        feed = example_arrays(loaded.inputs, seed=0, batch=batch)
+        bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
+
+    report = build_report(path, loaded, target, canonical, optimized, results, notes, accuracies, worst,
+                          fidelity, bench_latency(bench, batch), tolerance, ctx.options.get("notes", []))
+    report["batch_range"] = list(batch_range) if batch_range else None
+    return Result(original, optimized, floor, report, bench, loaded, loaded.inputs)
+
+
+def verify(run_orig, run_opt, loaded: Loaded, opts: Options, ctx: PassContext, batch: int, tolerance: float,
+           label: str = "") -> tuple[dict[str, Accuracy], dict, Accuracy | None]:
+    """Compare two runners on random inputs, calibration inputs and ``--data``; refuse above ``tolerance``.
+
+    Also measures export fidelity (torch eager against the exported ONNX) for torch inputs.
+    Approximate rewrites are judged on real inputs (calibration, data), not on random ones.
+    """
+    specs = loaded.inputs
+    run_orig.check_feed(example_arrays(specs, seed=0, batch=batch))
     random_feeds = [example_arrays(specs, seed=s, batch=max(batch, 4)) for s in range(4)]
-    accuracies = {"random": compare(run_orig, run_opt, random_feeds, "random N(0,1), seeds 0-3")}
+    accuracies = {"random": compare(run_orig, run_opt, random_feeds, f"random N(0,1), seeds 0-3{label}")}
     if opts.allow_approx:
         accuracies["calib"] = compare(run_orig, run_opt, ctx.options["calib_feeds"], f"calibration file {opts.calib}")
     if opts.data:
@@ -180,13 +239,12 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
             raise InputError(f"data file {opts.data} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
                              "give at least one full batch")
         run_orig.check_feed(chunks[0])
-        accuracies["data"] = compare(run_orig, run_opt, chunks, f"data file {opts.data}")
+        accuracies["data"] = compare(run_orig, run_opt, chunks, f"data file {opts.data}{label}")
     fidelity = None
     if loaded.kind in ("module", "torchscript", "exported_program"):
         module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
         torch_runner = TorchRunner(module, run_orig.input_names, run_orig.output_names)
         fidelity = compare(torch_runner, run_orig, random_feeds[:1], "torch eager vs exported ONNX, random")
-    # Approximate rewrites are judged on real inputs (calibration and --data), not on random ones.
     gated = {k: a for k, a in accuracies.items() if not (opts.allow_approx and k == "random")}
     worst = _worst(gated)
     if worst["max_rel_err"] > tolerance:
@@ -195,18 +253,79 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
                             f"{bad.max_rel_err:.3g} > tolerance {tolerance:g}",
                             "approximate rewrites: raise --max-error or drop --allow-approx" if opts.allow_approx
                             else "report this with the model; pass --tolerance to accept it")
+    return accuracies, worst, fidelity
 
-    bench = None
-    if opts.bench:
-        from .bench import interleaved
 
-        progress("bench", 0.0)
-        runners = {"original": run_orig, "optimized": run_opt, "floor": OrtRunner(floor, opts.target, opts.threads)}
-        bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
+def bench_latency(bench, batch: int) -> dict | None:
+    """The ``latency`` block of report.json from an interleaved run (None when not measured)."""
+    if bench is None:
+        return None
+    lo, hi = bench.ratio_interval("original", "optimized")
+    latency = {name: t.to_json() for name, t in bench.timings.items()}
+    latency.update({
+        "speedup": bench.ratio("original", "optimized"),
+        "speedup_ci95": [lo, hi],
+        "norm_cost_left": bench.norm_cost_left(),
+        "method": "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)",
+        "batch": batch, "threads": bench.threads, "machine": bench.machine,
+    })
+    return latency
 
-    report = build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst,
-                          fidelity, bench, batch, tolerance, ctx.options.get("notes", []))
-    return Result(original, optimized, floor, report, bench, loaded, specs)
+
+def _optimize_trt(path, opts, target, batch, batch_range, loaded, original, canonical, lowered, floor, results, notes,
+                  ctx, tolerance, progress) -> Result:
+    """trt-*: verify the lowering exactly in fp32, convert precision, then build and time the engine on a GPU.
+
+    The fp32 lowering is checked on ONNX Runtime with each plugin op run as its fp32 function
+    body (:func:`normdeploy.precision.plugins_as_functions`); the fp16/bf16 conversion is
+    measured against that fp32 graph and reported with the node where its error arises
+    (:func:`normdeploy.precision.precision_error_report`). ``--lower-only`` stops there and
+    writes the converted ONNX for a GPU host.
+    """
+    import tempfile
+
+    from . import precision, trt_build
+
+    specs = loaded.inputs
+    progress("verify", None)
+    run_orig = OrtRunner(original, "ort-cpu", opts.threads)
+    emulated = OrtRunner(precision.plugins_as_functions(lowered), "ort-cpu", opts.threads)
+    accuracies, worst, fidelity = verify(run_orig, emulated, loaded, opts, ctx, batch, tolerance,
+                                         label=" (fp32 trt lowering, plugins as function bodies)")
+    progress("precision", None)
+    converted, prec = precision.convert_for_target(lowered, target, opts.io_dtype,
+                                                   feeds=example_arrays(specs, seed=0, batch=batch))
+    plan, latency, build_info = None, None, None
+    if opts.lower_only:
+        notes.append(f"--lower-only: model.onnx is the {target} input of TensorRT's ONNX parser (plugin nodes, "
+                     f"{prec['precision'].get('dtype', 'fp32')}); no engine was built and no latency measured here")
+    else:
+        progress("build", None)
+        with tempfile.TemporaryDirectory(prefix="normdeploy-trt-") as d:
+            onnx_path, plan_path = f"{d}/model.onnx", f"{d}/model.plan"
+            onnx.save(converted, onnx_path)
+            profiles = trt_build.make_profiles(converted, batch_range, {s.name: s.shape for s in specs})
+            build_info = trt_build.build_engine(onnx_path, plan_path, profiles, trt_build.parse_size(opts.workspace),
+                                                opts.timing_cache, trt_build.check_opt_level(opts.opt_level),
+                                                opts.hardware_compat)
+            with open(plan_path, "rb") as f:
+                plan = f.read()
+        engine = trt_build.EngineRunner(plan)
+        progress("verify", None)
+        feed = example_arrays(specs, seed=0, batch=batch)
+        accuracies["engine"] = compare(run_orig, engine, [feed], f"TensorRT engine ({target}) vs original on ONNX Runtime")
+        if opts.bench:
+            progress("bench", None)
+            latency = {"optimized": engine.measure(feed, seconds=opts.bench_seconds), "batch": batch,
+                       "method": "CUDA events around each execute_async_v3 after warm-up",
+                       "original": None, "speedup": None,
+                       "note": "the original has no TensorRT engine to compare with; compare against --target ort-cuda"}
+    report = build_report(path, loaded, target, canonical, converted, results, notes, accuracies, worst, fidelity,
+                          latency, tolerance, ctx.options.get("notes", []))
+    report["precision"] = prec
+    report["engine"] = build_info.to_json() if build_info else None
+    report["batch_range"] = list(batch_range) if batch_range else None
+    return Result(original, converted, floor, report, None, loaded, specs, plan)
 
 
 def _worst(accuracies: dict[str, Accuracy]) -> dict:
@@ -222,28 +341,17 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def build_report(path, loaded, specs, opts, original, optimized, results, notes, accuracies, worst, fidelity,
-                 bench, batch, tolerance, ctx_notes=()) -> dict:
-    latency = None
-    if bench is not None:
-        lo, hi = bench.ratio_interval("original", "optimized")
-        latency = {name: t.to_json() for name, t in bench.timings.items()}
-        latency.update({
-            "speedup": bench.ratio("original", "optimized"),
-            "speedup_ci95": [lo, hi],
-            "norm_cost_left": bench.norm_cost_left(),
-            "method": "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)",
-            "batch": batch, "threads": bench.threads, "machine": bench.machine,
-        })
+def build_report(path, loaded, target, canonical, optimized, results, notes, accuracies, worst, fidelity,
+                 latency, tolerance, ctx_notes=()) -> dict:
     for r in results:
         notes.extend(r.notes)
     notes.extend(ctx_notes)
     return {
         "normdeploy_version": __version__,
-        "target": opts.target,
-        "input": {"path": path, "kind": loaded.kind, "inputs": [s.to_json() for s in specs]},
+        "target": target,
+        "input": {"path": path, "kind": loaded.kind, "inputs": [s.to_json() for s in loaded.inputs]},
         "passes": [r.to_json() for r in results],
-        "norm_nodes": {"before": survey.count_by_kind(original), "after": survey.count_by_kind(optimized)},
+        "norm_nodes": {"before": survey.count_by_kind(canonical), "after": survey.count_by_kind(optimized)},
         "accuracy": {**worst, "tolerance": tolerance, "exact_only": all(r.exact for r in results if r.rewrites),
                      **{k: a.to_json() for k, a in accuracies.items()}},
         "export_fidelity": fidelity.to_json() if fidelity else None,
