@@ -298,6 +298,10 @@ def _reshape_arr(arr: np.ndarray, src: list | None, dst: list | None) -> np.ndar
     while q < min(len(src), len(dst)) - p and _same_dim(src[len(src) - 1 - q], dst[len(dst) - 1 - q]):
         q += 1
     mid_in, mid_out = src[p:len(src) - q], dst[p:len(dst) - q]
+    if all(n == 1 for n in a.shape[p:len(src) - q]):
+        # the affine is constant along every reshaped axis (e.g. [batch, S, d] -> [batch*S, d]
+        # with a per-d affine): no sizes are needed, symbolic or not
+        return _compress(a.reshape(a.shape[:p] + (1,) * len(mid_out) + a.shape[len(src) - q:]))
     if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in mid_in + mid_out):
         return "the reshaped axes have symbolic sizes"
     if int(np.prod(mid_in, dtype=np.int64)) != int(np.prod(mid_out, dtype=np.int64)):
