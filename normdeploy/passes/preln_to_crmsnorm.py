@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from ..graph import Namer, const_value, constant, is_graph_output
 from ..ops import DOMAIN
 from . import PassContext, PassResult, register
-from .preln_to_rmsnorm import Refuse, Stream, _why_not_on_stream, find_streams, prepare_stream
+from .preln_to_rmsnorm import Stream, convert_streams
 
 
 def _slice_writes(graph: gs.Graph, stream: Stream, d: int, namer: Namer) -> None:
@@ -171,24 +171,15 @@ def preln_to_crmsnorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if ctx.options.get("preln_form", "rmsnorm") != "crmsnorm":
         return result
     namer = Namer(graph)
-    for stream in find_streams(graph):
-        result.matched += len(stream.lns)
-        if len(stream.lns) < 2 or not stream.adds:
-            for ln in stream.lns:
-                result.skip(ln.name, _why_not_on_stream(ln))
-            continue
-        try:
-            rc = prepare_stream(graph, stream)
-        except Refuse as e:
-            for ln in stream.lns:
-                result.skip(ln.name, f"stream not convertible: {e}")
-            continue
-        rc.apply()
-        _slice_writes(graph, stream, rc.d, namer)
+
+    def convert(stream: Stream, d: int) -> None:
+        _slice_writes(graph, stream, d, namer)
         for ln in stream.lns:
-            _replace_ln(graph, ln, rc.d, namer, result)
-        result.notes.append(f"residual stream of width {rc.d} stored with {rc.d - 1} coordinates; "
+            _replace_ln(graph, ln, d, namer, result)
+        result.notes.append(f"residual stream of width {d} stored with {d - 1} coordinates; "
                             f"{len(stream.lns)} LayerNorms became CRMSNorm")
+
+    convert_streams(graph, result, convert)
     if result.rewrites:
         for t in graph.tensors().values():  # widths changed: let shape inference recompute them
             if isinstance(t, gs.Variable) and not is_graph_output(graph, t) and t not in graph.inputs:

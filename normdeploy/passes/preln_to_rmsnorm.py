@@ -350,11 +350,11 @@ def _why_not_on_stream(ln: gs.Node) -> str:
     return "not on a pre-LN residual stream (no residual Add joins it to another LayerNorm's input)"
 
 
-@register("preln_to_rmsnorm", stage="rewrite", exact=True)
-def preln_to_rmsnorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Re-centre every write into a pre-LN residual stream; its LayerNorms become RMSNorm (exact)."""
-    result = PassResult("preln_to_rmsnorm", exact=True)
-    namer = Namer(graph)
+def convert_streams(graph: gs.Graph, result: PassResult, convert) -> None:
+    """For every pre-LN stream that meets the conditions: re-centre its writes, then ``convert(stream, d)``.
+
+    A stream that does not meet them is reported as skipped, LN by LN, with the reason.
+    """
     for stream in find_streams(graph):
         result.matched += len(stream.lns)
         if len(stream.lns) < 2 or not stream.adds:
@@ -368,7 +368,19 @@ def preln_to_rmsnorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 result.skip(ln.name, f"stream not convertible: {e}")
             continue
         rc.apply()
+        convert(stream, rc.d)
+
+
+@register("preln_to_rmsnorm", stage="rewrite", exact=True)
+def preln_to_rmsnorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Re-centre every write into a pre-LN residual stream; its LayerNorms become RMSNorm (exact)."""
+    result = PassResult("preln_to_rmsnorm", exact=True)
+    namer = Namer(graph)
+
+    def convert(stream: Stream, d: int) -> None:
         replace_lns(graph, stream, namer, result)
-        result.notes.append(f"re-centred {len(stream.writes)} writes into a residual stream of width {rc.d}; "
+        result.notes.append(f"re-centred {len(stream.writes)} writes into a residual stream of width {d}; "
                             f"{len(stream.lns)} LayerNorms became RMSNorm")
+
+    convert_streams(graph, result, convert)
     return result
