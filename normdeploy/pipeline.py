@@ -14,7 +14,7 @@ import onnx
 
 from . import __version__, survey
 from .build import OrtRunner, TorchRunner
-from .errors import AccuracyError, InputError, UnsupportedError
+from .errors import AccuracyError, InputError
 from .export import example_arrays, infer_shapes, name_norms_by_module, to_onnx
 from .load import InputSpec, Loaded, load
 from .passes import PassContext, run_stage
@@ -166,6 +166,17 @@ def resolve_target(opts: Options) -> str:
     return target
 
 
+def data_feeds(path: str, specs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+    """``--data`` in batches: of 64 rows, or of the model's fixed batch (an incomplete last one dropped)."""
+    data = load_data(path, specs)
+    static = any(0 not in s.dynamic for s in specs)
+    chunks = batches(data, specs[0].shape[0] if static else 64, drop_last=static)
+    if not chunks:
+        raise InputError(f"data file {path} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
+                         "give at least one full batch")
+    return chunks
+
+
 def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
     from . import trt_build
 
@@ -232,12 +243,7 @@ def verify(run_orig, run_opt, loaded: Loaded, opts: Options, ctx: PassContext, b
     if opts.allow_approx:
         accuracies["calib"] = compare(run_orig, run_opt, ctx.options["calib_feeds"], f"calibration file {opts.calib}")
     if opts.data:
-        data = load_data(opts.data, specs)
-        static = any(0 not in s.dynamic for s in specs)
-        chunks = batches(data, specs[0].shape[0] if static else 64, drop_last=static)
-        if not chunks:
-            raise InputError(f"data file {opts.data} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
-                             "give at least one full batch")
+        chunks = data_feeds(opts.data, specs)
         run_orig.check_feed(chunks[0])
         accuracies["data"] = compare(run_orig, run_opt, chunks, f"data file {opts.data}{label}")
     fidelity = None

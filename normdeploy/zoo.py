@@ -26,7 +26,6 @@ Trained checkpoints, ``zoo.json`` (accuracies) and the script that reproduces th
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
