@@ -38,7 +38,7 @@ def default_threads() -> int:
 
 class OrtRunner:
     def __init__(self, model: onnx.ModelProto | bytes, target: str = "ort-cpu", threads: int | None = None,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", providers: list | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -58,7 +58,7 @@ class OrtRunner:
                                    "install onnxruntime-gpu on a CUDA host, or use --target ort-cpu")
         data = model if isinstance(model, bytes) else model.SerializeToString()
         try:
-            self.session = ort.InferenceSession(data, so, providers=PROVIDERS[target])
+            self.session = ort.InferenceSession(data, so, providers=providers or PROVIDERS[target])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsupportedError(f"ONNX Runtime cannot load the model: {first[:300]}",

@@ -62,9 +62,13 @@ def main():
               help="TensorRT timing cache file, read if present and written back (reused across builds).")
 @click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
               help="Also write the model into this Triton Inference Server model repository.")
+@click.option("--fp16", is_flag=True,
+              help="ort-* targets: run the optimized model in fp16, normalization statistics in fp32.")
+@click.option("--engine-cache", type=click.Path(file_okay=False), default=None,
+              help="ort-trt: directory for ONNX Runtime's TensorRT engine and timing caches.")
 def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_form, as_json, debug, out, force, data, batch,
              bench_seconds, no_bench, threads, tolerance, calib, max_error, ort_rms_op, lower_only, io_dtype, workspace,
-             opt_level, hardware_compat, timing_cache, triton_repo):
+             opt_level, hardware_compat, timing_cache, triton_repo, fp16, engine_cache):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from . import package, pipeline
 
@@ -75,7 +79,8 @@ def optimize(model, inputs, target, opset, trust_pickle, allow_approx, preln_for
                        bench_seconds=bench_seconds, bench=not no_bench, threads=threads, tolerance=tolerance,
                        allow_approx=allow_approx, calib=calib, max_error=max_error, preln_form=preln_form,
                        ort_rms_op=ort_rms_op, lower_only=lower_only, io_dtype=io_dtype, workspace=workspace,
-                       opt_level=opt_level, hardware_compat=hardware_compat, timing_cache=timing_cache)
+                       opt_level=opt_level, hardware_compat=hardware_compat, timing_cache=timing_cache,
+                       fp16=fp16, engine_cache=engine_cache)
         pipeline.resolve_target(opts)  # a missing GPU or TensorRT is said before any work
         if triton_repo:
             if lower_only:

@@ -48,6 +48,9 @@ class Options:
     opt_level: int | None = None
     hardware_compat: str = "none"
     timing_cache: str | None = None
+    # ONNX Runtime targets
+    fp16: bool = False  # ort-*: run the optimized model in fp16 (normalization statistics stay fp32)
+    engine_cache: str | None = None  # ort-trt: TensorRT engine and timing cache directory
 
 
 @dataclass
@@ -160,6 +163,9 @@ def resolve_target(opts: Options) -> str:
     elif opts.lower_only:
         raise InputError(f"--lower-only prepares models for TensorRT; target {target} has nothing to lower for",
                          "use --target trt-fp16 (or trt-fp32, trt-bf16), or drop --lower-only")
+    if opts.fp16 and not target.startswith("ort-"):
+        raise InputError(f"--fp16 is for the ONNX Runtime targets, not {target}",
+                         "TensorRT targets take their precision from the target name: --target trt-fp16")
     if opts.io_dtype != "fp32" and target not in ("trt-fp16", "trt-bf16"):
         raise InputError(f"--io-dtype {opts.io_dtype} needs an fp16 or bf16 target, not {target}",
                          "use --target trt-fp16 / trt-bf16, or drop --io-dtype")
@@ -208,9 +214,21 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
         return _optimize_trt(path, opts, target, batch, batch_range, loaded, original, canonical, optimized, floor,
                              results, notes, ctx, tolerance, progress)
 
+    providers = None
+    if target in ("ort-cuda", "ort-trt"):
+        providers = trt_build.ort_providers(target, cache_dir=opts.engine_cache, workspace_bytes=trt_build.parse_size(
+            opts.workspace), opt_level=opts.opt_level, hardware_compat=opts.hardware_compat)
+    if opts.fp16:
+        from . import precision
+
+        optimized = precision.convert_precision(optimized, "fp16")
+        tolerance = max(tolerance, 1e-2)
+        notes.append("--fp16: the optimized model runs in fp16 with normalization statistics in fp32; the original "
+                     f"stays fp32, so the speedup includes the precision change; accuracy tolerance {tolerance:g}")
+
     progress("build", None)
-    run_orig = OrtRunner(original, target, opts.threads)
-    run_opt = OrtRunner(optimized, target, opts.threads)
+    run_orig = OrtRunner(original, target, opts.threads, providers=providers)
+    run_opt = OrtRunner(optimized, target, opts.threads, providers=providers)
     progress("verify", None)
     accuracies, worst, fidelity = verify(run_orig, run_opt, loaded, opts, ctx, batch, tolerance)
 
@@ -219,7 +237,8 @@ def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
         from .bench import interleaved
 
         progress("bench", 0.0)
-        runners = {"original": run_orig, "optimized": run_opt, "floor": OrtRunner(floor, target, opts.threads)}
+        runners = {"original": run_orig, "optimized": run_opt,
+                   "floor": OrtRunner(floor, target, opts.threads, providers=providers)}
         feed = example_arrays(loaded.inputs, seed=0, batch=batch)
         bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
 

@@ -82,3 +82,30 @@ def test_triton_repo_for_ort_cpu(cli, tmp_path):
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 32
     assert list(cfg.dynamic_batching.preferred_batch_size) == [8]
     assert (repo / "digits_cnn_bn_un" / "1" / "model.onnx").is_file()
+
+
+def test_fp16_on_ort_cpu_keeps_statistics_fp32_and_stays_within_1e_2(cli, tmp_path):
+    out = tmp_path / "o"
+    r = cli("optimize", VIT, "--fp16", "--out", out, "--no-bench", "--json",
+            "--data", os.path.join(MODELS, "digits_test.npz"))
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["accuracy"]["tolerance"] == 1e-2 and rep["accuracy"]["max_rel_err"] <= 1e-2
+    assert rep["accuracy"]["data"]["top1_agreement"] >= 0.99
+    model = onnx.load(out / "model.onnx")
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in model.graph.initializer}
+    norms = [n for n in model.graph.node if "LayerNormalization" in n.op_type]
+    assert norms
+    fp32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert all(n.input[1] in fp32 for n in norms)  # gains stay fp32: statistics computed in fp32
+
+
+def test_ort_gpu_targets_without_onnxruntime_gpu(cli, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    r = cli("optimize", EXAMPLE, "--target", "ort-cuda", "--out", tmp_path / "o", "--no-bench")
+    assert r.exit_code == 3 and "CUDAExecutionProvider" in r.stderr and "onnxruntime-gpu" in r.stderr
+    r = cli("optimize", EXAMPLE, "--target", "trt-fp16", "--fp16", "--lower-only", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--fp16 is for the ONNX Runtime targets" in r.stderr

@@ -34,7 +34,9 @@ EXPECTED = {
     "vit_ln": ({"LayerNorm": 9}, {"RMSNorm": 9},
                {"preln_to_rmsnorm": 9, "fold_affine_into_linear": 9, "lower_canonical_to_standard_ops": 9}),
     "vit_un": ({"UnifiedNorm": 9}, {}, {"fold_affine_into_linear": 9}),
-    "vit_powernorm": ({"PowerNorm": 9}, {"RMSNorm": 9},  # GroupScaling runs as an RMSNorm over groups
+    # GroupScaling over groups of 16 channels runs as decomposed ops (Mul, ReduceMean, Add, Sqrt, Div):
+    # ONNX Runtime's fused kernel is slower on rows that short (normdeploy/lower/ort_cpu.py, SHORT_ROW)
+    "vit_powernorm": ({"PowerNorm": 9}, {},
                       {"fold_affine_into_linear": 9, "lower_canonical_to_standard_ops": 9}),
     "vit_dyt": ({"DynamicTanh": 9}, {}, {"fold_affine_into_linear": 9, "lower_canonical_to_standard_ops": 9}),
     "vit_rmsnorm": ({"RMSNorm": 9}, {"RMSNorm": 9},
