@@ -159,11 +159,7 @@ def row(entry: dict, m: dict | None) -> list[str]:
     before = m["norms"]
     lo, hi = lat["speedup_ci95"]
     left = lat.get("norm_cost_left")
-    if before != rep["norm_nodes"]["before"]:
-        # the pipeline built its floor before canonicalization: decomposed norms are still in it
-        left_cell = "n/a²"
-    else:
-        left_cell = "n/a¹" if left is None or not m["floor_faster"] else f"{left:.0%}"
+    left_cell = "n/a¹" if left is None or not m["floor_faster"] else f"{left:.0%}"
     return [entry["name"], f"{_counts(before)} → {_counts(rep['norm_nodes']['after'])}", _rewrites(rep), _error(rep),
             f"{lat['speedup']:.2f}× [{lo:.2f}, {hi:.2f}]", left_cell]
 
@@ -198,9 +194,6 @@ def render(rows: list[tuple[dict, dict | None]], meta: dict) -> str:
         f"¹ the floor was not measurably faster than the original (the 95 % interval of p50(original) / p50(floor) "
         f"reaches {1 + FLOOR_MARGIN:.2f}): ONNX Runtime already fuses what normalization there is (Conv + "
         "BatchNorm), or normdeploy rewrote nothing, and the share of a span that small is noise.",
-        "",
-        "² normalizations that export decomposed are not replaced in the floor the pipeline builds (it is built "
-        "before canonicalization), so the floor is the original and no share can be computed.",
         "",
         "Models: " + "; ".join(f"**{e['name']}**: {e['what']}" + (f", real inputs {e['data_label']}"
                                                                if e.get("data_label") else "")
