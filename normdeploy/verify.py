@@ -67,7 +67,8 @@ def compare_arrays(name: str, ref: np.ndarray, opt: np.ndarray) -> OutputCompari
         raise ValueError(f"output {name}: shape {opt64.shape} differs from the original's {ref64.shape}")
     nonfinite = int(np.sum(~np.isfinite(opt64)) - np.sum(~np.isfinite(ref64)))
     both = np.isfinite(ref64) & np.isfinite(opt64)
-    diff = np.where(both, np.abs(opt64 - ref64), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite entries are handled apart, below
+        diff = np.where(both, np.abs(opt64 - ref64), 0.0)
     same_nonfinite = np.array_equal(np.isnan(ref64), np.isnan(opt64)) and np.array_equal(
         np.where(np.isinf(ref64), ref64, 0), np.where(np.isinf(opt64), opt64, 0))
     max_abs = float(diff.max()) if diff.size else 0.0

@@ -60,7 +60,6 @@ import onnx_graphsurgeon as gs
 from ..graph import Namer, const_value, constant, is_graph_output, rank_of, rewire_output
 from ..ops import ATTRIBUTES, DOMAIN
 from . import PassContext, PassResult, register
-from . import fold_mpbn  # noqa: F401  - registers fold_mpbn_into_threshold first: MPBN folds into the threshold
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MOVERS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")

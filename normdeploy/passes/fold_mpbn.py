@@ -46,20 +46,13 @@ import onnx_graphsurgeon as gs
 from ..graph import Namer, const_value, constant, is_graph_output, rank_of
 from ..ops import ATTRIBUTES, DOMAIN
 from . import PassContext, PassResult, register
+from .fold_affine import _compress
 
 ONNX_DOMAINS = (None, "", "ai.onnx")
 REL = {"Greater": "gt", "GreaterOrEqual": "ge", "Less": "lt", "LessOrEqual": "le"}
 OP = {v: k for k, v in REL.items()}
 MIRROR = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}  # a rel b  <=>  b MIRROR[rel] a
 
-
-def _compress(arr: np.ndarray) -> np.ndarray:
-    for ax in range(arr.ndim):
-        if arr.shape[ax] > 1:
-            first = np.take(arr, [0], axis=ax)
-            if np.array_equal(np.broadcast_to(first, arr.shape), arr):
-                arr = first
-    return arr
 
 
 # ----------------------------------------------------------------------------- matching
