@@ -47,7 +47,7 @@ from onnx import TensorProto, helper
 from ..graph import Namer, constant, rank_of
 from ..ops import DOMAIN
 from . import PassContext, PassResult, register
-from .canonicalize_layernorm import (
+from ._pattern import (
     Const,
     Lit,
     Match,
