@@ -430,24 +430,16 @@ class _Converter:
         if schema is None:
             return f"no ONNX schema for {n.op_type} at opset {self.opset}: kept fp32"
         low_str = _TYPE_STR[self.low]
-        for k, i in enumerate(n.input):
-            if not i or not self.is_float(i):
-                continue
-            f = _formal(schema.inputs, k)
-            if f is None:
-                continue
-            allowed = _allowed(schema, f.type_str)
-            if allowed is not None and low_str not in allowed:
-                return f"{n.op_type} has no {_SHORT[self.low]} kernel in the ONNX schema: fp32"
-        for k, o in enumerate(n.output):
-            if not o or not self.is_float(o):
-                continue
-            f = _formal(schema.outputs, k)
-            if f is None:
-                continue
-            allowed = _allowed(schema, f.type_str)
-            if allowed is not None and low_str not in allowed:
-                return f"{n.op_type} has no {_SHORT[self.low]} kernel in the ONNX schema: fp32"
+        for names, formals in ((n.input, schema.inputs), (n.output, schema.outputs)):
+            for k, name in enumerate(names):
+                if not name or not self.is_float(name):
+                    continue
+                f = _formal(formals, k)
+                if f is None:
+                    continue
+                allowed = _allowed(schema, f.type_str)
+                if allowed is not None and low_str not in allowed:
+                    return f"{n.op_type} has no {_SHORT[self.low]} kernel in the ONNX schema: fp32"
         return None
 
     def _low_slots(self, n: onnx.NodeProto) -> tuple[set[int], set[int]]:

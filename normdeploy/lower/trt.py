@@ -229,19 +229,28 @@ def _lower_dyt(graph, namer, node, result) -> str | None:
     return None
 
 
+def _statistic_affine(node, stat_name: str):
+    """(statistic, weight, bias) as float64 vectors, the raw weight, or the reason they cannot be used."""
+    vals = [const_value(t) for t in node.inputs[1:4]]
+    for what, v in zip((stat_name, "weight", "bias"), vals):
+        if v is None:
+            return f"{node.op} {what} is not a constant"
+    stat, w, b = (np.asarray(v, np.float64).reshape(-1) for v in vals)
+    if np.any(stat + float(_attrs(node)["epsilon"]) < 0) or not np.all(np.isfinite(stat)):
+        return f"{node.op} {stat_name} is negative or not finite"
+    return stat, w, b, vals[1]
+
+
 def _lower_power(graph, namer, node, result) -> str | None:
     x = node.inputs[0]
-    vals = [const_value(t) for t in node.inputs[1:4]]
-    for what, v in zip(("phi", "weight", "bias"), vals):
-        if v is None:
-            return f"PowerNorm {what} is not a constant"
-    phi, w, b = (np.asarray(v, np.float64).reshape(-1) for v in vals)
+    params = _statistic_affine(node, "running phi")
+    if isinstance(params, str):
+        return params
+    phi, w, b, raw_w = params
     a = _attrs(node)
     eps, groups, c = float(a["epsilon"]), int(a["groups"]), _channels(x)
     if groups < 1 or (c is not None and c % groups):
         return f"{c} channels are not divisible into {groups} groups"
-    if np.any(phi + eps < 0) or not np.all(np.isfinite(phi)):
-        return "PowerNorm running phi is negative or not finite"
     scale = w / np.sqrt(phi + eps)
     n = max(scale.size, b.size)
     scale, shift = np.broadcast_to(scale, (n,)), np.broadcast_to(b, (n,))
@@ -250,22 +259,19 @@ def _lower_power(graph, namer, node, result) -> str | None:
     xs = gs.Variable(namer(base, "group_scaled"), dtype=getattr(x, "dtype", None), shape=getattr(x, "shape", None))
     graph.nodes.append(_plugin_node(namer, node, "NormdeployGroupScaling", [x], [xs],
                                     {"groups": groups, "epsilon": eps}))
-    _affine(namer, graph, node, xs, y, scale, shift, [n], _dtype_of(x, vals[1]))
+    _affine(namer, graph, node, xs, y, scale, shift, [n], _dtype_of(x, raw_w))
     result.rewrote("PowerNorm -> NormdeployGroupScaling + per-channel Mul/Add", node=node.name)
     return None
 
 
 def _lower_unified(graph, namer, node, result) -> str | None:
     x = node.inputs[0]
-    vals = [const_value(t) for t in node.inputs[1:4]]
-    for what, v in zip(("running moment", "weight", "bias"), vals):
-        if v is None:
-            return f"UnifiedNorm {what} is not a constant"
-    r, w, b = (np.asarray(v, np.float64).reshape(-1) for v in vals)
+    params = _statistic_affine(node, "running moment")
+    if isinstance(params, str):
+        return params
+    r, w, b, raw_w = params
     a = _attrs(node)
     eps, axis = float(a["epsilon"]), int(a["axis"])
-    if np.any(r + eps < 0) or not np.all(np.isfinite(r)):
-        return "UnifiedNorm running moment is negative or not finite"
     rank = _rank(x)
     if axis >= 0:
         if rank is None:
@@ -278,7 +284,7 @@ def _lower_unified(graph, namer, node, result) -> str | None:
     shape = [n] + [1] * trailing
     (y,) = _detach(node)
     _affine(namer, graph, node, x, y, np.broadcast_to(scale, (n,)), np.broadcast_to(b, (n,)), shape,
-            _dtype_of(x, vals[1]))
+            _dtype_of(x, raw_w))
     result.rewrote("UnifiedNorm -> per-channel Mul/Add", node=node.name)
     return None
 

@@ -152,6 +152,18 @@ def _match_all(patterns, tensors, m: Match) -> Iterator[Match]:
         yield from _match_all(patterns[1:], tensors[1:], m1)
 
 
+
+def divided_by_sqrt(numerator, radicand):
+    """``numerator / sqrt(radicand)`` in each spelling exporters emit: Div, Reciprocal+Mul, Div(1, .)+Mul,
+    and Mul by ``radicand ** -0.5``."""
+    root = op("Sqrt", radicand)
+    return any_of(
+        op("Div", numerator, root),
+        op("Mul", numerator, op("Reciprocal", root)),
+        op("Mul", numerator, op("Div", Lit(1.0), root)),
+        op("Mul", numerator, op("Pow", radicand, Lit(-0.5))),
+    )
+
 # ----------------------------------------------------------------------------- tensor helpers
 
 

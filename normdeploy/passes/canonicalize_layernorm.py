@@ -58,6 +58,7 @@ from ._pattern import (
     Recognizer,
     Var,
     any_of,
+    divided_by_sqrt,
     dtype_of,
     op,
     outside_consumer,
@@ -75,13 +76,7 @@ CENTRED = op("Sub", X, MEAN)
 VARIANCE = op("ReduceMean", any_of(op("Pow", CENTRED, Lit(2.0)), op("Mul", CENTRED, CENTRED)),
               name="var", extra_inputs=True)
 VAR_EPS = op("Add", VARIANCE, Var("eps"))
-STD = op("Sqrt", VAR_EPS)
-NORMALIZED = any_of(
-    op("Div", CENTRED, STD),
-    op("Mul", CENTRED, op("Reciprocal", STD)),
-    op("Mul", CENTRED, op("Div", Lit(1.0), STD)),
-    op("Mul", CENTRED, op("Pow", VAR_EPS, Lit(-0.5))),
-)
+NORMALIZED = divided_by_sqrt(CENTRED, VAR_EPS)
 LAYERNORM = any_of(
     op("Add", op("Mul", NORMALIZED, Const("g")), Const("b")),
     op("Mul", NORMALIZED, Const("g")),

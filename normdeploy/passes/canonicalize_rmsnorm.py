@@ -54,6 +54,7 @@ from ._pattern import (
     Recognizer,
     Var,
     any_of,
+    divided_by_sqrt,
     dtype_of,
     fold,
     match,
@@ -68,14 +69,8 @@ from ._pattern import (
 X = Var("x")
 MEAN_SQUARE = op("ReduceMean", any_of(op("Pow", X, Lit(2.0)), op("Mul", X, X)), name="ms", extra_inputs=True)
 MS_EPS = op("Add", MEAN_SQUARE, Var("eps"))
-STD = op("Sqrt", MS_EPS)
 NUMERATOR = any_of(op("Mul", X, Const("g_pre")), X)
-NORMALIZED = any_of(
-    op("Div", NUMERATOR, STD),
-    op("Mul", NUMERATOR, op("Reciprocal", STD)),
-    op("Mul", NUMERATOR, op("Div", Lit(1.0), STD)),
-    op("Mul", NUMERATOR, op("Pow", MS_EPS, Lit(-0.5))),
-)
+NORMALIZED = divided_by_sqrt(NUMERATOR, MS_EPS)
 RMSNORM = any_of(op("Mul", NORMALIZED, Const("g_post")), NORMALIZED)
 
 _CENTRED = op("Sub", Var("a"), op("ReduceMean", Var("a"), extra_inputs=True))

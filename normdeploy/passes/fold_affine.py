@@ -327,8 +327,8 @@ def _perm(node: gs.Node, rank: int | None) -> list[int] | None:
     return None if rank is None else list(range(rank))[::-1]
 
 
-def map_forward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
-    """Affine arrays on ``node.inputs[0]`` mapped to ``node.outputs[0]`` (consumer direction)."""
+def _map_layout(node: gs.Node, arrs: list[np.ndarray], backward: bool) -> list[np.ndarray] | str | None:
+    """Identity, Transpose and the reshapes, either way; None when ``node`` is none of those."""
     src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
     if node.op == "Identity":
         return arrs
@@ -336,12 +336,21 @@ def map_forward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str
         perm = _perm(node, len(src) if src is not None else rank_of(node.outputs[0]))
         if perm is None:
             return "Transpose rank unknown"
-        out = [_transpose_arr(a, perm) for a in arrs]
+        out = [_transpose_arr(a, list(np.argsort(perm)) if backward else perm) for a in arrs]
         return "affine rank exceeds the tensor rank" if any(o is None for o in out) else out
     if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-        out = [_reshape_arr(a, src, dst) for a in arrs]
+        out = [_reshape_arr(a, dst, src) if backward else _reshape_arr(a, src, dst) for a in arrs]
         bad = next((o for o in out if isinstance(o, str)), None)
         return bad if bad else out
+    return None
+
+
+def map_forward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
+    """Affine arrays on ``node.inputs[0]`` mapped to ``node.outputs[0]`` (consumer direction)."""
+    mapped = _map_layout(node, arrs, backward=False)
+    if mapped is not None:
+        return mapped
+    src = _dims(node.inputs[0])
     if node.op in SELECTORS:
         if src is None:
             return "shape unknown (run shape inference)"
@@ -368,20 +377,8 @@ def map_forward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str
 
 def map_backward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
     """Affine arrays on ``node.outputs[0]`` mapped back to ``node.inputs[0]`` (producer direction)."""
-    src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
-    if node.op == "Identity":
-        return arrs
-    if node.op == "Transpose":
-        perm = _perm(node, len(src) if src is not None else rank_of(node.outputs[0]))
-        if perm is None:
-            return "Transpose rank unknown"
-        out = [_transpose_arr(a, list(np.argsort(perm))) for a in arrs]
-        return "affine rank exceeds the tensor rank" if any(o is None for o in out) else out
-    if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-        out = [_reshape_arr(a, dst, src) for a in arrs]
-        bad = next((o for o in out if isinstance(o, str)), None)
-        return bad if bad else out
-    return f"{node.op} does not map the channel axis"
+    mapped = _map_layout(node, arrs, backward=True)
+    return mapped if mapped is not None else f"{node.op} does not map the channel axis"
 
 
 # ----------------------------------------------------------------------------- plans
