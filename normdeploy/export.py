@@ -20,38 +20,15 @@ import io
 import logging
 import warnings
 
-import numpy as np
 import onnx
 
-from . import ops
-from .errors import UnsupportedError
-from .load import InputSpec, Loaded, numpy_dtype
+from .core import ops
+from .core.errors import UnsupportedError
+from .core.graph import infer_shapes
+from .core.inputs import example_arrays
+from .load import Loaded
 
 DEFAULT_OPSET = 20
-
-
-def example_arrays(specs: list[InputSpec], seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
-    """Deterministic random inputs for ``specs``: N(0, 1) floats, small non-negative integers, masks of ones.
-
-    ``batch`` replaces the first dimension of inputs whose first axis is dynamic.
-
-    Integer inputs (token ids) are drawn from [0, 16) so they are valid for any vocabulary
-    of at least 16 entries; inputs whose name says "mask" are all ones.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        shape = (batch,) + tuple(s.shape[1:]) if batch and 0 in s.dynamic else s.shape
-        dt = numpy_dtype(s.dtype)
-        if np.issubdtype(dt, np.floating):
-            out[s.name] = rng.standard_normal(shape).astype(dt)
-        elif "mask" in s.name.lower() or dt == np.bool_:
-            out[s.name] = np.ones(shape, dt)
-        elif "type" in s.name.lower():
-            out[s.name] = np.zeros(shape, dt)
-        else:
-            out[s.name] = rng.integers(0, 16, shape).astype(dt)
-    return out
 
 
 def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto, list[str]]:
@@ -141,7 +118,7 @@ def _name_norms_after_modules(model: onnx.ModelProto) -> None:
     """
     import ast
 
-    from .survey import kind_of
+    from .core.norms import kind_of
 
     used = {n.name for n in model.graph.node}
     for n in model.graph.node:
@@ -159,27 +136,6 @@ def _name_norms_after_modules(model: onnx.ModelProto) -> None:
         if name not in used:
             used.add(name)
             n.name = name
-
-
-def name_norms_by_module(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give each normalization node named ``<module>/<...>`` its module's name, when that is free."""
-    from .survey import kind_of
-
-    used = {n.name for n in model.graph.node}
-    for n in model.graph.node:
-        if kind_of(n) and "/" in n.name:
-            path = n.name.split("/", 1)[0]
-            if path not in used:
-                used.add(path)
-                n.name = path
-    return model
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - shape inference is best effort; passes handle unknown ranks
-        return model
 
 
 def _has_subgraphs(model: onnx.ModelProto) -> bool:

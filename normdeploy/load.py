@@ -19,28 +19,14 @@ from __future__ import annotations
 import importlib
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from .errors import InputError, UnsupportedError
-
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
-           "float64": np.float64}
-
-
-@dataclass
-class InputSpec:
-    """One model input: its name, a concrete shape to run with, its dtype, dynamic axes."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    dynamic: dict[int, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+from .core.errors import InputError, UnsupportedError
+from .core.inputs import DTYPES as _DTYPES
+from .core.inputs import InputSpec, parse_input_spec
 
 
 @dataclass
@@ -51,36 +37,11 @@ class Loaded:
     inputs: list[InputSpec]
 
 
-def parse_input_spec(text: str) -> tuple[str | None, tuple[int, ...], str]:
-    """``name:1x3x8x8[:dtype]`` or ``1x3x8x8`` -> (name or None, shape, dtype)."""
-    parts = text.split(":")
-    name, dtype = None, "float32"
-    if len(parts) == 3:
-        name, dims, dtype = parts
-    elif len(parts) == 2:
-        if "x" in parts[1] or parts[1].isdigit():
-            name, dims = parts
-        else:
-            dims, dtype = parts
-    else:
-        (dims,) = parts
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-        if any(d <= 0 for d in shape):
-            raise ValueError
-    except ValueError:
-        raise InputError(f"--input {text!r}: shape must be positive integers joined by 'x'",
-                         "write it as name:1x3x224x224 (dtype optional: name:1x16:int64)") from None
-    if dtype not in _DTYPES:
-        raise InputError(f"--input {text!r}: unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
-    return name, shape, dtype
-
-
-def numpy_dtype(name: str):
-    return _DTYPES[name]
-
-
-def load(path: str, input_texts: tuple[str, ...] = (), trust_pickle: bool = False) -> Loaded:
+def load(source, input_texts: tuple[str, ...] = (), trust_pickle: bool = False) -> Loaded:
+    """A path, or an object a Python caller already holds: ``onnx.ModelProto``, ``nn.Module``, ``ExportedProgram``."""
+    if not isinstance(source, (str, os.PathLike)):
+        return load_object(source, input_texts)
+    path = os.fspath(source)
     if not os.path.exists(path):
         raise InputError(f"model file {path} does not exist", "check the path")
     if os.path.isdir(path):
@@ -110,7 +71,34 @@ def load(path: str, input_texts: tuple[str, ...] = (), trust_pickle: bool = Fals
             raise InputError(f"{path} is a TorchScript archive that cannot be loaded ({type(e).__name__})",
                              "re-save it with torch.jit.save") from e
         return Loaded(kind, path, sm.eval(), _specs_from_texts(input_texts, path))
-    module = load_pickled_module(path, trust_pickle)
+    return _module(load_pickled_module(path, trust_pickle), path, input_texts)
+
+
+def load_object(obj, input_texts: tuple[str, ...] = ()) -> Loaded:
+    """An in-memory model; its ``path`` in the report names its type (``<nn.Module DigitsCNN>``)."""
+    if isinstance(obj, onnx.ModelProto):
+        try:
+            onnx.checker.check_model(obj)
+        except onnx.checker.ValidationError as e:
+            raise InputError(f"the ONNX model fails the checker: {str(e).strip().splitlines()[0]}",
+                             "fix or re-export the model") from None
+        return Loaded("onnx", "<onnx.ModelProto>", obj, onnx_input_specs(obj, input_texts))
+    import torch
+
+    if isinstance(obj, torch.export.ExportedProgram):
+        label = "<torch.export.ExportedProgram>"
+        return Loaded("exported_program", label, obj,
+                      _specs_from_examples(obj.example_inputs[0] if obj.example_inputs else (), input_texts, label))
+    if isinstance(obj, torch.jit.ScriptModule):
+        label = f"<TorchScript {type(obj).__name__}>"
+        return Loaded("torchscript", label, obj.eval(), _specs_from_texts(input_texts, label))
+    if isinstance(obj, torch.nn.Module):
+        return _module(obj, f"<nn.Module {type(obj).__name__}>", input_texts)
+    raise InputError(f"cannot optimize a {type(obj).__name__}",
+                     "pass a path, an onnx.ModelProto, a torch.nn.Module or a torch.export.ExportedProgram")
+
+
+def _module(module, path: str, input_texts: tuple[str, ...]) -> Loaded:
     examples = getattr(module, "example_inputs", None)
     dtypes = getattr(module, "example_input_dtypes", None) or {}
     if not input_texts and isinstance(examples, dict):

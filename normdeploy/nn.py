@@ -12,7 +12,7 @@ Eval-time math (DESIGN.md section 2; x is the input, c the channel index):
 * LIFNeuron     u_t = tau u_{t-1} (1 - o_{t-1}) + x_t;  o_t = [MPBN(u_t) > theta]
 
 In eval mode, under ``torch.onnx.export``, each normalization module emits one node
-in the ONNX domain ``normdeploy`` (see :mod:`normdeploy.ops`, which also holds the
+in the ONNX domain ``normdeploy`` (see :mod:`normdeploy.core.ops`, which also holds the
 ONNX function bodies appended after export, so that the file runs on any runtime).
 The LIF neuron exports as its unrolled standard-op form (BatchNormalization,
 Greater, Cast per time step) because its normalization folds into the threshold.
@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from .core import ops
 
 __all__ = [
     "UnifiedNorm",

@@ -1,68 +1,89 @@
-"""The pipeline: load -> export -> canonicalize -> rewrite -> lower -> build -> verify/bench.
+"""The pipeline: load -> export -> canonicalize -> rewrite -> lower -> build -> verify/bench -> package.
 
-:func:`optimize` runs every stage and returns a :class:`Result` holding the models and
-the report; :mod:`normdeploy.package` writes them out. No stage reaches back into an
-earlier one; each pass's :class:`~normdeploy.passes.PassResult` goes into the report.
+This module holds the order of the stages and the one table of steps per target
+(:func:`pass_table`), and runs them in one place, :func:`transform`, which every command
+goes through: :func:`optimize` (then verify, build and time), :func:`inspect` (report
+what the transform did to each normalization) and :func:`measure` (the ``bench`` and
+``gate`` commands). No stage imports this module or a later stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
-import numpy as np
 import onnx
 
-from . import __version__, survey
+from .bench.floor import floor_model
 from .build import OrtRunner, TorchRunner
-from .errors import AccuracyError, InputError
-from .export import example_arrays, infer_shapes, name_norms_by_module, to_onnx
-from .load import InputSpec, Loaded, load
-from .passes import PassContext, run_stage
-from .verify import Accuracy, batches, compare
+from .canonicalize.layernorm import recognize_layernorm
+from .canonicalize.naming import name_norms_after_modules
+from .canonicalize.rmsnorm import recognize_rmsnorm
+from .core import norms
+from .core.errors import InputError
+from .core.graph import infer_shapes
+from .core.inputs import InputSpec, example_arrays
+from .core.passes import ModelStep, Pass, PassContext, PassResult, Step, run_steps
+from .core.version import __version__
+from .export import to_onnx
+from .load import Loaded, load
+from .lower.ort import lower_canonical_to_standard_ops, raise_opset_for_rmsnormalization
+from .lower.trt import lower_to_trt_plugins
+from .options import CLI_TARGETS, TARGETS, Options
+from .rewrite.fold_affine import fold_affine_into_linear
+from .rewrite.fold_mpbn import fold_mpbn_into_threshold
+from .rewrite.ln_free import calibrate_layernorm_std, ln_free
+from .rewrite.preln_to_crmsnorm import preln_to_crmsnorm
+from .rewrite.preln_to_rmsnorm import preln_to_rmsnorm
+from .verify import Accuracy, batches, check_tolerance, compare, input_sets, load_data, worst
 
-TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
-CLI_TARGETS = TARGETS + ("auto",)
+__all__ = ["STAGES", "pass_table", "transform", "optimize", "inspect", "measure", "Result", "Transformed",
+           "TARGETS", "CLI_TARGETS"]
+
+# ----------------------------------------------------------------------------- the pass tables
+
+STAGES = ("canonicalize", "rewrite", "lower")
+
+CANONICALIZE: tuple[Step, ...] = (
+    Pass("recognize_layernorm", recognize_layernorm),
+    Pass("recognize_rmsnorm", recognize_rmsnorm),
+    ModelStep("name_norms_after_modules", name_norms_after_modules),
+)
+REWRITE: tuple[Step, ...] = (
+    ModelStep("calibrate_layernorm_std", calibrate_layernorm_std, exact=False,
+              when=lambda ctx: ctx.calib_feeds is not None),
+    Pass("ln_free", ln_free, exact=False),
+    Pass("preln_to_crmsnorm", preln_to_crmsnorm, when=lambda ctx: ctx.preln_form == "crmsnorm"),
+    Pass("preln_to_rmsnorm", preln_to_rmsnorm),
+    Pass("fold_mpbn_into_threshold", fold_mpbn_into_threshold),
+    Pass("fold_affine_into_linear", fold_affine_into_linear),
+)
+LOWER_ORT: tuple[Step, ...] = (
+    ModelStep("raise_opset_for_rmsnormalization", raise_opset_for_rmsnormalization,
+              when=lambda ctx: ctx.ort_rms_op == "standard"),
+    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
+)
+LOWER_TRT: tuple[Step, ...] = (
+    Pass("lower_to_trt_plugins", lower_to_trt_plugins),
+)
 
 
-@dataclass
-class Options:
-    target: str = "ort-cpu"
-    inputs: tuple[str, ...] = ()
-    data: str | None = None
-    trust_pickle: bool = False
-    opset: int = 20
-    batch: str | int | None = None  # N or MIN:OPT:MAX; latency is measured at OPT
-    bench_seconds: float = 3.0
-    bench: bool = True
-    threads: int | None = None
-    tolerance: float = 1e-4
-    allow_approx: bool = False
-    calib: str | None = None
-    max_error: float = 1e-2
-    preln_form: str = "rmsnorm"
-    ort_rms_op: str = "simplified"
-    # TensorRT targets (DESIGN.md section 4)
-    lower_only: bool = False
-    io_dtype: str = "fp32"
-    workspace: str | None = None
-    opt_level: int | None = None
-    hardware_compat: str = "none"
-    timing_cache: str | None = None
-    # ONNX Runtime targets
-    fp16: bool = False  # ort-*: run the optimized model in fp16 (normalization statistics stay fp32)
-    engine_cache: str | None = None  # ort-trt: TensorRT engine and timing cache directory
+def pass_table(target: str) -> dict[str, tuple[Step, ...]]:
+    """Every step of every stage for ``target``, in run order."""
+    return {"canonicalize": CANONICALIZE, "rewrite": REWRITE,
+            "lower": LOWER_TRT if target.startswith("trt-") else LOWER_ORT}
 
 
-@dataclass
-class Result:
-    original: onnx.ModelProto
-    optimized: onnx.ModelProto
-    floor: onnx.ModelProto
-    report: dict
-    bench: object = None
-    loaded: Loaded | None = None
-    specs: list[InputSpec] = field(default_factory=list)
-    plan: bytes | None = None  # the serialized TensorRT engine (trt-* targets, not --lower-only)
+def step(name: str) -> Step:
+    """The step called ``name`` in any table."""
+    for s in CANONICALIZE + REWRITE + LOWER_ORT + LOWER_TRT:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+def run_stage(model: onnx.ModelProto, stage: str, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """One stage of ``ctx.target``'s table on its own (tests, benchmarks); :func:`transform` runs them all."""
+    return run_steps(model, pass_table(ctx.target)[stage], ctx)
 
 
 Progress = Callable[[str, float | None], None]
@@ -72,15 +93,29 @@ def _noop(stage: str, fraction: float | None = None) -> None:
     pass
 
 
-def prepare(path: str, opts: Options, progress: Progress = _noop) -> tuple[Loaded, onnx.ModelProto, list[str]]:
-    """load + export: the original model as ONNX with canonical nodes and function bodies."""
+# ----------------------------------------------------------------------------- load + export
+
+class Prepared(NamedTuple):
+    """The original model as ONNX (canonical nodes, function bodies), with what it takes."""
+
+    loaded: Loaded
+    original: onnx.ModelProto
+    notes: list[str]
+
+    @property
+    def specs(self) -> list[InputSpec]:
+        return self.loaded.inputs
+
+
+def prepare(source, options: Options, progress: Progress = _noop) -> Prepared:
+    """load + export; then the exported graph says what the inputs are called and which axes are dynamic."""
     progress("load", None)
-    loaded = load(path, opts.inputs, opts.trust_pickle)
+    loaded = load(source, options.export.inputs, options.export.trust_pickle)
     progress("export", None)
-    original, notes = to_onnx(loaded, opts.opset)
+    original, notes = to_onnx(loaded, options.export.opset)
     if loaded.kind != "onnx":
         loaded.inputs = _specs_after_export(original, loaded.inputs, notes)
-    return loaded, original, notes
+    return Prepared(loaded, original, notes)
 
 
 def _specs_after_export(model: onnx.ModelProto, specs: list[InputSpec], notes: list[str]) -> list[InputSpec]:
@@ -102,183 +137,254 @@ def _specs_after_export(model: onnx.ModelProto, specs: list[InputSpec], notes: l
     return out
 
 
-def transform(original: onnx.ModelProto, ctx: PassContext,
-              stages: tuple[str, ...] = ("canonicalize", "rewrite", "lower")) -> tuple[onnx.ModelProto, list]:
-    """Run ``stages`` (default: canonicalize + rewrite + lower); returns the model and every PassResult."""
-    model, results = original, []
-    for stage in stages:
-        if stage == "lower":
-            from .lower.ort_cpu import raise_opset_for_rmsnormalization
+# ----------------------------------------------------------------------------- canonicalize + rewrite + lower
 
-            model, note = raise_opset_for_rmsnormalization(model, ctx)
-            if note:
-                ctx.options.setdefault("notes", []).append(note)
-        if stage == "rewrite" and ctx.allow_approx and "calib_feeds" in ctx.options:
-            from .passes.ln_free import calibrate_stds
+def context(target: str, options: Options, specs: list[InputSpec]) -> PassContext:
+    """The typed context every step reads; calibration inputs are loaded here (``--calib``)."""
+    import onnxruntime
 
-            ctx.options["ln_stds"] = calibrate_stds(model, ctx.options["calib_feeds"])
-        model, stage_results = run_stage(model, stage, ctx)
+    rw = options.rewrite
+    calib = None
+    if rw.allow_approx and rw.calib:
+        calib = batches(load_data(rw.calib, specs), 16)
+    return PassContext(target=target, allow_approx=rw.allow_approx, ort_version=onnxruntime.__version__,
+                       preln_form=rw.preln_form, ort_rms_op=options.ort.rms_op, calib_feeds=calib)
+
+
+@dataclass
+class Transformed:
+    """What :func:`transform` made of an original."""
+
+    canonical: onnx.ModelProto  # after canonicalize: what normalizations are there (counted, floored)
+    optimized: onnx.ModelProto  # after rewrite and lower for the target
+    floor: onnx.ModelProto  # the canonical model with every normalization replaced by Identity
+    results: list[PassResult]
+
+
+def transform(original: onnx.ModelProto, ctx: PassContext, until: str = "lower",
+              progress: Progress = _noop) -> Transformed:
+    """Run the stages of :func:`pass_table` up to and including ``until``; shapes are re-inferred after each."""
+    table = pass_table(ctx.target)
+    model, results, canonical = original, [], None
+    for stage in STAGES:
+        progress(stage, None)
+        model, stage_results = run_steps(model, table[stage], ctx)
         results.extend(stage_results)
         model = infer_shapes(model)
         if stage == "canonicalize":
-            model = name_norms_by_module(model)
-    return model, results
+            canonical = model
+        if stage == until:
+            break
+    return Transformed(canonical, model, floor_model(canonical), results)
 
 
-def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    try:
-        npz = np.load(path)
-    except FileNotFoundError:
-        raise InputError(f"data file {path} does not exist", "check the --data path") from None
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"data file {path} is not a readable .npz ({type(e).__name__})",
-                         "save inputs with numpy.savez(path, input_name=array)") from None
-    arrays = {k: npz[k] for k in npz.files if k not in ("label", "labels")}
-    if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
-        arrays = {specs[0].name: next(iter(arrays.values()))}
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        raise InputError(f"data file {path} has no array for input(s) {', '.join(missing)}",
-                         f"its arrays are {', '.join(npz.files)}; name them after the model inputs")
-    out = {}
-    for s in specs:
-        a = arrays[s.name]
-        if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]):
-            raise InputError(f"data for input {s.name} has shape {a.shape}, the model takes "
-                             f"[N, {', '.join(map(str, s.shape[1:]))}]", "fix the data file or --input")
-        out[s.name] = a.astype(np.dtype(a.dtype) if s.dtype not in ("float32",) else np.float32)
-    return out
+# ----------------------------------------------------------------------------- optimize
+
+@dataclass
+class Result:
+    """The outcome of :func:`optimize`: the models, the report, and how to write them out."""
+
+    original: onnx.ModelProto
+    optimized: onnx.ModelProto
+    floor: onnx.ModelProto
+    report: dict
+    bench: object = None
+    loaded: Loaded | None = None
+    specs: list[InputSpec] = field(default_factory=list)
+    plan: bytes | None = None  # the serialized TensorRT engine (trt-* targets, not --lower-only)
+
+    def save(self, out: str, force: bool = False, triton_repo: str | None = None) -> str:
+        """Write the output directory (DESIGN.md section 7), all or nothing; returns its path."""
+        from .package import write
+
+        return write(out, self, force=force, triton_repo=triton_repo)
 
 
-def resolve_target(opts: Options) -> str:
+def resolve_target(options: Options) -> str:
     """``auto`` -> trt-fp16 where TensorRT and a GPU are present, else ort-cpu; check the target's flags."""
-    from . import trt_build
+    from .build import trt as trt_build
 
-    target = trt_build.auto_target() if opts.target == "auto" else opts.target
+    target = trt_build.auto_target() if options.target == "auto" else options.target
     if target not in TARGETS:
-        raise InputError(f"unknown target {opts.target!r}", f"choose one of {', '.join(CLI_TARGETS)}")
+        raise InputError(f"unknown target {options.target!r}", f"choose one of {', '.join(CLI_TARGETS)}")
     if target.startswith("trt-"):
-        if not opts.lower_only:
+        if not options.trt.lower_only:
             trt_build.require(target)  # one line naming what is missing, before any work
-    elif opts.lower_only:
+    elif options.trt.lower_only:
         raise InputError(f"--lower-only prepares models for TensorRT; target {target} has nothing to lower for",
                          "use --target trt-fp16 (or trt-fp32, trt-bf16), or drop --lower-only")
-    if opts.fp16 and not target.startswith("ort-"):
+    if options.ort.fp16 and not target.startswith("ort-"):
         raise InputError(f"--fp16 is for the ONNX Runtime targets, not {target}",
                          "TensorRT targets take their precision from the target name: --target trt-fp16")
-    if opts.io_dtype != "fp32" and target not in ("trt-fp16", "trt-bf16"):
-        raise InputError(f"--io-dtype {opts.io_dtype} needs an fp16 or bf16 target, not {target}",
+    if options.trt.io_dtype != "fp32" and target not in ("trt-fp16", "trt-bf16"):
+        raise InputError(f"--io-dtype {options.trt.io_dtype} needs an fp16 or bf16 target, not {target}",
                          "use --target trt-fp16 / trt-bf16, or drop --io-dtype")
     return target
 
 
-def data_feeds(path: str, specs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
-    """``--data`` in batches: of 64 rows, or of the model's fixed batch (an incomplete last one dropped)."""
-    data = load_data(path, specs)
-    static = any(0 not in s.dynamic for s in specs)
-    chunks = batches(data, specs[0].shape[0] if static else 64, drop_last=static)
-    if not chunks:
-        raise InputError(f"data file {path} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
-                         "give at least one full batch")
-    return chunks
+@dataclass
+class _Run:
+    """One optimize run, as its stages hand it on."""
+
+    source: object
+    options: Options
+    target: str
+    batch: int
+    batch_range: tuple[int, int, int] | None
+    prepared: Prepared
+    transformed: Transformed
+    ctx: PassContext
+    tolerance: float
+    notes: list[str]
+    worst: dict = field(default_factory=dict)  # the worst accuracy figures over the gated input sets
 
 
-def optimize(path: str, opts: Options, progress: Progress = _noop) -> Result:
-    from . import trt_build
+def optimize(source, options: Options | None = None, progress: Progress = _noop) -> Result:
+    """Every stage for ``source`` (a path, an ``nn.Module``, an ``ExportedProgram`` or an ``onnx.ModelProto``)."""
+    from .build import trt as trt_build
 
-    target = resolve_target(opts)
-    batch_range = trt_build.parse_batch(opts.batch)
-    loaded, original, export_notes = prepare(path, opts, progress)
-    specs = loaded.inputs
-    notes = list(export_notes) + survey.validate_parameters(original)
-
-    ctx = PassContext(target=target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
-                      options={"preln_form": opts.preln_form, "ort_rms_op": opts.ort_rms_op})
-    tolerance = opts.tolerance
-    if opts.allow_approx:
-        if not opts.calib:
+    options = options or Options()
+    target = resolve_target(options)
+    batch_range = trt_build.parse_batch(options.batch)
+    prepared = prepare(source, options, progress)
+    specs = prepared.specs
+    notes = list(prepared.notes) + norms.validate_parameters(prepared.original)
+    tolerance = options.verify.tolerance
+    if options.rewrite.allow_approx:
+        if not options.rewrite.calib:
             raise InputError("--allow-approx needs calibration inputs", "pass --calib FILE.npz with one array per model input")
-        calib = load_data(opts.calib, specs)
-        ctx.options["calib_feeds"] = batches(calib, 16)
-        tolerance = opts.max_error
-    progress("canonicalize", None)
-    canonical, results = transform(original, ctx, ("canonicalize",))
-    progress("rewrite", None)
-    optimized, more = transform(canonical, ctx, ("rewrite", "lower"))
-    results += more
-    # counted and floored after canonicalization, so that decomposed normalizations count too
-    floor = survey.floor_model(canonical)
-
+        tolerance = options.rewrite.max_error
+    ctx = context(target, options, specs)
+    transformed = transform(prepared.original, ctx, progress=progress)
     batch = batch_range[1] if batch_range else specs[0].shape[0]
-    if target.startswith("trt-"):
-        return _optimize_trt(path, opts, target, batch, batch_range, loaded, original, canonical, optimized, floor,
-                             results, notes, ctx, tolerance, progress)
+    run = _Run(source, options, target, batch, batch_range, prepared, transformed, ctx, tolerance, notes)
+    return _optimize_trt(run, progress) if target.startswith("trt-") else _optimize_ort(run, progress)
 
+
+def _optimize_ort(run: _Run, progress: Progress) -> Result:
+    """ort-*: verify against the original on the same runtime, then time original, optimized and floor."""
+    from .build import trt as trt_build
+
+    options, target = run.options, run.target
+    optimized = run.transformed.optimized
     providers = None
     if target in ("ort-cuda", "ort-trt"):
-        providers = trt_build.ort_providers(target, cache_dir=opts.engine_cache, workspace_bytes=trt_build.parse_size(
-            opts.workspace), opt_level=opts.opt_level, hardware_compat=opts.hardware_compat)
-    if opts.fp16:
-        from . import precision
+        providers = trt_build.ort_providers(target, cache_dir=options.ort.engine_cache,
+                                            workspace_bytes=trt_build.parse_size(options.trt.workspace),
+                                            opt_level=options.trt.opt_level,
+                                            hardware_compat=options.trt.hardware_compat)
+    if options.ort.fp16:
+        from .lower import precision
 
         optimized = precision.convert_precision(optimized, "fp16")
-        tolerance = max(tolerance, 1e-2)
-        notes.append("--fp16: the optimized model runs in fp16 with normalization statistics in fp32; the original "
-                     f"stays fp32, so the speedup includes the precision change; accuracy tolerance {tolerance:g}")
-
+        run.tolerance = max(run.tolerance, 1e-2)
+        run.notes.append("--fp16: the optimized model runs in fp16 with normalization statistics in fp32; the original "
+                         f"stays fp32, so the speedup includes the precision change; accuracy tolerance {run.tolerance:g}")
     progress("build", None)
-    run_orig = OrtRunner(original, target, opts.threads, providers=providers)
-    run_opt = OrtRunner(optimized, target, opts.threads, providers=providers)
+    threads = options.bench.threads
+    run_orig = OrtRunner(run.prepared.original, target, threads, providers=providers)
+    run_opt = OrtRunner(optimized, target, threads, providers=providers)
     progress("verify", None)
-    accuracies, worst, fidelity = verify(run_orig, run_opt, loaded, opts, ctx, batch, tolerance)
-
+    accuracies, fidelity = verify(run_orig, run_opt, run)
     bench = None
-    if opts.bench:
-        from .bench import interleaved
+    if options.bench.bench:
+        from .bench.timing import interleaved
 
         progress("bench", 0.0)
         runners = {"original": run_orig, "optimized": run_opt,
-                   "floor": OrtRunner(floor, target, opts.threads, providers=providers)}
-        feed = example_arrays(loaded.inputs, seed=0, batch=batch)
-        bench = interleaved(runners, feed, seconds=opts.bench_seconds, progress=lambda f: progress("bench", f))
+                   "floor": OrtRunner(run.transformed.floor, target, threads, providers=providers)}
+        feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
+        bench = interleaved(runners, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
+                            progress=lambda f: progress("bench", f))
+    report = build_report(run, optimized, accuracies, fidelity, bench_latency(bench, run.batch))
+    return Result(run.prepared.original, optimized, run.transformed.floor, report, bench, run.prepared.loaded,
+                  run.prepared.specs)
 
-    report = build_report(path, loaded, target, canonical, optimized, results, notes, accuracies, worst,
-                          fidelity, bench_latency(bench, batch), tolerance, ctx.options.get("notes", []))
-    report["batch_range"] = list(batch_range) if batch_range else None
-    return Result(original, optimized, floor, report, bench, loaded, loaded.inputs)
+
+def _optimize_trt(run: _Run, progress: Progress) -> Result:
+    """trt-*: verify the lowering exactly in fp32, convert precision, then build and time the engine on a GPU.
+
+    The fp32 lowering is checked on ONNX Runtime with each plugin op run as its fp32 function
+    body (:func:`normdeploy.verify.precision.plugins_as_functions`); the fp16/bf16 conversion is
+    measured against that fp32 graph and reported with the node where its error arises
+    (:func:`normdeploy.verify.precision.precision_error_report`). ``--lower-only`` stops there and
+    writes the converted ONNX for a GPU host.
+    """
+    import tempfile
+
+    from .build import trt as trt_build
+    from .lower import precision
+    from .verify.precision import plugins_as_functions, precision_error_report
+
+    options, target, specs = run.options, run.target, run.prepared.specs
+    lowered = run.transformed.optimized
+    progress("verify", None)
+    run_orig = OrtRunner(run.prepared.original, "ort-cpu", options.bench.threads)
+    emulated = OrtRunner(plugins_as_functions(lowered), "ort-cpu", options.bench.threads)
+    accuracies, fidelity = verify(run_orig, emulated, run, label=" (fp32 trt lowering, plugins as function bodies)")
+    progress("precision", None)
+    converted, prec = precision.convert_for_target(lowered, target, options.trt.io_dtype)
+    if converted is not lowered:
+        prec["accuracy"] = precision_error_report(lowered, converted, example_arrays(specs, seed=0, batch=run.batch))
+    plan, latency, build_info = None, None, None
+    if options.trt.lower_only:
+        run.notes.append(f"--lower-only: model.onnx is the {target} input of TensorRT's ONNX parser (plugin nodes, "
+                         f"{prec['precision'].get('dtype', 'fp32')}); no engine was built and no latency measured here")
+    else:
+        progress("build", None)
+        with tempfile.TemporaryDirectory(prefix="normdeploy-trt-") as d:
+            onnx_path, plan_path = f"{d}/model.onnx", f"{d}/model.plan"
+            onnx.save(converted, onnx_path)
+            profiles = trt_build.make_profiles(converted, run.batch_range, {s.name: s.shape for s in specs})
+            build_info = trt_build.build_engine(onnx_path, plan_path, profiles,
+                                                trt_build.parse_size(options.trt.workspace), options.trt.timing_cache,
+                                                trt_build.check_opt_level(options.trt.opt_level),
+                                                options.trt.hardware_compat)
+            with open(plan_path, "rb") as f:
+                plan = f.read()
+        engine = trt_build.EngineRunner(plan)
+        progress("verify", None)
+        feed = example_arrays(specs, seed=0, batch=run.batch)
+        accuracies["engine"] = compare(run_orig, engine, [feed], f"TensorRT engine ({target}) vs original on ONNX Runtime")
+        if options.bench.bench:
+            progress("bench", None)
+            latency = {"optimized": engine.measure(feed, seconds=options.bench.seconds), "batch": run.batch,
+                       "method": "CUDA events around each execute_async_v3 after warm-up",
+                       "original": None, "speedup": None,
+                       "note": "the original has no TensorRT engine to compare with; compare against --target ort-cuda"}
+    report = build_report(run, converted, accuracies, fidelity, latency)
+    report["precision"] = prec
+    report["engine"] = build_info.to_json() if build_info else None
+    return Result(run.prepared.original, converted, run.transformed.floor, report, None, run.prepared.loaded, specs,
+                  plan)
 
 
-def verify(run_orig, run_opt, loaded: Loaded, opts: Options, ctx: PassContext, batch: int, tolerance: float,
-           label: str = "") -> tuple[dict[str, Accuracy], dict, Accuracy | None]:
-    """Compare two runners on random inputs, calibration inputs and ``--data``; refuse above ``tolerance``.
+def verify(run_orig, run_opt, run: _Run, label: str = "") -> tuple[dict[str, Accuracy], Accuracy | None]:
+    """Compare two runners on random inputs, calibration inputs and ``--data``; refuse above the tolerance.
 
     Also measures export fidelity (torch eager against the exported ONNX) for torch inputs.
     Approximate rewrites are judged on real inputs (calibration, data), not on random ones.
     """
-    specs = loaded.inputs
-    run_orig.check_feed(example_arrays(specs, seed=0, batch=batch))
-    random_feeds = [example_arrays(specs, seed=s, batch=max(batch, 4)) for s in range(4)]
-    accuracies = {"random": compare(run_orig, run_opt, random_feeds, f"random N(0,1), seeds 0-3{label}")}
-    if opts.allow_approx:
-        accuracies["calib"] = compare(run_orig, run_opt, ctx.options["calib_feeds"], f"calibration file {opts.calib}")
-    if opts.data:
-        chunks = data_feeds(opts.data, specs)
-        run_orig.check_feed(chunks[0])
-        accuracies["data"] = compare(run_orig, run_opt, chunks, f"data file {opts.data}{label}")
+    specs, options = run.prepared.specs, run.options
+    approx = options.rewrite.allow_approx
+    run_orig.check_feed(example_arrays(specs, seed=0, batch=run.batch))
+    calib = (options.rewrite.calib, run.ctx.calib_feeds) if run.ctx.calib_feeds is not None else None
+    sets = input_sets(specs, run.batch, options.verify.data, calib, label)
+    if "data" in sets:
+        run_orig.check_feed(sets["data"][0][0])
+    accuracies = {key: compare(run_orig, run_opt, feeds, what) for key, (feeds, what) in sets.items()}
     fidelity = None
+    loaded = run.prepared.loaded
     if loaded.kind in ("module", "torchscript", "exported_program"):
         module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
         torch_runner = TorchRunner(module, run_orig.input_names, run_orig.output_names)
-        fidelity = compare(torch_runner, run_orig, random_feeds[:1], "torch eager vs exported ONNX, random")
-    gated = {k: a for k, a in accuracies.items() if not (opts.allow_approx and k == "random")}
-    worst = _worst(gated)
-    if worst["max_rel_err"] > tolerance:
-        bad = max((o for a in gated.values() for o in a.outputs), key=lambda o: o.max_rel_err)
-        raise AccuracyError(f"optimized model differs from the original: output {bad.name} max relative error "
-                            f"{bad.max_rel_err:.3g} > tolerance {tolerance:g}",
-                            "approximate rewrites: raise --max-error or drop --allow-approx" if opts.allow_approx
-                            else "report this with the model; pass --tolerance to accept it")
-    return accuracies, worst, fidelity
+        fidelity = compare(torch_runner, run_orig, sets["random"][0][:1], "torch eager vs exported ONNX, random")
+    gated = {k: a for k, a in accuracies.items() if not (approx and k == "random")}
+    check_tolerance(gated.values(), run.tolerance,
+                    "approximate rewrites: raise --max-error or drop --allow-approx" if approx
+                    else "report this with the model; pass --tolerance to accept it")
+    run.worst = worst(gated.values())
+    return accuracies, fidelity
 
 
 def bench_latency(bench, batch: int) -> dict | None:
@@ -297,113 +403,51 @@ def bench_latency(bench, batch: int) -> dict | None:
     return latency
 
 
-def _optimize_trt(path, opts, target, batch, batch_range, loaded, original, canonical, lowered, floor, results, notes,
-                  ctx, tolerance, progress) -> Result:
-    """trt-*: verify the lowering exactly in fp32, convert precision, then build and time the engine on a GPU.
-
-    The fp32 lowering is checked on ONNX Runtime with each plugin op run as its fp32 function
-    body (:func:`normdeploy.precision.plugins_as_functions`); the fp16/bf16 conversion is
-    measured against that fp32 graph and reported with the node where its error arises
-    (:func:`normdeploy.precision.precision_error_report`). ``--lower-only`` stops there and
-    writes the converted ONNX for a GPU host.
-    """
-    import tempfile
-
-    from . import precision, trt_build
-
-    specs = loaded.inputs
-    progress("verify", None)
-    run_orig = OrtRunner(original, "ort-cpu", opts.threads)
-    emulated = OrtRunner(precision.plugins_as_functions(lowered), "ort-cpu", opts.threads)
-    accuracies, worst, fidelity = verify(run_orig, emulated, loaded, opts, ctx, batch, tolerance,
-                                         label=" (fp32 trt lowering, plugins as function bodies)")
-    progress("precision", None)
-    converted, prec = precision.convert_for_target(lowered, target, opts.io_dtype,
-                                                   feeds=example_arrays(specs, seed=0, batch=batch))
-    plan, latency, build_info = None, None, None
-    if opts.lower_only:
-        notes.append(f"--lower-only: model.onnx is the {target} input of TensorRT's ONNX parser (plugin nodes, "
-                     f"{prec['precision'].get('dtype', 'fp32')}); no engine was built and no latency measured here")
-    else:
-        progress("build", None)
-        with tempfile.TemporaryDirectory(prefix="normdeploy-trt-") as d:
-            onnx_path, plan_path = f"{d}/model.onnx", f"{d}/model.plan"
-            onnx.save(converted, onnx_path)
-            profiles = trt_build.make_profiles(converted, batch_range, {s.name: s.shape for s in specs})
-            build_info = trt_build.build_engine(onnx_path, plan_path, profiles, trt_build.parse_size(opts.workspace),
-                                                opts.timing_cache, trt_build.check_opt_level(opts.opt_level),
-                                                opts.hardware_compat)
-            with open(plan_path, "rb") as f:
-                plan = f.read()
-        engine = trt_build.EngineRunner(plan)
-        progress("verify", None)
-        feed = example_arrays(specs, seed=0, batch=batch)
-        accuracies["engine"] = compare(run_orig, engine, [feed], f"TensorRT engine ({target}) vs original on ONNX Runtime")
-        if opts.bench:
-            progress("bench", None)
-            latency = {"optimized": engine.measure(feed, seconds=opts.bench_seconds), "batch": batch,
-                       "method": "CUDA events around each execute_async_v3 after warm-up",
-                       "original": None, "speedup": None,
-                       "note": "the original has no TensorRT engine to compare with; compare against --target ort-cuda"}
-    report = build_report(path, loaded, target, canonical, converted, results, notes, accuracies, worst, fidelity,
-                          latency, tolerance, ctx.options.get("notes", []))
-    report["precision"] = prec
-    report["engine"] = build_info.to_json() if build_info else None
-    report["batch_range"] = list(batch_range) if batch_range else None
-    return Result(original, converted, floor, report, None, loaded, specs, plan)
-
-
-def _worst(accuracies: dict[str, Accuracy]) -> dict:
-    accs = list(accuracies.values())
-    top1 = [a.top1_agreement for a in accs if a.top1_agreement is not None]
-    return {"max_abs_err": max(a.max_abs_err for a in accs), "max_rel_err": max(a.max_rel_err for a in accs),
-            "cosine_min": min(a.cosine_min for a in accs), "top1_agreement": min(top1) if top1 else None}
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
-def build_report(path, loaded, target, canonical, optimized, results, notes, accuracies, worst, fidelity,
-                 latency, tolerance, ctx_notes=()) -> dict:
+def build_report(run: _Run, optimized: onnx.ModelProto, accuracies: dict[str, Accuracy], fidelity: Accuracy | None,
+                 latency: dict | None) -> dict:
+    """report.json (DESIGN.md section 7)."""
+    results = run.transformed.results
+    notes = list(run.notes)
     for r in results:
         notes.extend(r.notes)
-    notes.extend(ctx_notes)
+    loaded = run.prepared.loaded
     return {
         "normdeploy_version": __version__,
-        "target": target,
-        "input": {"path": path, "kind": loaded.kind, "inputs": [s.to_json() for s in loaded.inputs]},
+        "target": run.target,
+        "input": {"path": loaded.path, "kind": loaded.kind, "inputs": [s.to_json() for s in loaded.inputs]},
         "passes": [r.to_json() for r in results],
-        "norm_nodes": {"before": survey.count_by_kind(canonical), "after": survey.count_by_kind(optimized)},
-        "accuracy": {**worst, "tolerance": tolerance, "exact_only": all(r.exact for r in results if r.rewrites),
+        "norm_nodes": {"before": norms.count_by_kind(run.transformed.canonical),
+                       "after": norms.count_by_kind(optimized)},
+        "accuracy": {**run.worst, "tolerance": run.tolerance,
+                     "exact_only": all(r.exact for r in results if r.rewrites),
                      **{k: a.to_json() for k, a in accuracies.items()}},
         "export_fidelity": fidelity.to_json() if fidelity else None,
         "latency": latency,
         "notes": notes,
+        "batch_range": list(run.batch_range) if run.batch_range else None,
     }
 
 
-def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
+# ----------------------------------------------------------------------------- inspect
+
+def inspect(source, options: Options | None = None, progress: Progress = _noop) -> dict:
     """Every normalization in the model (after canonicalization), its kind, and its fate.
 
-    The fate is read from a dry run of the rewrite and lower stages for ``opts.target``:
-    the pass that rewrote the node, or the reasons every pass gave for leaving it.
+    The fate is what :func:`transform` (the same one :func:`optimize` runs, calibration
+    included) did for the target: the step that rewrote the node, or the reasons every
+    step gave for leaving it.
     """
-    loaded, original, notes = prepare(path, opts, progress)
-    ctx = PassContext(target=opts.target, allow_approx=opts.allow_approx, ort_version=_ort_version(),
-                      options={"preln_form": opts.preln_form, "ort_rms_op": opts.ort_rms_op})
-    progress("canonicalize", None)
-    canonical, canon_results = run_stage(original, "canonicalize", ctx)
-    canonical = name_norms_by_module(infer_shapes(canonical))
-    progress("rewrite", None)
-    rewritten, rewrite_results = run_stage(canonical, "rewrite", ctx)
-    _, lower_results = run_stage(infer_shapes(rewritten), "lower", ctx)
+    options = options or Options()
+    prepared = prepare(source, options, progress)
+    target = options.target if options.target != "auto" else resolve_target(options)
+    ctx = context(target, options, prepared.specs)
+    transformed = transform(prepared.original, ctx, progress=progress)
+    canon_results = [r for r in transformed.results if r.name in {s.name for s in CANONICALIZE}]
+    later = [r for r in transformed.results if r not in canon_results]
     entries = []
-    for n in survey.find_norms(canonical):
+    for n in norms.find_norms(transformed.canonical):
         applied, reasons = [], []
-        for r in rewrite_results + lower_results:
+        for r in later:
             applied += [f"{r.name}: {w.what}" for w in r.rewrites if w.node == n.name]
             reasons += [f"{r.name}: {s.reason}" for s in r.skipped if s.node == n.name]
         recognized = [f"{r.name}: {w.what}" for r in canon_results for w in r.rewrites
@@ -411,6 +455,51 @@ def inspect_model(path: str, opts: Options, progress: Progress = _noop) -> dict:
         entries.append({"node": n.name, "kind": n.kind, "op": f"{n.domain + '::' if n.domain else ''}{n.op_type}",
                         "recognized": recognized, "rewrites": applied,
                         "kept_because": [] if applied else (reasons or ["no pass applies to this kind on this target"])})
-    return {"model": path, "kind": loaded.kind, "target": opts.target,
+    loaded = prepared.loaded
+    return {"model": loaded.path, "kind": loaded.kind, "target": options.target,
             "inputs": [s.to_json() for s in loaded.inputs], "normalizations": entries,
-            "counts": survey.count_by_kind(canonical), "notes": notes}
+            "counts": norms.count_by_kind(transformed.canonical), "notes": prepared.notes}
+
+
+# ----------------------------------------------------------------------------- bench and gate
+
+WHAT_GIVEN = "{name}: given optimized model, ONNX Runtime ORT_ENABLE_ALL"
+
+
+def measure(source, options: Options | None = None, *, candidates: dict[str, onnx.ModelProto] | None = None,
+            peers: tuple[str, ...] = (), progress: Progress = _noop, hint: str | None = None):
+    """The whole benchmark of one model: every variant built, checked and timed in one interleaved run.
+
+    ``candidates`` maps a name to an optimized ``onnx.ModelProto`` to judge against the
+    original; None means normdeploy's own output (:func:`optimize`, named ``optimized``).
+    ``peers`` names entries of :data:`normdeploy.bench.peers.PEERS`. The floor is always measured.
+    Returns a :class:`normdeploy.bench.ModelBench`.
+    """
+    from .bench import compare_variants
+    from .bench.peers import WHAT
+
+    options = options or Options()
+    if candidates is None:
+        # normdeploy's own pipeline, exactly as `optimize` runs it (its accuracy gate is ours to apply, so no limit)
+        own = Options.from_flat(options, bench=False, tolerance=float("inf"), max_error=float("inf"))
+        res = optimize(source, own, progress)
+        loaded, original, floor, canonical_counts = res.loaded, res.original, res.floor, res.report["norm_nodes"]["before"]
+        notes = list(res.report.get("notes", []))
+        given = {"optimized": (res.optimized, WHAT["optimized"])}
+    else:
+        prepared = prepare(source, options, progress)
+        loaded, original = prepared.loaded, prepared.original
+        notes = list(prepared.notes) + norms.validate_parameters(original)
+        canon = transform(original, context(options.target, options, prepared.specs), until="canonicalize")
+        floor, canonical_counts = canon.floor, norms.count_by_kind(canon.canonical)
+        given = {n: (m, WHAT_GIVEN.format(name=n)) for n, m in candidates.items()}
+    from .build import trt as trt_build
+
+    batch_range = trt_build.parse_batch(options.batch)
+    batch = batch_range[1] if batch_range else loaded.inputs[0].shape[0]
+    norm_nodes = {"before": norms.count_by_kind(original), "recognized": canonical_counts,
+                  "after": {n: norms.count_by_kind(m) for n, (m, _) in given.items()}}
+    return compare_variants(loaded.path, loaded, original, given, floor, target=options.target,
+                            threads=options.bench.threads, batch=batch, data=options.verify.data, peers=peers,
+                            hint=hint, seconds=options.bench.seconds, warmup=options.bench.warmup, notes=notes,
+                            norm_nodes=norm_nodes, progress=progress)

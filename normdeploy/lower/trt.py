@@ -22,13 +22,13 @@ LayerNormalization is left alone (TensorRT's own normalization layer). The per-c
 constants are computed in float64 from the stored parameters and cast once to the dtype
 of X; "to rounding" means the output differs from the unlowered one by that rounding only.
 
-Plugin node format (see :mod:`plugins`): op_type = plugin name, domain = ``normdeploy``,
+Plugin node format (see :mod:`normdeploy.lower.plugins`): op_type = plugin name, domain = ``normdeploy``,
 attributes = the plugin's fields (ONNX INT / FLOAT, which TensorRT's parser turns into
 INT32 / FLOAT32 plugin fields) plus ``plugin_namespace = "normdeploy"`` (STRING) and
 ``aot = 1``. The domain is the plugin namespace, so a TensorRT 10.10+ parser finds the
 plugin even without the attribute, and the ops stay out of the default ONNX domain, where
 ``onnx.checker`` would reject them. Plugin ops have no function body: the lowered file is
-for TensorRT (on CPU, :mod:`plugins.emulate` runs it).
+for TensorRT (on CPU, :mod:`normdeploy.lower.plugins.emulate` runs it).
 
 A node is skipped, with the reason, when the plugin cannot express it: a scalar that must
 become an attribute (DynamicTanh's alpha, ScaleNorm's g) is not a constant; a gain is not
@@ -41,11 +41,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from plugins.trt_plugins import NAMESPACE, PLUGINS, plugin_attributes
-
-from ..graph import Namer, const_value
-from ..ops import ATTRIBUTES, DOMAIN
-from ..passes import PassContext, PassResult, register
+from ..core.affine import affine_of
+from ..core.graph import Namer, const_value
+from ..core.ops import ATTRIBUTES, DOMAIN
+from ..core.passes import PassContext, PassResult
+from .plugins.trt_plugins import NAMESPACE, PLUGINS, plugin_attributes
 
 TARGETS = ("trt-fp32", "trt-fp16", "trt-bf16")
 
@@ -229,62 +229,34 @@ def _lower_dyt(graph, namer, node, result) -> str | None:
     return None
 
 
-def _statistic_affine(node, stat_name: str):
-    """(statistic, weight, bias) as float64 vectors, the raw weight, or the reason they cannot be used."""
-    vals = [const_value(t) for t in node.inputs[1:4]]
-    for what, v in zip((stat_name, "weight", "bias"), vals):
-        if v is None:
-            return f"{node.op} {what} is not a constant"
-    stat, w, b = (np.asarray(v, np.float64).reshape(-1) for v in vals)
-    if np.any(stat + float(_attrs(node)["epsilon"]) < 0) or not np.all(np.isfinite(stat)):
-        return f"{node.op} {stat_name} is negative or not finite"
-    return stat, w, b, vals[1]
-
-
 def _lower_power(graph, namer, node, result) -> str | None:
     x = node.inputs[0]
-    params = _statistic_affine(node, "running phi")
-    if isinstance(params, str):
-        return params
-    phi, w, b, raw_w = params
+    aff = affine_of(node)
+    if isinstance(aff, str):
+        return aff
     a = _attrs(node)
     eps, groups, c = float(a["epsilon"]), int(a["groups"]), _channels(x)
     if groups < 1 or (c is not None and c % groups):
         return f"{c} channels are not divisible into {groups} groups"
-    scale = w / np.sqrt(phi + eps)
-    n = max(scale.size, b.size)
-    scale, shift = np.broadcast_to(scale, (n,)), np.broadcast_to(b, (n,))
+    raw_w = const_value(node.inputs[2])
     (y,) = _detach(node)
     base = node.name or node.op
     xs = gs.Variable(namer(base, "group_scaled"), dtype=getattr(x, "dtype", None), shape=getattr(x, "shape", None))
     graph.nodes.append(_plugin_node(namer, node, "NormdeployGroupScaling", [x], [xs],
                                     {"groups": groups, "epsilon": eps}))
-    _affine(namer, graph, node, xs, y, scale, shift, [n], _dtype_of(x, raw_w))
+    _affine(namer, graph, node, xs, y, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w))
     result.rewrote("PowerNorm -> NormdeployGroupScaling + per-channel Mul/Add", node=node.name)
     return None
 
 
 def _lower_unified(graph, namer, node, result) -> str | None:
     x = node.inputs[0]
-    params = _statistic_affine(node, "running moment")
-    if isinstance(params, str):
-        return params
-    r, w, b, raw_w = params
-    a = _attrs(node)
-    eps, axis = float(a["epsilon"]), int(a["axis"])
-    rank = _rank(x)
-    if axis >= 0:
-        if rank is None:
-            return "UnifiedNorm on a non-negative axis needs the input rank"
-        trailing = rank - axis - 1
-    else:
-        trailing = -axis - 1
-    scale = w / np.sqrt(r + eps)
-    n = max(scale.size, b.size)
-    shape = [n] + [1] * trailing
+    aff = affine_of(node)
+    if isinstance(aff, str):
+        return aff
+    raw_w = const_value(node.inputs[2])
     (y,) = _detach(node)
-    _affine(namer, graph, node, x, y, np.broadcast_to(scale, (n,)), np.broadcast_to(b, (n,)), shape,
-            _dtype_of(x, raw_w))
+    _affine(namer, graph, node, x, y, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w))
     result.rewrote("UnifiedNorm -> per-channel Mul/Add", node=node.name)
     return None
 
@@ -300,10 +272,8 @@ _LOWER = {
 }
 
 
-@register("lower_to_trt_plugins", stage="lower", exact=True, targets=TARGETS)
-def lower_to_trt_plugins(graph: gs.Graph, ctx: PassContext) -> PassResult:
+def lower_to_trt_plugins(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
     """Turn canonical normalization nodes into normdeploy TensorRT plugin nodes (and folded Mul/Add)."""
-    result = PassResult("lower_to_trt_plugins", exact=True)
     namer = Namer(graph)
     for node in list(graph.nodes):
         if node.domain != DOMAIN or node.op not in _LOWER:
@@ -314,5 +284,4 @@ def lower_to_trt_plugins(graph: gs.Graph, ctx: PassContext) -> PassResult:
             result.skip(node.name, why)
     if result.rewrites:
         result.notes.append(f"plugin nodes: op_type = plugin name, domain and plugin_namespace = {NAMESPACE!r}, "
-                            "aot = 1; register them with plugins.trt_plugins.register_plugins() before parsing")
-    return result
+                            "aot = 1; register them with normdeploy.lower.plugins.trt_plugins.register_plugins() before parsing")

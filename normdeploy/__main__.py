@@ -1,0 +1,4 @@
+"""python -m normdeploy: the command line."""
+from .cli import main
+
+main()

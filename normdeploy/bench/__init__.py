@@ -1,0 +1,250 @@
+"""Stage ``bench``: every variant of one model measured in one interleaved run.
+
+:func:`compare_variants` takes the original, normdeploy's optimized model (or given
+candidates), the floor (:mod:`.floor`) and the peers (:mod:`.peers`), checks each against
+the original for accuracy, then times them all with the same thread count
+(:mod:`.timing`); :class:`ModelBench` holds what it measured and :func:`markdown` and
+:func:`variant_rows` render it (:mod:`.plot` draws it). :func:`normdeploy.pipeline.measure`
+is the whole benchmark of one model file, used by the ``bench`` and ``gate`` commands.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .timing import BenchResult, interleaved, machine_info, provenance
+
+# ----------------------------------------------------------------------------- one model, many variants
+
+ROLES = ("original", "candidate", "floor", "peer")
+
+
+@dataclass
+class Variant:
+    """One column of a benchmark: normdeploy's original/optimized/floor, a gate candidate, or a peer."""
+
+    name: str
+    role: str
+    what: str
+    runner: object | None = None
+    status: str = "ok"  # "ok" or "n/a: <reason>"
+    info: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)  # input set ("random", "data") -> verify.Accuracy
+
+
+@dataclass
+class ModelBench:
+    """Everything ``bench`` and ``gate`` measured on one model, in one interleaved run."""
+
+    model: str
+    kind: str
+    inputs: list
+    batch: int
+    threads: int
+    variants: dict[str, Variant]
+    result: BenchResult | None
+    norm_nodes: dict
+    notes: list[str]
+    wall_seconds: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def machine(self) -> dict:
+        return self.result.machine if self.result else machine_info(self.threads)
+
+    @property
+    def timed(self) -> list[str]:
+        return list(self.result.timings) if self.result else []
+
+    def speedup(self, name: str, baseline: str = "original") -> float | None:
+        if name not in self.timed or baseline not in self.timed:
+            return None
+        return self.result.ratio(baseline, name)
+
+    def speedup_ci(self, name: str, baseline: str = "original") -> tuple[float, float] | None:
+        if name not in self.timed or baseline not in self.timed or name == baseline:
+            return None
+        return self.result.ratio_interval(baseline, name)
+
+    def worst_accuracy(self, name: str) -> dict | None:
+        accs = list(self.variants[name].accuracy.values())
+        if not accs:
+            return None
+        top1 = [a.top1_agreement for a in accs if a.top1_agreement is not None]
+        return {"max_abs_err": max(a.max_abs_err for a in accs), "max_rel_err": max(a.max_rel_err for a in accs),
+                "cosine_min": min(a.cosine_min for a in accs), "top1_agreement": min(top1) if top1 else None}
+
+    def to_json(self) -> dict:
+        variants = {}
+        for name, v in self.variants.items():
+            entry = {"role": v.role, "what": v.what, "status": v.status, "info": v.info, "latency": None,
+                     "accuracy": None}
+            if name in self.timed:
+                lat = self.result.timings[name].to_json()
+                ci = self.speedup_ci(name)
+                lat.update({"speedup": self.speedup(name), "speedup_ci95": list(ci) if ci else None})
+                entry["latency"] = lat
+            worst = self.worst_accuracy(name)
+            if worst is not None:
+                entry["accuracy"] = {**worst, **{k: a.to_json() for k, a in v.accuracy.items()}}
+            variants[name] = entry
+        cands = [n for n, v in self.variants.items() if v.role == "candidate" and n in self.timed]
+        return {
+            "model": self.model, "kind": self.kind, "inputs": self.inputs, "batch": self.batch,
+            "threads": self.threads, "machine": self.machine, "versions": self.versions,
+            "method": METHOD, "rounds": len(self.result.timings["original"].samples_ms) if self.result else 0,
+            "wall_seconds": self.wall_seconds,
+            "norm_cost_left": {c: self.result.norm_cost_left("original", c, "floor") for c in cands} if self.result else {},
+            "norm_nodes": self.norm_nodes, "variants": variants, "notes": self.notes,
+        }
+
+
+METHOD = ("interleaved: warm-up, then every variant called once per round in rotating order (A B C, B C A, ...), each timed "
+          "call preceded by one untimed call of the same variant (steady state, not the previous runtime's cold caches); "
+          "p50/p90/p99 over rounds; speedup = p50(original) / p50(variant) with a 95 % bootstrap interval "
+          "over paired rounds; accuracy against the original on the same inputs")
+
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def fmt_ms(v: float | None) -> str:
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:.4f}" if v < 1 else f"{v:.3f}" if v < 100 else f"{v:.1f}"
+
+
+def fmt_err(v: float | None) -> str:
+    return "n/a" if v is None else "0" if v == 0 else f"{v:.2g}"
+
+
+def variant_rows(mb: ModelBench) -> list[dict]:
+    """One row per variant, formatted: the body of the terminal and Markdown tables."""
+    rows = []
+    for name, v in mb.variants.items():
+        row = {"variant": name, "p50_ms": "n/a", "p90_ms": "n/a", "p99_ms": "n/a", "per_s": "n/a",
+               "speedup": "n/a", "max_rel_err": "n/a", "top1": "n/a", "status": v.status}
+        if name in mb.timed:
+            t = mb.result.timings[name]
+            tj = t.to_json()
+            row.update(p50_ms=fmt_ms(tj["p50_ms"]), p90_ms=fmt_ms(tj["p90_ms"]), p99_ms=fmt_ms(tj["p99_ms"]),
+                       per_s=f"{tj['throughput_per_s']:,.0f}")
+            s, ci = mb.speedup(name), mb.speedup_ci(name)
+            row["speedup"] = f"{s:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] == ci[0] else "")
+        w = mb.worst_accuracy(name)
+        if w is not None:
+            row["max_rel_err"] = fmt_err(w["max_rel_err"])
+            row["top1"] = "n/a" if w["top1_agreement"] is None else f"{w['top1_agreement']:.2%}"
+        elif v.role == "original":
+            row["max_rel_err"], row["top1"] = "ref", "ref"
+        elif v.role == "floor":
+            row["max_rel_err"], row["top1"] = "(wrong by design)", ""
+        if v.status == "ok":
+            row["status"] = v.what
+            if v.info.get("fused"):
+                row["status"] += "; fused " + ", ".join(f"{k} {n}" for k, n in v.info["fused"].items())
+        rows.append(row)
+    return rows
+
+
+COLUMNS = (("variant", "variant"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
+           ("per_s", "samples/s"), ("speedup", "speedup vs original [95% CI]"), ("max_rel_err", "max rel err"),
+           ("top1", "top-1 agr."), ("status", "what / status"))
+
+
+def markdown(mb: ModelBench, title: str | None = None) -> str:
+    """A Markdown section for one model: provenance line, variant table, normalization cost left."""
+    lines = [f"### {title or mb.model}", "",
+             f"batch {mb.batch}, {len(mb.result.timings['original'].samples_ms) if mb.result else 0} interleaved rounds "
+             f"in {mb.wall_seconds:.1f} s; {provenance(mb.machine, mb.threads)}", "",
+             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in variant_rows(mb):
+        lines.append("| " + " | ".join(str(r[k]).replace("|", "/") for k, _ in COLUMNS) + " |")
+    left = mb.to_json()["norm_cost_left"]
+    if left:
+        lines += ["", "normalization cost left, (p50(opt) - p50(floor)) / (p50(orig) - p50(floor)): "
+                  + ", ".join(f"{k} {'n/a (floor not faster than original)' if v is None else f'{v:.0%}'}"
+                              for k, v in left.items())]
+    for n in mb.notes:
+        lines.append(f"- note: {n}")
+    return "\n".join(lines) + "\n"
+
+
+def _noop(stage: str, fraction: float | None = None) -> None:
+    pass
+
+
+def compare_variants(model: str, loaded, original, candidates: dict, floor, *, target: str, threads: int | None,
+                     batch: int, data: str | None = None, peers: tuple[str, ...] = (), hint: str | None = None,
+                     seconds: float = 3.0, warmup: int = 10, settle: int = 1, notes: list[str] | None = None,
+                     norm_nodes: dict | None = None, progress=_noop) -> ModelBench:
+    """Build every variant of one model, check each against the original, time them all in one interleaved run.
+
+    ``candidates`` maps a name to ``(onnx.ModelProto, what it is)``: normdeploy's optimized
+    model, or models given to ``gate --optimized``. ``floor`` is the floor model;
+    ``peers`` names entries of :data:`.peers.PEERS`, built from ``original``. ``settle``
+    untimed calls precede every timed call (see :func:`.timing.interleaved`).
+    """
+    from ..build import OrtRunner, default_threads
+    from ..core.errors import InputError
+    from ..core.inputs import example_arrays
+    from ..verify import compare, input_sets
+    from . import peers as peers_mod
+
+    specs = loaded.inputs
+    threads = threads or default_threads()
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    variants: dict[str, Variant] = {}
+    run_orig = OrtRunner(original, target, threads)
+    variants["original"] = Variant("original", "original", peers_mod.WHAT["original"], run_orig)
+    progress("build", None)
+    for name, (cand, what) in candidates.items():
+        runner = OrtRunner(cand, target, threads)
+        if runner.input_names != run_orig.input_names or len(runner.output_names) != len(run_orig.output_names):
+            raise InputError(f"optimized model {name} takes inputs {runner.input_names} and gives "
+                             f"{len(runner.output_names)} output(s); the original takes {run_orig.input_names} and "
+                             f"gives {len(run_orig.output_names)}", "pass the optimized model built from this original")
+        variants[name] = Variant(name, "candidate", what, runner)
+    variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], OrtRunner(floor, target, threads))
+    if peers:
+        progress("peers", None)
+        for p in peers_mod.build(peers, original, loaded, threads, run_orig.input_names, run_orig.output_names,
+                                 target, hint if hint is not None else model):
+            variants[p.name] = Variant(p.name, "peer", p.what, p.runner, p.status, p.info)
+
+    progress("verify", None)
+    feed = example_arrays(specs, seed=0, batch=batch)
+    run_orig.check_feed(feed)
+    sets = input_sets(specs, batch, data)
+    if "data" in sets:
+        run_orig.check_feed(sets["data"][0][0])
+    for name, v in variants.items():
+        if v.runner is None or v.role in ("original", "floor"):
+            continue
+        try:
+            for key, (fs, label) in sets.items():
+                v.accuracy[key] = compare(run_orig, v.runner, fs, label)
+        except Exception as e:  # noqa: BLE001
+            if v.role == "candidate":
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(f"optimized model {name} cannot be compared with the original: {first}",
+                                 "pass the optimized model built from this original") from e
+            v.runner, v.accuracy, v.status = None, {}, peers_mod._reason(e)
+
+    runners = {n: v.runner for n, v in variants.items() if v.runner is not None}
+    progress("bench", 0.0)
+    t0 = time.perf_counter()
+    try:
+        result = interleaved(runners, feed, seconds=seconds, warmup=warmup, progress=lambda f: progress("bench", f),
+                             settle=settle)
+    finally:
+        if torch_threads is not None:  # the torch peer set the process-wide count; give it back
+            import torch
+
+            torch.set_num_threads(torch_threads)
+    wall = time.perf_counter() - t0
+    result.threads = threads
+    result.machine = machine_info(threads)
+    return ModelBench(model, loaded.kind, [s.to_json() for s in specs], batch, threads, variants, result,
+                      norm_nodes or {}, list(notes or []), wall, peers_mod.versions())

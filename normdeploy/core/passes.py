@@ -1,0 +1,140 @@
+"""The pass framework: steps, their results, the context they read, and the runner.
+
+A stage of the pipeline is an explicit tuple of steps (the tables are in
+:mod:`normdeploy.pipeline`); nothing registers itself by being imported. Two kinds:
+
+* :class:`Pass` edits one onnx-graphsurgeon graph: ``fn(graph, ctx, result)`` matches,
+  rewrites in place and records in ``result`` what it changed and why each candidate it
+  left alone was left alone. The runner imports the graph, runs ``fn``, and only when
+  something changed exports it (cleanup, toposort, function bodies) and re-infers shapes,
+  since later passes read ranks and widths.
+* :class:`ModelStep` works on the whole model (raise the opset, calibrate statistics on
+  real inputs, rename nodes): ``fn(model, ctx) -> (model, PassResult | None)``.
+
+Skip reasons have one form: ``result.skip(node, reason)``. A helper that finds a
+condition failing returns the reason as a string (or raises :class:`Refuse` from deep
+inside a global analysis); the pass turns it into a skip.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import export_model, import_graph, infer_shapes
+
+
+@dataclass
+class Skip:
+    node: str
+    reason: str
+
+
+@dataclass
+class Rewrite:
+    node: str | None
+    what: str
+
+
+@dataclass
+class PassResult:
+    """What one step did: candidates looked at, changes made, candidates left alone with the reason."""
+
+    name: str
+    exact: bool
+    matched: int = 0
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rewrote(self, what: str, node: str | None = None) -> None:
+        """Record one change; ``node`` names the normalization node it concerns, if any."""
+        self.rewrites.append(Rewrite(node, what))
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skipped.append(Skip(node, reason))
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rewrites_count"] = len(self.rewrites)
+        return d
+
+
+class Refuse(Exception):
+    """A global analysis cannot go on; the message names the node that breaks its conditions."""
+
+
+PRELN_FORMS = ("rmsnorm", "crmsnorm")
+ORT_RMS_OPS = ("simplified", "standard")
+
+
+@dataclass
+class PassContext:
+    """Everything a step may read besides the model.
+
+    ``target`` and the option fields come from the user; ``ln_stds`` is written by the
+    calibration step for the approximate LN-free pass that follows it.
+    """
+
+    target: str = "ort-cpu"
+    allow_approx: bool = False
+    ort_version: str | None = None
+    preln_form: str = "rmsnorm"  # what pre-LN LayerNorms become: "rmsnorm" | "crmsnorm"
+    ort_rms_op: str = "simplified"  # ort-* RMSNorm: "simplified" (ORT's op) | "standard" (opset 23)
+    calib_feeds: list[dict[str, np.ndarray]] | None = None  # real inputs for approximate rewrites
+    ln_stds: dict[str, float] | None = None  # LayerNorm name -> calibrated std (set by calibration)
+
+
+def always(ctx: PassContext) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A graph pass: ``fn(graph, ctx, result)`` edits an onnx-graphsurgeon graph in place."""
+
+    name: str
+    fn: Callable[[gs.Graph, PassContext, PassResult], None]
+    exact: bool = True
+    when: Callable[[PassContext], bool] = always
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassResult]:
+        graph = import_graph(model)
+        result = PassResult(self.name, self.exact)
+        self.fn(graph, ctx, result)
+        if result.rewrites:
+            model = infer_shapes(export_model(graph, model))  # later passes read ranks and widths
+        return model, result
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """A step over the whole model: ``fn(model, ctx) -> (model, PassResult | None)``."""
+
+    name: str
+    fn: Callable[[onnx.ModelProto, PassContext], tuple[onnx.ModelProto, PassResult | None]]
+    exact: bool = True
+    when: Callable[[PassContext], bool] = always
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassResult | None]:
+        return self.fn(model, ctx)
+
+
+Step = Pass | ModelStep
+
+
+def run_steps(model: onnx.ModelProto, steps: tuple[Step, ...], ctx: PassContext
+              ) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """Run every step whose ``when`` holds, in order; approximate steps only with ``ctx.allow_approx``."""
+    results = []
+    for step in steps:
+        if not step.when(ctx) or not (step.exact or ctx.allow_approx):
+            continue
+        model, result = step.run(model, ctx)
+        if result is not None:
+            results.append(result)
+    return model, results

@@ -1,0 +1,170 @@
+"""What a user can ask of normdeploy, in typed groups; every default is written here once.
+
+The Python API (:mod:`normdeploy.api`) takes these groups or their fields as flat keywords
+(``optimize(model, data="digits.npz", bench=False)``); the command line
+(:mod:`normdeploy.cli`) builds its flags from the same fields: a field's ``metadata``
+carries its flag, help text and section, and the flag's default is the field's default.
+
+| group | fields |
+|---|---|
+| :class:`ExportOptions` | inputs, opset, trust_pickle |
+| :class:`RewriteOptions` | allow_approx, calib, max_error, preln_form |
+| :class:`VerifyOptions` | data, tolerance |
+| :class:`BenchOptions` | bench (run it at all), seconds, warmup, threads |
+| :class:`OrtOptions` | rms_op, fp16, engine_cache |
+| :class:`TrtOptions` | lower_only, io_dtype, workspace, opt_level, hardware_compat, timing_cache |
+
+plus ``target`` and ``batch`` on :class:`Options` itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.errors import InputError
+from .core.passes import ORT_RMS_OPS, PRELN_FORMS
+
+TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
+CLI_TARGETS = TARGETS + ("auto",)
+
+
+def flag(*decls: str, help: str, metavar: str | None = None, choices: tuple | None = None,
+         is_flag: bool = False, hidden_aliases: tuple[str, ...] = ()) -> dict:
+    """Field metadata: how the field appears on the command line."""
+    return {"cli": {"decls": decls, "help": help, "metavar": metavar, "choices": choices, "is_flag": is_flag,
+                    "aliases": hidden_aliases}}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the model is read and exported to ONNX."""
+
+    inputs: tuple[str, ...] = field(default=(), metadata=flag(
+        "--input", metavar="NAME:SHAPE[:DTYPE]",
+        help="Input shape, e.g. input:1x3x224x224 or input_ids:1x128:int64; repeatable. Default: read from the model."))
+    opset: int = field(default=20, metadata=flag("--opset", help="ONNX opset for torch exports."))
+    trust_pickle: bool = field(default=False, metadata=flag(
+        "--trust-pickle", is_flag=True,
+        help="Unpickle torch files that reference classes outside torch.nn and normdeploy "
+             "(unpickling runs code: only for files you trust)."))
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """Which rewrites run, and the limits of the approximate ones."""
+
+    allow_approx: bool = field(default=False, metadata=flag(
+        "--allow-approx", is_flag=True, help="Also run approximate rewrites (need --calib)."))
+    calib: str | None = field(default=None, metadata=flag(
+        "--calib", metavar="FILE.npz", help="Calibration inputs (.npz, one array per model input) for --allow-approx."))
+    max_error: float = field(default=1e-2, metadata=flag(
+        "--max-error", help="With --allow-approx: largest accepted max relative error; above it the run is refused."))
+    preln_form: str = field(default="rmsnorm", metadata=flag(
+        "--preln-form", choices=PRELN_FORMS, help="What the LayerNorms of a pre-LN residual stream become (both exact)."))
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What the optimized model is compared with the original on, and how closely."""
+
+    data: str | None = field(default=None, metadata=flag(
+        "--data", metavar="FILE.npz", help="Real inputs for the accuracy check: an .npz with one array per model input."))
+    tolerance: float = field(default=1e-4, metadata=flag(
+        "--tolerance", help="Largest accepted max relative error of the optimized model against the original "
+                            "(exact rewrites)."))
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The interleaved latency run."""
+
+    bench: bool = field(default=True, metadata=flag(
+        "--bench/--no-bench", help="Measure latency (original, optimized and floor, interleaved)."))
+    seconds: float = field(default=3.0, metadata=flag(
+        "--seconds", help="Time budget of the interleaved latency run.", hidden_aliases=("--bench-seconds",)))
+    warmup: int = field(default=10, metadata=flag("--warmup", help="Untimed calls of every variant first."))
+    threads: int | None = field(default=None, metadata=flag(
+        "--threads", help="Intra-op threads of every session (default: available cores, at most 8)."))
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime targets (ort-cpu, ort-cuda, ort-trt)."""
+
+    rms_op: str = field(default="simplified", metadata=flag(
+        "--ort-rms-op", choices=ORT_RMS_OPS,
+        help="RMSNorm as ONNX Runtime's SimplifiedLayerNormalization (fastest measured) or as the standard "
+             "opset-23 RMSNormalization (the file then passes onnx.checker)."))
+    fp16: bool = field(default=False, metadata=flag(
+        "--fp16", is_flag=True, help="Run the optimized model in fp16, normalization statistics in fp32."))
+    engine_cache: str | None = field(default=None, metadata=flag(
+        "--engine-cache", metavar="DIR", help="ort-trt: directory for ONNX Runtime's TensorRT engine and timing caches."))
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """TensorRT targets (trt-fp32, trt-fp16, trt-bf16)."""
+
+    lower_only: bool = field(default=False, metadata=flag(
+        "--lower-only", is_flag=True,
+        help="Write the plugin-lowered, precision-converted ONNX and stop (no GPU needed)."))
+    io_dtype: str = field(default="fp32", metadata=flag(
+        "--io-dtype", choices=("fp32", "fp16", "bf16"), help="trt-fp16/bf16: dtype of the model's inputs and outputs."))
+    workspace: str | None = field(default=None, metadata=flag(
+        "--workspace", metavar="SIZE", help="TensorRT workspace limit, e.g. 2G."))
+    opt_level: int | None = field(default=None, metadata=flag(
+        "--opt-level", help="TensorRT builder optimization level 0-5."))
+    hardware_compat: str = field(default="none", metadata=flag(
+        "--hardware-compat", metavar="none|ampere+|same-cc", help="TensorRT hardware compatibility of the engine."))
+    timing_cache: str | None = field(default=None, metadata=flag(
+        "--timing-cache", metavar="FILE", help="TensorRT timing cache file, read if present and written back."))
+
+
+GROUPS = {"export": ExportOptions, "rewrite": RewriteOptions, "verify": VerifyOptions, "bench": BenchOptions,
+          "ort": OrtOptions, "trt": TrtOptions}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything :func:`normdeploy.optimize` and the commands take."""
+
+    target: str = field(default="ort-cpu", metadata=flag(
+        "--target", choices=CLI_TARGETS,
+        help="What to deploy to; auto = trt-fp16 where TensorRT and a GPU are present, else ort-cpu."))
+    batch: str | None = field(default=None, metadata=flag(
+        "--batch", metavar="N|MIN:OPT:MAX",
+        help="Batch for latency (OPT) and the TensorRT optimization profile's range (default: the input's)."))
+    export: ExportOptions = ExportOptions()
+    rewrite: RewriteOptions = RewriteOptions()
+    verify: VerifyOptions = VerifyOptions()
+    bench: BenchOptions = BenchOptions()
+    ort: OrtOptions = OrtOptions()
+    trt: TrtOptions = TrtOptions()
+
+    @classmethod
+    def from_flat(cls, base: Options | None = None, **values: Any) -> Options:
+        """``base`` (default: all defaults) with flat field values applied: ``from_flat(data=..., seconds=1)``.
+
+        A group may also be given whole (``rewrite=RewriteOptions(...)`` or a dict of its fields).
+        """
+        base = base or cls()
+        top, groups = {}, {name: {} for name in GROUPS}
+        for key, value in values.items():
+            if key in GROUPS and (isinstance(value, (GROUPS[key], dict))):
+                groups[key].update(dataclasses.asdict(value) if not isinstance(value, dict) else value)
+            elif key in ("target", "batch"):
+                top[key] = value
+            elif key in FLAT:
+                groups[FLAT[key]][key] = value
+            else:
+                raise InputError(f"unknown option {key!r}", f"options are: {', '.join(sorted(('target', 'batch', *FLAT)))}")
+        replaced = {name: dataclasses.replace(getattr(base, name), **vals) for name, vals in groups.items() if vals}
+        if "inputs" in groups["export"]:
+            replaced["export"] = dataclasses.replace(replaced["export"], inputs=tuple(groups["export"]["inputs"]))
+        return dataclasses.replace(base, **top, **replaced)
+
+
+#: flat field name -> its group
+FLAT: dict[str, str] = {f.name: group for group, kind in GROUPS.items() for f in dataclasses.fields(kind)}
+assert len(FLAT) == sum(len(dataclasses.fields(k)) for k in GROUPS.values()), "flat option names must be unique"

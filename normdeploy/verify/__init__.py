@@ -1,0 +1,197 @@
+"""Stage ``verify``: does the optimized model compute what the original computed?
+
+Both models run on the same inputs (seeded random ones, plus the user's real data when
+given) and every output is compared, Polygraphy-style: each comparison carries its
+tolerances and names the output that failed.
+
+Metrics, per output and then the worst over outputs:
+
+* ``max_abs_err``  = max |opt - ref|
+* ``max_rel_err``  = max |opt - ref| / max |ref|  (relative to the output's range, so that
+  entries near zero do not make it meaningless)
+* ``cosine_min``   = the smallest cosine similarity between a sample's ``opt`` and ``ref``
+  (flattened per sample, over the batch axis)
+* ``top1_agreement`` for outputs shaped ``[N, K]`` with K > 1 (classifiers)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..build import Runner
+from ..core.errors import AccuracyError, InputError
+from ..core.inputs import InputSpec, example_arrays
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    cosine_min: float
+    top1_agreement: float | None = None
+    nonfinite: int = 0
+
+
+@dataclass
+class Accuracy:
+    inputs: str  # what the inputs were
+    samples: int
+    outputs: list[OutputComparison] = field(default_factory=list)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((o.max_abs_err for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((o.max_rel_err for o in self.outputs), default=0.0)
+
+    @property
+    def cosine_min(self) -> float:
+        return min((o.cosine_min for o in self.outputs), default=1.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        vals = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        return min(vals) if vals else None
+
+    def to_json(self) -> dict:
+        return {"inputs": self.inputs, "samples": self.samples, "max_abs_err": self.max_abs_err,
+                "max_rel_err": self.max_rel_err, "cosine_min": self.cosine_min,
+                "top1_agreement": self.top1_agreement, "outputs": [o.__dict__ for o in self.outputs]}
+
+
+def compare_arrays(name: str, ref: np.ndarray, opt: np.ndarray) -> OutputComparison:
+    ref64, opt64 = np.asarray(ref, np.float64), np.asarray(opt, np.float64)
+    if ref64.shape != opt64.shape:
+        raise ValueError(f"output {name}: shape {opt64.shape} differs from the original's {ref64.shape}")
+    nonfinite = int(np.sum(~np.isfinite(opt64)) - np.sum(~np.isfinite(ref64)))
+    both = np.isfinite(ref64) & np.isfinite(opt64)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite entries are handled apart, below
+        diff = np.where(both, np.abs(opt64 - ref64), 0.0)
+    same_nonfinite = np.array_equal(np.isnan(ref64), np.isnan(opt64)) and np.array_equal(
+        np.where(np.isinf(ref64), ref64, 0), np.where(np.isinf(opt64), opt64, 0))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if not same_nonfinite:
+        max_abs = float("inf")
+    scale = float(np.abs(np.where(both, ref64, 0)).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    if ref64.ndim >= 1 and ref64.shape[0] > 0:
+        r = np.where(both, ref64, 0).reshape(ref64.shape[0], -1)
+        o = np.where(both, opt64, 0).reshape(opt64.shape[0], -1)
+        nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
+        cos = np.where((nr == 0) & (no == 0), 1.0, (r * o).sum(1) / np.maximum(nr * no, 1e-300))
+        cosine_min = float(cos.min())
+    else:
+        cosine_min = 1.0
+    top1 = None
+    if ref64.ndim == 2 and ref64.shape[1] > 1 and np.issubdtype(np.asarray(ref).dtype, np.floating):
+        top1 = float(np.mean(ref64.argmax(1) == opt64.argmax(1)))
+    return OutputComparison(name, max_abs, max_rel, cosine_min, top1, max(nonfinite, 0))
+
+
+def compare(original: Runner, optimized: Runner, feeds: list[dict[str, np.ndarray]], label: str) -> Accuracy:
+    """Run both models on every feed; compare output by output (outputs matched by position)."""
+    per_output: dict[int, tuple[list, list]] = {}
+    samples = 0
+    for feed in feeds:
+        ref, opt = original.run(feed), optimized.run(feed)
+        samples += next(iter(feed.values())).shape[0] if feed else 1
+        for i, (r, o) in enumerate(zip(ref, opt)):
+            per_output.setdefault(i, ([], []))
+            per_output[i][0].append(r)
+            per_output[i][1].append(o)
+    acc = Accuracy(label, samples)
+    for i, (refs, opts) in per_output.items():
+        name = original.output_names[i]
+        acc.outputs.append(compare_arrays(name, np.concatenate(refs), np.concatenate(opts)))
+    return acc
+
+
+def batches(data: dict[str, np.ndarray], batch: int, drop_last: bool = False) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(data.values())))
+    stop = n - n % batch if drop_last else n
+    return [{k: v[i:i + batch] for k, v in data.items()} for i in range(0, stop, batch)]
+
+
+# ----------------------------------------------------------------------------- input sets
+
+RANDOM_SEEDS = range(4)
+
+
+def random_feeds(specs: list[InputSpec], batch: int) -> list[dict[str, np.ndarray]]:
+    """The seeded random inputs every comparison uses: N(0, 1) floats, seeds 0-3, at least 4 samples each."""
+    return [example_arrays(specs, seed=s, batch=max(batch, 4)) for s in RANDOM_SEEDS]
+
+
+def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """An ``.npz`` of real inputs, one array per model input (a lone array serves a lone input)."""
+    try:
+        npz = np.load(path)
+    except FileNotFoundError:
+        raise InputError(f"data file {path} does not exist", "check the --data path") from None
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"data file {path} is not a readable .npz ({type(e).__name__})",
+                         "save inputs with numpy.savez(path, input_name=array)") from None
+    arrays = {k: npz[k] for k in npz.files if k not in ("label", "labels")}
+    if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputError(f"data file {path} has no array for input(s) {', '.join(missing)}",
+                         f"its arrays are {', '.join(npz.files)}; name them after the model inputs")
+    out = {}
+    for s in specs:
+        a = arrays[s.name]
+        if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]):
+            raise InputError(f"data for input {s.name} has shape {a.shape}, the model takes "
+                             f"[N, {', '.join(map(str, s.shape[1:]))}]", "fix the data file or --input")
+        out[s.name] = a.astype(np.dtype(a.dtype) if s.dtype not in ("float32",) else np.float32)
+    return out
+
+
+def data_feeds(path: str, specs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+    """``--data`` in batches: of 64 rows, or of the model's fixed batch (an incomplete last one dropped)."""
+    data = load_data(path, specs)
+    static = any(0 not in s.dynamic for s in specs)
+    chunks = batches(data, specs[0].shape[0] if static else 64, drop_last=static)
+    if not chunks:
+        raise InputError(f"data file {path} has fewer rows than the model's fixed batch {specs[0].shape[0]}",
+                         "give at least one full batch")
+    return chunks
+
+
+def input_sets(specs: list[InputSpec], batch: int, data: str | None = None,
+               calib: tuple[str, list] | None = None, label: str = "") -> dict[str, tuple[list, str]]:
+    """Every set of inputs a comparison runs on: key -> (feeds, what they are).
+
+    ``random`` always; ``calib`` (path, feeds) when approximate rewrites were calibrated;
+    ``data`` when the user gave real inputs.
+    """
+    sets = {"random": (random_feeds(specs, batch), f"random N(0,1), seeds 0-3{label}")}
+    if calib is not None:
+        sets["calib"] = (calib[1], f"calibration file {calib[0]}")
+    if data:
+        sets["data"] = (data_feeds(data, specs), f"data file {data}{label}")
+    return sets
+
+
+# ----------------------------------------------------------------------------- judging
+
+def worst(accuracies) -> dict:
+    """The worst of every metric over several :class:`Accuracy` (input sets): the figures a report quotes."""
+    accs = list(accuracies)
+    top1 = [a.top1_agreement for a in accs if a.top1_agreement is not None]
+    return {"max_abs_err": max(a.max_abs_err for a in accs), "max_rel_err": max(a.max_rel_err for a in accs),
+            "cosine_min": min(a.cosine_min for a in accs), "top1_agreement": min(top1) if top1 else None}
+
+
+def check_tolerance(accuracies, tolerance: float, hint: str) -> None:
+    """Refuse (AccuracyError, naming the output) when any output's max relative error exceeds ``tolerance``."""
+    accs = list(accuracies)
+    bad = max((o for a in accs for o in a.outputs), key=lambda o: o.max_rel_err, default=None)
+    if bad is not None and bad.max_rel_err > tolerance:
+        raise AccuracyError(f"optimized model differs from the original: output {bad.name} max relative error "
+                            f"{bad.max_rel_err:.3g} > tolerance {tolerance:g}", hint)

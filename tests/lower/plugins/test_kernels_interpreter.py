@@ -1,0 +1,270 @@
+"""The plugin kernels under the Triton interpreter (CPU tensors) against normdeploy.nn's reference modules.
+
+The reference is the module evaluated in float64 on the (already rounded) kernel input;
+tolerances are relative to each element plus a floor relative to the largest output:
+fp32 1e-5, fp16 2e-3 (about 2 ulp), bf16 1.6e-2 (about 2 ulp).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from normdeploy import nn as N
+from normdeploy.lower.plugins import kernels as K
+from tests.conftest import ROOT
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+WIDTHS = [1, 7, 33, 256, 1000]
+GROUPS = {1: 1, 7: 7, 33: 3, 48: 4, 256: 4, 1000: 8}  # long rows: one group
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """|got - ref| <= tol * (|ref| + 0.01 max|ref|), NaN exactly where the reference has NaN."""
+    assert got.dtype == dtype, f"{what}: output dtype {got.dtype}, expected {dtype}"
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    g, r = got.double(), ref.double()
+    nan = torch.isnan(r)
+    assert torch.equal(torch.isnan(g), nan), f"{what}: NaN pattern differs from the reference"
+    g, r = g[~nan], r[~nan]
+    if r.numel() == 0:
+        return
+    tol = TOL[dtype]
+    bound = tol * (r.abs() + 0.01 * r.abs().max())
+    err = (g - r).abs()
+    worst = int(torch.argmax(err - bound))
+    assert bool((err <= bound).all()), (f"{what}: |got - ref| = {err[worst]:.3g} > {bound[worst]:.3g} "
+                                        f"(got {g[worst]:.8g}, ref {r[worst]:.8g}, tol {tol})")
+
+
+def _params(c: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+
+
+def run_case(kind: str, x: torch.Tensor, seed: int = 0, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, float64 reference) of ``kind`` on ``x``."""
+    c = x.shape[-1]
+    dtype = x.dtype
+    w, b = _params(c, seed)
+    w, b = w.to(dtype), b.to(dtype)  # the kernel reads parameters in the model's dtype
+    x64 = x.double()
+    with torch.no_grad():
+        if kind == "rmsnorm":
+            m = N.RMSNorm(c, eps=1e-6).double()
+            m.weight.copy_(w.double())
+            return K.rms_norm(x, w, 1e-6, **launch), m(x64)
+        if kind == "crmsnorm":
+            m = N.CRMSNorm(c, eps=1e-6).double()
+            m.weight.copy_(w.double())
+            return K.crms_norm(x, w, 1e-6, **launch), m(x64)
+        if kind == "group_scaling":
+            g = GROUPS.get(c, 1)
+            return K.group_scaling(x, g, 1e-5, **launch), N.GroupScaling(g, eps=1e-5).double()(x64)
+        if kind == "scalenorm":
+            m = N.ScaleNorm(c, eps=1e-5).double()
+            scale = float(np.float32(m.scale.item()))
+            m.scale.fill_(scale)
+            return K.scale_norm(x, scale, 1e-5, **launch), m(x64)
+        if kind == "dyt":
+            m = N.DynamicTanh(c, alpha_init=0.5).double()
+            m.weight.copy_(w.double())
+            m.bias.copy_(b.double())
+            return K.dynamic_tanh(x, 0.5, w, b, **launch), m(x64)
+    raise ValueError(kind)
+
+
+KINDS = ["rmsnorm", "crmsnorm", "group_scaling", "scalenorm", "dyt"]
+ROW_KINDS = ["rmsnorm", "crmsnorm", "group_scaling", "scalenorm"]
+
+
+def _randn(shape, dtype, seed=1, scale=1.0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("c", WIDTHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference_module(kind, c, dtype):
+    x = _randn((3, 5, c), dtype, seed=c)
+    got, ref = run_case(kind, x)
+    assert_close(got, ref, dtype, f"{kind} C={c}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_row_and_one_dimensional_input(kind):
+    for shape in [(1, 37), (37,)]:
+        x = _randn(shape, torch.float32, seed=3)
+        got, ref = run_case(kind, x)
+        assert_close(got, ref, torch.float32, f"{kind} {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("c", [16384, 20001])
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_very_long_rows_take_the_block_loop(kind, c, dtype):
+    assert not K.row_config(c).one_block
+    x = _randn((2, c), dtype, seed=c)
+    got, ref = run_case(kind, x)
+    assert_close(got, ref, dtype, f"{kind} C={c}")
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_two_pass_loop_with_a_partial_last_block(kind):
+    x = _randn((4, 1000), torch.float32, seed=5)
+    got, ref = run_case(kind, x, block=64)   # 15 full blocks and one of 40
+    assert_close(got, ref, torch.float32, f"{kind} BLOCK=64")
+    got2, _ = run_case(kind, x, tactic=2)
+    assert_close(got2, ref, torch.float32, f"{kind} tactic 2")
+
+
+def test_dyt_block_loop_and_tactics():
+    x = _randn((3, 1000), torch.float16, seed=6)
+    for launch in ({"block": 64}, {"tactic": 2}):
+        got, ref = run_case("dyt", x, **launch)
+        assert_close(got, ref, torch.float16, f"dyt {launch}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", KINDS)
+def test_zeros(kind, dtype):
+    x = torch.zeros(3, 40, dtype=dtype)
+    got, ref = run_case(kind, x)
+    assert torch.isfinite(got.float()).all()
+    assert_close(got, ref, dtype, f"{kind} zeros")
+    if kind != "dyt":
+        assert (got == 0).all()
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_fp16_magnitudes_whose_squares_overflow_fp16(kind):
+    # |x| ~ 3e4: x^2 ~ 1e9 is far beyond fp16's 65504; the kernels square in fp32
+    x = (_randn((4, 300), torch.float32, seed=7).sign() * torch.linspace(3e2, 6e4, 300)).to(torch.float16)
+    got, ref = run_case(kind, x)
+    assert torch.isfinite(got.float()).all()
+    assert_close(got, ref, torch.float16, f"{kind} large fp16")
+    if kind == "rmsnorm":  # the trap the kernels avoid: the same module evaluated in fp16
+        naive = N.RMSNorm(300)(x)
+        assert not torch.allclose(naive.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_propagates_like_the_reference(kind):
+    x = _randn((3, 5, 48), torch.float32, seed=8)
+    x[1, 2, 13] = float("nan")
+    got, ref = run_case(kind, x)
+    assert_close(got, ref, torch.float32, f"{kind} NaN")
+    nans = torch.isnan(got)
+    if kind == "dyt":
+        assert nans.sum() == 1
+    elif kind == "group_scaling":
+        assert nans.sum() == 48 // GROUPS.get(48, 1) and nans[1, 2].any()
+    else:
+        assert nans[1, 2].all() and nans.sum() == 48
+
+
+def test_scalenorm_nan_is_not_swallowed_by_the_eps_clamp():
+    x = torch.tensor([[float("nan"), 0.0, 0.0, 0.0]])
+    y = K.scale_norm(x, 2.0, 1e-5)
+    assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("axis,shape", [(1, (2, 3, 4, 5)), (2, (2, 3, 4, 5)), (0, (3, 7)), (-1, (2, 3, 4, 5))])
+def test_dyt_channel_axis(axis, shape):
+    x = _randn(shape, torch.float32, seed=9)
+    c = shape[axis]
+    w, b = _params(c, 10)
+    m = N.DynamicTanh(c, alpha_init=0.8, axis=axis).double()
+    with torch.no_grad():
+        m.weight.copy_(w.double())
+        m.bias.copy_(b.double())
+        ref = m(x.double())
+    assert_close(K.dynamic_tanh(x, 0.8, w, b, axis), ref, torch.float32, f"dyt axis {axis}")
+
+
+def test_dyt_without_weight_or_bias():
+    x = _randn((4, 33), torch.float16, seed=11)
+    w, b = (t.to(torch.float16) for t in _params(33, 12))
+    t = torch.tanh(0.25 * x.double())
+    assert_close(K.dynamic_tanh(x, 0.25), t, torch.float16, "plain")
+    assert_close(K.dynamic_tanh(x, 0.25, weight=w), t * w.double(), torch.float16, "gain only")
+    assert_close(K.dynamic_tanh(x, 0.25, bias=b), t + b.double(), torch.float16, "bias only")
+
+
+def test_dyt_tanh_accuracy_over_the_whole_range():
+    z = torch.cat([torch.logspace(-9, 1.5, 2000), torch.tensor([0.0, 0.2999999, 0.3, 0.3000001, 9.0, 40.0, 1e30,
+                                                                 float("inf")])])
+    z = torch.cat([z, -z]).to(torch.float32)
+    got = K.dynamic_tanh(z, 1.0)
+    ref = torch.tanh(z.double())
+    rel = ((got.double() - ref).abs() / ref.abs().clamp_min(1e-300))
+    rel[ref == 0] = (got[ref == 0].double() - 0).abs()
+    assert rel.max() < 2e-6, f"max relative error {rel.max():.3g}"
+    assert torch.equal(torch.sign(got), torch.sign(z)) and (got.abs() <= 1).all()
+
+
+def test_group_scaling_groups_of_one_channel_and_bad_groups():
+    x = _randn((2, 6), torch.float32, seed=13)
+    y = K.group_scaling(x, 6, 0.0)
+    assert torch.allclose(y, x.sign(), atol=1e-6)  # each channel divided by its own |x|
+    with pytest.raises(ValueError, match="not divisible"):
+        K.group_scaling(x, 4)
+
+
+def test_parameter_length_is_checked():
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="gain"):
+        K.rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="weight"):
+        K.dynamic_tanh(x, 1.0, torch.ones(3))
+
+
+def test_empty_input():
+    x = torch.zeros(0, 16)
+    assert K.rms_norm(x, torch.ones(16)).shape == (0, 16)
+    assert K.dynamic_tanh(x, 1.0).shape == (0, 16)
+
+
+def test_launch_config():
+    assert K.row_config(1) == K.RowConfig(1, True, 1)
+    assert K.row_config(768) == K.RowConfig(1024, True, 4)
+    assert K.row_config(768, 2) == K.RowConfig(1024, True, 8)
+    assert K.row_config(8192).one_block and not K.row_config(8193).one_block
+    assert not K.row_config(None).one_block  # hidden size unknown when the engine is built
+    assert K.f32_bits(1.0) == 0x3F800000 and K.f32_bits(-2.0) == -(2**31) + 0x40000000
+    with pytest.raises(ValueError):
+        K.row_config(10, tactic=3)
+
+
+def test_kernels_also_run_with_TRITON_INTERPRET_set():
+    """The kernels work in Triton's own interpreter mode too (TRITON_INTERPRET=1 before triton is imported)."""
+    script = textwrap.dedent("""
+        import torch, triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+        assert isinstance(tl.sum, InterpretedFunction)   # the mode is on
+        from normdeploy.lower.plugins import kernels as K
+        x = torch.randn(3, 50, dtype=torch.float16)
+        w = torch.randn(50, dtype=torch.float16)
+        xf = x.double()
+        checks = {
+            "rms": (K.rms_norm(x, w, 1e-6), w.double() * xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + 1e-6)),
+            "gs": (K.group_scaling(x, 5, 1e-5), (xf.reshape(3, 5, 10) / torch.sqrt(
+                (xf.reshape(3, 5, 10) ** 2).mean(-1, keepdim=True) + 1e-5)).reshape(3, 50)),
+            "sn": (K.scale_norm(x, 2.0, 1e-5), 2.0 * xf / xf.norm(dim=-1, keepdim=True)),
+            "dyt": (K.dynamic_tanh(x, 0.5, w, w), w.double() * torch.tanh(0.5 * xf) + w.double()),
+        }
+        for name, (got, ref) in checks.items():
+            err = ((got.double() - ref).abs() / (ref.abs() + 1e-2)).max().item()
+            assert err < 4e-3, (name, err)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = ROOT
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -1,0 +1,434 @@
+"""The AOT path without a GPU: every plugin kernel compiled to PTX and checked against TensorRT's launch.
+
+Matrix (to keep compile time down): every plugin for sm_80, sm_86, sm_89 and sm_90 in fp16;
+fp32 and bf16 for sm_90 only; the two-pass (long or unknown row) variants, tactic 2 and
+mixed precision on one arch each.
+
+For each PTX ``aot_impl`` would return: the kernel name is the ``.entry``; block = num_warps
+* 32 = the PTX's ``.reqntid``; shared memory = the compiled metadata's; the ``.param``
+count is TensorRT's list (inputs, int32 extras, outputs) plus Triton's two hidden scratch
+pointers, each of which the kernel never reads while the metadata reports no scratch;
+arithmetic is fp32 whatever the I/O dtype.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import types
+import typing
+
+import numpy as np
+import pytest
+import triton.language as tl
+
+from normdeploy.lower.plugins import trt_plugins as T
+from normdeploy.lower.plugins.kernels import f32_bits
+from normdeploy.lower.plugins.trt_plugins import PLUGINS
+from tests.conftest import ROOT
+
+ARCHS = (80, 86, 89, 90)
+SHAPE = (2, 7, 768)
+ATTRS = {"epsilon": 1e-5, "groups": 4, "scale": 27.712812921102035, "alpha": 0.5, "axis": -1}
+
+
+def attrs_for(spec):
+    return {a: ATTRS[a] for a in spec.attribute_names}
+
+
+def io(spec, dtype):
+    return [dtype] * (len(spec.inputs) + 1)
+
+
+MATRIX = [(p, a, "fp16") for p in PLUGINS for a in ARCHS] + [(p, 90, d) for p in PLUGINS for d in ("fp32", "bf16")]
+
+
+def entry_params(ptx: str, name: str) -> list[str]:
+    """The .param lines of the entry, parsed independently of normdeploy.lower.plugins.trt_plugins."""
+    m = re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", ptx, flags=re.S)
+    assert m, f"no .entry {name}"
+    return [p.strip() for p in m.group(1).split(",") if p.strip()]
+
+
+def expected_grid_and_cols(spec, shape):
+    lead = int(np.prod(shape[:-1]))
+    if spec.kernel == "group_scaling_fwd":
+        return lead * ATTRS["groups"], shape[-1] // ATTRS["groups"]
+    if spec.kernel == "dyt_fwd":
+        return None, None
+    return lead, shape[-1]
+
+
+@pytest.mark.parametrize("plugin,arch,dtype", MATRIX, ids=[f"{p}-sm{a}-{d}" for p, a, d in MATRIX])
+def test_aot_kernel_is_consistent_with_tensorrt_launch(plugin, arch, dtype):
+    spec = PLUGINS[plugin]
+    aot = T.build_aot_kernel(plugin, io(spec, dtype), SHAPE, attrs_for(spec), 1, target=arch)
+    md, ptx = aot.metadata, aot.ptx
+
+    # kernel name and target
+    assert aot.kernel_name == spec.kernel == md.name
+    assert re.search(r"\.visible\s+\.entry\s+" + aot.kernel_name + r"\(", ptx)
+    assert re.search(r"^\.target\s+sm_(\d+)a?\s*$", ptx, flags=re.M).group(1) == str(arch)
+
+    # launch parameters
+    assert aot.block == (md.num_warps * 32, 1, 1)
+    assert int(re.search(r"\.reqntid\s+(\d+)", ptx).group(1)) == aot.block[0]
+    assert aot.shared_mem == md.shared
+    grid, n_cols = expected_grid_and_cols(spec, SHAPE)
+    extras = dict(aot.extra_args)
+    if grid is None:
+        assert aot.grid[0] == -(-int(np.prod(SHAPE)) // dict(aot.plan.constexprs)["BLOCK"])
+        assert extras["n_elements"] == int(np.prod(SHAPE))
+        assert np.int32(extras["alpha_bits"]).view(np.float32) == np.float32(ATTRS["alpha"])
+    else:
+        assert aot.grid[0] == grid and extras["n_cols"] == n_cols
+        assert np.int32(extras["eps_bits"]).view(np.float32) == np.float32(ATTRS["epsilon"])
+
+    # the .param trap: TensorRT's list + Triton's two hidden scratch pointers, never read
+    params = entry_params(ptx, aot.kernel_name)
+    trt = list(aot.plan.trt_params)
+    assert trt == [f"{n}_ptr" for n in spec.inputs] + [n for n, _ in aot.extra_args] + ["y_ptr"]
+    assert len(params) == len(trt) + 2, params
+    for decl, want in zip(params, trt):
+        assert (".u32" in decl) == (want in extras), (decl, want)
+        assert (".u64" in decl) == (want not in extras), (decl, want)
+    body = ptx[ptx.index(params[-1]) + len(params[-1]):]
+    for decl in params[len(trt):]:
+        assert decl.startswith(".param .u64 .ptr .global"), decl
+        name = decl.split()[-1]
+        assert not re.search(re.escape(name) + r"\b", body), f"{name} is read by the kernel"
+    assert md.global_scratch_size == 0 and md.profile_scratch_size == 0
+    assert aot.abi.count == len(params) and len(aot.abi.hidden) == 2
+    # every parameter TensorRT passes is actually read
+    for i in range(len(trt)):
+        assert re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{aot.kernel_name}_param_{i}\]", body), f"param {i} unused"
+
+    # fp32 arithmetic whatever the I/O type: no half-precision math, only conversions
+    assert not re.search(r"\b(add|sub|mul|fma|div|rsqrt|sqrt|max|min)(\.\w+)*\.(f16|bf16|f16x2|bf16x2)\b", ptx)
+    if dtype != "fp32":
+        assert re.search(r"cvt\.f32\.(b?f16)", ptx) or re.search(r"cvt\.\w+\.f32\.(b?f16)", ptx)
+
+
+@pytest.mark.parametrize("plugin", [p for p in PLUGINS if PLUGINS[p].kernel != "dyt_fwd"])
+def test_long_and_unknown_rows_compile_the_two_pass_loop(plugin):
+    spec = PLUGINS[plugin]
+    long_shape = (3, 16384 * (ATTRS["groups"] if spec.kernel == "group_scaling_fwd" else 1) * 2)
+    aot = T.build_aot_kernel(plugin, io(spec, "fp16"), long_shape, attrs_for(spec), 1, target=80)
+    assert dict(aot.plan.constexprs)["ONE_BLOCK"] is False
+    assert len(entry_params(aot.ptx, aot.kernel_name)) == len(aot.plan.trt_params) + 2
+    assert re.search(r"\bbra(\.uni)?\s", aot.ptx), "no loop in the PTX"
+    # the same plugin when the hidden size is only known at run time (dynamic dimension)
+    dyn = T.plan_kernel(plugin, io(spec, "fp16"), (Dim("batch"), Dim("hidden")), attrs_for(spec), 2)
+    assert dict(dyn.constexprs)["ONE_BLOCK"] is False
+
+
+class Dim:
+    """A stand-in for TensorRT's ShapeExpr: +, *, // build expressions; constants fold."""
+
+    is_fake = False
+
+    def __init__(self, text: str, value: int | None = None):
+        self.text, self.value = text, value
+
+    @property
+    def is_constant(self) -> bool:
+        return self.value is not None
+
+    def constant_value(self) -> int:
+        assert self.value is not None
+        return self.value
+
+    def _op(self, other, sym, fn):
+        o = other if isinstance(other, Dim) else Dim(str(other), other)
+        v = fn(self.value, o.value) if self.value is not None and o.value is not None else None
+        return Dim(f"({self.text}{sym}{o.text})", v)
+
+    def __add__(self, o):
+        return self._op(o, "+", lambda a, b: a + b)
+
+    def __mul__(self, o):
+        return self._op(o, "*", lambda a, b: a * b)
+
+    def __floordiv__(self, o):
+        return self._op(o, "//", lambda a, b: a // b)
+
+    def __repr__(self):
+        return self.text
+
+
+def test_dynamic_batch_and_sequence_become_shape_expressions():
+    spec = PLUGINS["NormdeployRMSNorm"]
+    plan = T.plan_kernel(spec.name, io(spec, "fp16"), (Dim("B"), Dim("S"), Dim("C", 768)), attrs_for(spec))
+    assert repr(plan.grid) == "(B*S)" and dict(plan.extras)["n_cols"].value == 768
+    assert dict(plan.constexprs) == {"BLOCK": 1024, "ONE_BLOCK": True}
+    gs = PLUGINS["NormdeployGroupScaling"]
+    plan = T.plan_kernel(gs.name, io(gs, "bf16"), (Dim("B"), Dim("C", 768)), attrs_for(gs))
+    assert repr(plan.grid) == "(B*4)" and dict(plan.extras)["n_cols"].value == 192
+    dyt = PLUGINS["NormdeployDynamicTanh"]
+    plan = T.plan_kernel(dyt.name, io(dyt, "fp32"), (Dim("N"), Dim("C", 3), Dim("H"), Dim("W")),
+                         {"alpha": 0.5, "axis": 1})
+    extras = dict(plan.extras)
+    assert repr(extras["n_elements"]) == "(((N*C)*H)*W)" and repr(extras["inner"]) == "(H*W)"
+    assert repr(plan.grid) == "(((((N*C)*H)*W)+1023)//1024)"
+    with pytest.raises(ValueError, match="divisible"):
+        T.plan_kernel(gs.name, io(gs, "fp16"), (2, 10), {"groups": 4, "epsilon": 1e-5})
+
+
+def test_autotune_combinations_all_compile_plans():
+    for spec in PLUGINS.values():
+        combos = T.autotune_combinations(spec)
+        for combo in combos:
+            assert len(combo.split(",")) == len(spec.inputs) + 1
+            for dtypes in T.expand_combination(combo):
+                plan = T.plan_kernel(spec.name, dtypes, SHAPE, attrs_for(spec))
+                assert dict(plan.pointer_dtypes)["x_ptr"] == dtypes[0]
+    rms = PLUGINS["NormdeployRMSNorm"]
+    mixed = T.build_aot_kernel(rms.name, ["fp16", "fp32", "fp16"], SHAPE, attrs_for(rms), 2, target=90)
+    assert mixed.abi.count == len(mixed.plan.trt_params) + 2
+
+
+def test_tactics_change_the_launch():
+    spec = PLUGINS["NormdeployRMSNorm"]
+    a1 = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90)
+    a2 = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 2, target=90)
+    assert a2.block[0] == 2 * a1.block[0] and a1.grid == a2.grid
+
+
+# ----------------------------------------------------------------------------- refusing what TensorRT cannot launch
+
+def tma_copy(x_ptr, n, y_ptr, BLOCK: tl.constexpr):
+    """Not a plugin kernel: it builds a TMA descriptor on the device, which needs Triton global scratch."""
+    d = tl.make_tensor_descriptor(x_ptr, shape=[n], strides=[1], block_shape=[BLOCK])
+    v = d.load([tl.program_id(0) * BLOCK])
+    tl.store(y_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), v)
+
+
+def _tma_kernel():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"x_ptr": "*fp32", "n": "i32", "y_ptr": "*fp32", "BLOCK": "constexpr"}
+    src = ASTSource(triton.JITFunction(tma_copy), signature, {"BLOCK": 64})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
+
+
+def test_kernel_that_needs_scratch_memory_is_refused():
+    compiled = _tma_kernel()
+    md = compiled.metadata
+    assert md.global_scratch_size > 0  # device-side TMA descriptors live in global scratch
+    with pytest.raises(T.ScratchMemoryError, match="scratch"):
+        T.check_launch_abi(compiled.asm["ptx"], md.name, md, ["x_ptr", "n", "y_ptr"], ["n"])
+    # even with metadata claiming no scratch, reading the hidden parameter is caught in the PTX
+    clean = types.SimpleNamespace(global_scratch_size=0, profile_scratch_size=0)
+    with pytest.raises(T.ScratchMemoryError, match="reads"):
+        T.check_launch_abi(compiled.asm["ptx"], md.name, clean, ["x_ptr", "n", "y_ptr"], ["n"])
+
+
+def test_profile_scratch_and_abi_mismatches_are_refused():
+    spec = PLUGINS["NormdeployScaleNorm"]
+    aot = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90)
+    trt, extras = aot.plan.trt_params, [n for n, _ in aot.extra_args]
+    prof = types.SimpleNamespace(global_scratch_size=0, profile_scratch_size=256)
+    with pytest.raises(T.ScratchMemoryError):
+        T.check_launch_abi(aot.ptx, aot.kernel_name, prof, trt, extras)
+    with pytest.raises(T.LaunchAbiError, match="int32"):  # a scalar where the PTX has a pointer
+        T.check_launch_abi(aot.ptx, aot.kernel_name, aot.metadata, trt, ["x_ptr", *extras])
+    with pytest.raises(T.LaunchAbiError, match="parameters"):  # more arguments than the entry declares
+        T.check_launch_abi(aot.ptx, aot.kernel_name, aot.metadata, [*trt, "a", "b", "c"], extras)
+    with pytest.raises(T.LaunchAbiError, match="no .entry"):
+        T.check_launch_abi(aot.ptx, "not_the_kernel", aot.metadata, trt, extras)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_trimmed_ptx_declares_exactly_tensorrts_parameters_and_assembles(arch):
+    spec = PLUGINS["NormdeployDynamicTanh"]
+    aot = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=arch, trim_hidden=True)
+    params = entry_params(aot.ptx, aot.kernel_name)
+    assert len(params) == len(aot.plan.trt_params) and not aot.abi.hidden
+    info = T.ptxas_info(aot.ptx, arch)  # raises if ptxas rejects the edited PTX
+    assert info["registers"] > 0
+
+
+def test_ptx_version_can_be_capped_for_older_drivers():
+    spec = PLUGINS["NormdeployRMSNorm"]
+    default = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90)
+    capped = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90, ptx_version=84)
+    assert capped.ptx_version == "8.4" and default.ptx_version != "8.4"
+    assert capped.cubin  # Triton assembled it
+
+
+def test_alignment_hints_vectorize_loads():
+    spec = PLUGINS["NormdeployRMSNorm"]
+    plain = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90)
+    aligned = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, attrs_for(spec), 1, target=90, aligned=True)
+    assert "ld.global.v" not in plain.ptx            # no alignment assumed: scalar 2-byte loads
+    assert re.search(r"ld\.global(\.\w+)*\.v[248]", aligned.ptx)
+
+
+@pytest.mark.parametrize("plugin", list(PLUGINS))
+def test_compiler_reported_resources_sm90(plugin):
+    spec = PLUGINS[plugin]
+    aot = T.build_aot_kernel(plugin, io(spec, "fp16"), (64, 4096), attrs_for(spec), 1, target=90)
+    r = T.resource_usage(aot)
+    assert 0 < r["registers"] <= 255 and r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0
+    assert r["cubin"]["REG"] == r["registers"]      # ptxas -v on our PTX agrees with Triton's own cubin
+    assert r["dynamic_smem"] == aot.metadata.shared
+
+
+# --------------------------------------------------------------------- tensorrt.plugin wrappers, stand-in module
+
+class FakeTensorDesc:
+    def __init__(self, shape_expr=(), dtype=None):
+        self.shape_expr, self.dtype = tuple(shape_expr), dtype
+
+    def like(self):
+        return FakeTensorDesc(self.shape_expr, self.dtype)
+
+
+class FakeLaunchParams:
+    def __init__(self):
+        self.grid_x = self.grid_y = self.grid_z = self.block_x = self.block_y = self.block_z = 1
+        self.shared_mem = 0
+
+
+class FakeSymInt32:
+    def __init__(self, v):
+        self.v = v
+
+
+class FakeSymIntExprs:
+    def __init__(self, n):
+        self.items = [None] * n
+
+    def __setitem__(self, i, v):
+        assert isinstance(v, FakeSymInt32), "TensorRT requires SymInt32 extra arguments"
+        self.items[i] = v
+
+    def __len__(self):
+        return len(self.items)
+
+
+class FakeAutoTuneCombination:
+    def __init__(self, io_types=None, layouts=None, tactics=None):
+        self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
+
+
+def fake_trtp():
+    """Decorators that check signatures the way tensorrt.plugin documents (10.9+), and record the functions."""
+    import inspect
+
+    reg: dict = {}
+
+    def check_register(fn):
+        sig = inspect.signature(fn)
+        seen_attr = False
+        for name, p in sig.parameters.items():
+            assert p.annotation is not inspect.Parameter.empty and p.default is inspect.Parameter.empty
+            assert isinstance(p.annotation, type), f"{name}: annotation must be a class, got {p.annotation!r}"
+            if p.annotation is FakeTensorDesc:
+                assert not seen_attr, "tensors must come before attributes"
+            else:
+                assert p.annotation in (int, float, str, bool, bytes) and name not in ("outputs", "stream", "tactic")
+                seen_attr = True
+        assert sig.return_annotation is FakeTensorDesc
+
+    def decorator(kind):
+        def outer(pid):
+            ns, name = pid.split("::")
+            assert ns == "normdeploy" and "." not in name
+
+            def inner(fn):
+                if kind == "register":
+                    check_register(fn)
+                reg.setdefault(pid, {})[kind] = fn
+                return fn
+            return inner
+        return outer
+
+    return types.SimpleNamespace(TensorDesc=FakeTensorDesc, KernelLaunchParams=FakeLaunchParams,
+                                 SymInt32=FakeSymInt32, SymIntExprs=FakeSymIntExprs,
+                                 AutoTuneCombination=FakeAutoTuneCombination, register=decorator("register"),
+                                 autotune=decorator("autotune"), aot_impl=decorator("aot_impl"), registry=reg)
+
+
+@pytest.fixture
+def trt_standin(monkeypatch):
+    from triton.backends.compiler import GPUTarget
+
+    fake_trt = types.SimpleNamespace(float32="DataType.FLOAT", float16="DataType.HALF", bfloat16="DataType.BF16")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    monkeypatch.setattr(T, "_TRT_DTYPES", None)
+    monkeypatch.setattr(T, "current_target", lambda: GPUTarget("cuda", 90, 32))
+    monkeypatch.setattr(T, "driver_ptx_version", lambda: 84)
+    return fake_trt, fake_trtp()
+
+
+def test_plugin_wrappers_follow_the_tensorrt_plugin_schema(trt_standin):
+    import inspect
+
+    fake_trt, trtp = trt_standin
+    ids = T.register_plugins(trtp)
+    assert sorted(ids) == sorted(f"normdeploy::{n}" for n in PLUGINS)
+    for pid, fns in trtp.registry.items():
+        spec = PLUGINS[pid.split("::")[1]]
+        names = list(spec.inputs) + list(spec.attribute_names)
+        assert list(inspect.signature(fns["register"]).parameters) == names
+        assert list(inspect.signature(fns["autotune"]).parameters) == names + ["outputs"]
+        sig = inspect.signature(fns["aot_impl"])
+        assert list(sig.parameters) == names + ["outputs", "tactic"]
+        ret = sig.return_annotation
+        assert typing.get_origin(ret) is tuple and len(typing.get_args(ret)) == 4
+        assert typing.get_args(ret)[2] is FakeLaunchParams and typing.get_args(ret)[3] is FakeSymIntExprs
+        for name, typ in spec.attributes:
+            assert sig.parameters[name].annotation is typ
+
+
+def test_aot_impl_wrapper_returns_what_tensorrt_expects(trt_standin):
+    fake_trt, trtp = trt_standin
+    T.register_plugins(trtp)
+    fns = trtp.registry["normdeploy::NormdeployRMSNorm"]
+    x = FakeTensorDesc((Dim("B"), Dim("S"), Dim("C", 768)), fake_trt.float16)
+    g = FakeTensorDesc((Dim("C", 768),), fake_trt.float16)
+    out = fns["register"](x, g, 1e-5)
+    assert out.dtype == fake_trt.float16 and out.shape_expr == x.shape_expr
+    combos = fns["autotune"](x, g, 1e-5, (out,))
+    assert [c.io_types for c in combos] == T.autotune_combinations("NormdeployRMSNorm")
+    assert all(c.tactics == [1, 2] for c in combos)
+    name, ptx, launch, extra = fns["aot_impl"](x, g, 1e-5, (out,), 2)
+    assert name == "rmsnorm_fwd" and f".entry {name}(" in ptx and ".version 8.4" in ptx  # capped to the driver
+    assert isinstance(launch.grid_x, FakeSymInt32) and repr(launch.grid_x.v) == "(B*S)"
+    assert launch.block_x == int(re.search(r"\.reqntid\s+(\d+)", ptx).group(1))
+    assert [type(e) for e in extra.items] == [FakeSymInt32, FakeSymInt32]
+    assert extra.items[0].v.value == 768 and extra.items[1].v == f32_bits(1e-5)
+    # a fixed shape gives plain ints
+    xs = FakeTensorDesc((4, 768), fake_trt.bfloat16)
+    gs = FakeTensorDesc((768,), fake_trt.float32)
+    _, _, launch, extra = fns["aot_impl"](xs, gs, 1e-5, (xs.like(),), 0)  # tactic 0: TensorRT's default
+    assert launch.grid_x == 4 and extra.items[0].v == 768
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        fns["aot_impl"](FakeTensorDesc((4, 768), "DataType.INT8"), gs, 1e-5, (xs,), 1)
+
+
+def test_importing_plugins_needs_neither_tensorrt_nor_a_gpu():
+    import subprocess
+
+    code = ("import sys; sys.modules['tensorrt'] = None; import normdeploy.lower.plugins.trt_plugins as T, normdeploy.lower.trt; "
+            "assert not T.tensorrt_available(); assert 'triton' not in sys.modules, 'triton imported'; "
+            "import normdeploy.lower.plugins.emulate; print('ok')")
+    root = ROOT
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_register_plugins_without_tensorrt_says_what_is_missing():
+    if T.tensorrt_available():  # pragma: no cover - a machine with TensorRT
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(ImportError, match="tensorrt"):
+        T.register_plugins()
+
+
+def test_env_switches_are_documented():
+    import os
+
+    readme = open(os.path.join(os.path.dirname(T.__file__), "README.md")).read()
+    assert T.ENV_TRIM_HIDDEN in readme and T.ENV_ASSUME_ALIGNED in readme
