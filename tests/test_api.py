@@ -34,6 +34,7 @@ def test_readme_snippet_runs_and_prints_what_its_comments_say(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path / "out")) == ["model.onnx", "original.onnx", "report.json", "report.md", "triton"]
 
 
+@pytest.mark.slow
 def test_a_module_and_a_modelproto_give_what_the_path_gives():
     import torch
 
@@ -62,6 +63,7 @@ def test_a_module_and_a_modelproto_give_what_the_path_gives():
         normdeploy.optimize({"not": "a model"})
 
 
+@pytest.mark.slow
 def test_inspect_and_optimize_agree_on_what_is_rewritten_with_calibration():
     """One transform for both: with --allow-approx --calib, inspect reports the LN-free rewrites optimize makes."""
     path, calib = os.path.join(MODELS, "vit_ln.pt"), DATA

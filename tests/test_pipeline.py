@@ -87,6 +87,7 @@ def test_same_input_gives_byte_identical_model(tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "pt2", "torchscript"])
 def test_every_input_format(tmp_path, fmt):
     module = load_mod.load(EXAMPLE).obj

@@ -158,6 +158,7 @@ def test_loads_with_safe_loader(name):
 
 # ----------------------------------------------------------------------------- (b) accuracy
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_held_out_accuracy_matches_record(name):
     model = _model(name)
@@ -176,6 +177,7 @@ def test_held_out_accuracy_matches_record(name):
 
 # ----------------------------------------------------------------------------- (c) export
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_exports_canonical_nodes_with_dynamic_batch(name):
     import onnxruntime as ort
@@ -220,6 +222,7 @@ def _running_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 STATEFUL = {"BatchNorm2d", "UnifiedNorm", "PowerNorm", "LIFNeuron"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if STATEFUL & set(ZOO[n]["norm_kinds"])])
 def test_running_statistics_update_in_training_only(name):
     model = copy.deepcopy(_model(name))
@@ -238,6 +241,7 @@ def test_running_statistics_update_in_training_only(name):
     assert not unchanged, f"{name}: training forward left {unchanged} unchanged"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if not STATEFUL & set(ZOO[n]["norm_kinds"])])
 def test_stateless_norms_compute_the_same_in_training_mode(name):
     model = copy.deepcopy(_model(name))
@@ -305,6 +309,7 @@ def test_decoder_is_causal_and_takes_int64_ids():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", zoo.VIT_NORMS)
 def test_vit_tiny_224_config(norm):
     model = zoo.vit_tiny_224(norm).eval()
@@ -322,6 +327,7 @@ def test_unknown_norm_is_refused():
         zoo.ViTTiny("batchnorm")
 
 
+@pytest.mark.slow
 def test_training_script_reproduces_checkpoint(tmp_path):
     """Training is deterministic on one machine: two runs give the same weights bit for bit, and the
     retrained model scores exactly what zoo.json records on the held-out split.

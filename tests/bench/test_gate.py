@@ -122,6 +122,7 @@ def _checks(rep, cand):
     return {c["name"]: c for c in rep["candidates"][cand]["checks"]}
 
 
+@pytest.mark.slow
 def test_gate_fails_slowed_model_and_passes_real_one_in_the_same_run(one_run):
     r, rep = one_run
     assert r.exit_code == 1, r.stdout + r.stderr
@@ -139,6 +140,7 @@ def test_gate_fails_slowed_model_and_passes_real_one_in_the_same_run(one_run):
     assert slow["max_rel_err"]["value"] == real["max_rel_err"]["value"]
 
 
+@pytest.mark.slow
 def test_gate_fails_perturbed_weights_on_accuracy(one_run):
     _, rep = one_run
     real, bad = _checks(rep, "real"), _checks(rep, "perturbed")
@@ -149,6 +151,7 @@ def test_gate_fails_perturbed_weights_on_accuracy(one_run):
     assert bad["latency"]["verdict"] == "PASS"
 
 
+@pytest.mark.slow
 def test_gate_json_structure(one_run):
     _, rep = one_run
     assert {"verdict", "failed", "model", "thresholds", "machine", "threads", "versions", "provenance", "batch",
@@ -172,6 +175,7 @@ def test_gate_json_structure(one_run):
     assert -0.3 < rep["candidates"]["real"]["norm_cost_left"] < 0.5  # noise may put it a hair below the floor
 
 
+@pytest.mark.slow
 def test_gate_text_one_line_per_check_with_provenance(run, variants):
     r = run("gate", EXAMPLE, "--optimized", variants["real"], "--optimized", variants["slow"], *FAST,
             "--min-speedup", "1.0")
@@ -197,6 +201,7 @@ def test_gate_text_one_line_per_check_with_provenance(run, variants):
     assert lines[-1].startswith("gate: FAIL") and "slow" in lines[-1]
 
 
+@pytest.mark.slow
 def test_gate_default_runs_the_pipeline_and_passes(run):
     r = run("gate", EXAMPLE, "--data", DATA, *FAST, "--json")
     assert r.exit_code == 0, r.stdout + r.stderr
@@ -313,6 +318,7 @@ def test_gate_bad_thresholds_are_one_line_errors(run, tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_gate_refuses_an_optimized_model_of_another_original(run, tmp_path):
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])

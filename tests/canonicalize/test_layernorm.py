@@ -74,6 +74,7 @@ def _seeded(cls, *args, **kw):
 # ----------------------------------------------------------------------------- what torch emits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_nn_layernorm_is_exported_canonical_and_left_alone(opset, optimize):
@@ -84,6 +85,7 @@ def test_nn_layernorm_is_exported_canonical_and_left_alone(opset, optimize):
     assert (result.matched, result.rewrites, result.skipped) == (0, [], [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("square", ["pow", "mul"])
@@ -102,6 +104,7 @@ def test_handwritten_layernorm_becomes_layernormalization(square, opset, optimiz
     assert_same_outputs(model, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_channels_first_layernorm_becomes_transposed_layernormalization(opset, optimize):
@@ -121,6 +124,7 @@ def test_channels_first_layernorm_becomes_transposed_layernormalization(opset, o
 
 @pytest.mark.parametrize("module, shape", [(HandLayerNorm(8), (2, 3, 8)), (ChannelsFirstLayerNorm(4), (2, 4, 3, 3))],
                          ids=["trailing", "channels_first"])
+@pytest.mark.slow
 def test_torchscript_export_axes_as_attribute(module, shape):
     """The TorchScript exporter at opset 17 writes ReduceMean axes as an attribute."""
     model = export_torch(module, torch.randn(*shape), 17, dynamo=False)
@@ -138,6 +142,7 @@ def test_opset_16_is_skipped_with_reason():
     assert [s.reason for s in result.skipped] == ["model opset 16 has no LayerNormalization (needs opset 17)"]
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_casts_and_the_float16_affine():
     module = _seeded(MixedPrecisionLayerNorm, 8).half()
     model = export_torch(module, torch.randn(2, 3, 8, dtype=torch.float16), 20)

@@ -72,6 +72,7 @@ def _check_canonical(model, after, result, eps, gain=None):
 # ----------------------------------------------------------------------------- what torch emits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_nn_rmsnorm(opset, optimize):
@@ -90,6 +91,7 @@ def test_nn_rmsnorm(opset, optimize):
     assert set(counts) <= {RMSNORM, "CastLike"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_llama_rmsnorm_float32(opset, optimize):
@@ -105,6 +107,7 @@ def test_llama_rmsnorm_float32(opset, optimize):
     _check_canonical(model, after, result, 1e-6, module.weight.detach().numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimize", [False, True])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_div_sqrt_rmsnorm(opset, optimize):
@@ -116,6 +119,7 @@ def test_div_sqrt_rmsnorm(opset, optimize):
     _check_canonical(model, after, result, 1e-5, module.weight.detach().numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [20, 23])
 def test_llama_rmsnorm_float16_keeps_float32_statistics(opset):
     module = _seeded(LlamaRMSNorm, 8).half()
@@ -133,6 +137,7 @@ def test_llama_rmsnorm_float16_keeps_float32_statistics(opset):
     assert_same_outputs(model, after, rtol=1e-3, atol=1e-3)  # float16 outputs
 
 
+@pytest.mark.slow
 def test_torchscript_export_div_one_and_noop_casts():
     """TorchScript at opset 17: axes attribute, rsqrt as Div(1, Sqrt), Cast(float32) on float32 tensors."""
     module = _seeded(LlamaRMSNorm, 8)

@@ -13,6 +13,8 @@ from normdeploy.bench.timing import cpu_name
 from normdeploy.core.errors import InputError
 from tests.conftest import MODELS
 
+pytestmark = pytest.mark.slow  # exports whole models
+
 EXAMPLE = os.path.join(MODELS, "digits_cnn_bn_un.pt")
 DATA = os.path.join(MODELS, "digits_test.npz")
 FAST = ("--seconds", "1", "--warmup", "3", "--threads", "1")

@@ -1,6 +1,7 @@
 """`normdeploy inspect` names every normalization's kind and says what happens to it."""
 import json
 
+import pytest
 import torch
 
 from normdeploy import nn as N
@@ -43,6 +44,7 @@ class Zoo(torch.nn.Module):
         return self.head(self.dyt(t)).mean(1)
 
 
+@pytest.mark.slow
 def test_inspect_names_every_kind(cli, tmp_path):
     p = tmp_path / "zoo.pt"
     torch.save(Zoo().eval(), p)

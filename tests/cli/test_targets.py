@@ -45,6 +45,7 @@ def test_flag_combinations_refused(cli, tmp_path, flags, phrase):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_lower_only_fp16_writes_a_checked_model_and_reports_its_error(cli, tmp_path):
     from normdeploy.verify.precision import plugins_as_functions
     from tests.conftest import ort_run
@@ -71,6 +72,7 @@ def test_lower_only_fp16_writes_a_checked_model_and_reports_its_error(cli, tmp_p
     assert (low.argmax(1) == ref.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.slow
 def test_triton_repo_for_ort_cpu(cli, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -84,6 +86,7 @@ def test_triton_repo_for_ort_cpu(cli, tmp_path):
     assert (repo / "digits_cnn_bn_un" / "1" / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_fp16_on_ort_cpu_keeps_statistics_fp32_and_stays_within_1e_2(cli, tmp_path):
     out = tmp_path / "o"
     r = cli("optimize", VIT, "--fp16", "--out", out, "--no-bench", "--json",

@@ -32,6 +32,7 @@ def _initializers(model):
     return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,make,shape", CASES, ids=[f"{c[0]}-{len(c[2])}d" for c in CASES])
 @pytest.mark.parametrize("opset", [18, 20, 23])
 def test_canonical_node_equals_torch_module(op, make, shape, opset):

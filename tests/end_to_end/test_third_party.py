@@ -40,6 +40,8 @@ from normdeploy.pipeline import Options, optimize, run_stage
 from normdeploy.zoo import MINILM_SENTENCES, minilm_tokens, randomize_norms
 from tests.conftest import export_hf, export_module, hf_input, ort_run
 
+pytestmark = pytest.mark.slow  # exports whole models
+
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 TOL = 1e-4

@@ -20,6 +20,8 @@ from normdeploy.core import norms as survey
 from normdeploy.pipeline import Options, optimize
 from tests.conftest import MODELS, ort_run
 
+pytestmark = pytest.mark.slow  # exports whole models
+
 TOL = 1e-4
 with open(os.path.join(MODELS, "zoo.json")) as f:
     ZOO = json.load(f)

@@ -17,6 +17,8 @@ from normdeploy.lower.plugins.emulate import PLUGIN_OPS
 from normdeploy.pipeline import Options, prepare, transform
 from tests.conftest import MODELS, ort_run
 
+pytestmark = pytest.mark.slow  # exports whole models
+
 TRANSFORMERS = ["vit_ln", "vit_un", "vit_powernorm", "vit_dyt", "vit_rmsnorm", "vit_scalenorm", "llama_rmsnorm"]
 
 

@@ -12,6 +12,7 @@ from tests.conftest import MODELS, ort_run
 
 @pytest.mark.parametrize("rms_op,expected,opset", [("simplified", "SimplifiedLayerNormalization", 20),
                                                    ("standard", "RMSNormalization", 23)])
+@pytest.mark.slow
 def test_rmsnorm_lowering_choice(rms_op, expected, opset):
     _, original, _ = prepare(os.path.join(MODELS, "vit_rmsnorm.pt"), Options.from_flat())
     out = transform(original, PassContext(ort_rms_op=rms_op, ort_version="1.31.1")).optimized
@@ -25,6 +26,7 @@ def test_rmsnorm_lowering_choice(rms_op, expected, opset):
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_old_runtime_keeps_the_opset():
     _, original, _ = prepare(os.path.join(MODELS, "vit_rmsnorm.pt"), Options.from_flat())
     out = transform(original, PassContext(ort_rms_op="standard", ort_version="1.22.0")).optimized

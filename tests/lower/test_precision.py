@@ -494,12 +494,14 @@ def _check_fp16(name, specs, lowered, record_property, feeds=None):
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _zoo_transformers())
 def test_zoo_transformer_lower_only_fp16(name, record_property):
     specs, lowered = _lower_for_trt(os.path.join(MODELS, f"{name}.pt"), _zoo_inputs(name))
     _check_fp16(name, specs, lowered, record_property)
 
 
+@pytest.mark.slow
 def test_all_minilm_l6_v2_lower_only_fp16(minilm_onnx, record_property):
     specs, lowered = _lower_for_trt(minilm_onnx, ("input_ids:2x16:int64", "attention_mask:2x16:int64"))
     assert sum(n.op_type == "LayerNormalization" for n in lowered.graph.node) == 13

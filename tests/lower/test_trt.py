@@ -153,6 +153,7 @@ def test_pass_is_in_the_tensorrt_tables_only():
     assert spec not in pass_table("ort-cpu")["lower"]
 
 
+@pytest.mark.slow
 def test_modules_exported_by_torch_lower_and_match():
     """normdeploy.nn modules through torch.onnx.export (canonical nodes), lowered, emulated, compared with torch."""
     import torch

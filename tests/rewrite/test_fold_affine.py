@@ -410,6 +410,7 @@ def _token_norm(g: G, kind: str, x: str, d: int) -> str:
     return g("UnifiedNorm", x, g.rand(d, low=0.2, high=2), gain, bias, domain=ops.DOMAIN, axis=-1, epsilon=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ln", "rms", "dyt", "scale", "powernorm", "un"])
 def test_token_norm_gain_folds_into_qkv(kind):
     """Pre-norm block: norm -> Q, K, V projections (MatMul + Add) -> the gain and bias live in W, b."""
@@ -579,6 +580,7 @@ def test_same_input_gives_byte_identical_output_and_second_run_is_a_no_op():
 
 # ----------------------------------------------------------------------------- real models
 
+@pytest.mark.slow
 def test_zoo_digits_cnn_has_no_normalization_left():
     import os
 

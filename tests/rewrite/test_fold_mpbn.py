@@ -223,6 +223,7 @@ def snn():
     return model
 
 
+@pytest.mark.slow
 def test_spiking_cnn_optimizes_to_no_normalization_with_identical_spikes(snn):
     from normdeploy.pipeline import transform
 

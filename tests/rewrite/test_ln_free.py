@@ -38,6 +38,7 @@ def test_needs_allow_approx_and_calib(cli, tmp_path):
     assert r.exit_code == 2 and "--calib" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader,says", [("linear", "folded into 1 linear reader"), ("output", "linearized")])
 def test_reports_accuracy_change(cli, tmp_path, reader, says):
     p, calib = _model_and_data(tmp_path, True, reader)
@@ -63,6 +64,7 @@ def test_reports_accuracy_change(cli, tmp_path, reader, says):
     assert np.abs(ref - opt).max() / np.abs(ref).max() == pytest.approx(calib_acc["max_rel_err"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_refused_above_max_error(cli, tmp_path):
     p, calib = _model_and_data(tmp_path, False)
     out = tmp_path / "o"

@@ -8,6 +8,8 @@ from normdeploy.core.passes import PassContext
 from normdeploy.pipeline import step
 from tests.conftest import export_hf, hf_input, ort_run
 
+pytestmark = pytest.mark.slow  # exports whole models
+
 transformers.logging.set_verbosity_error()
 
 

@@ -242,6 +242,7 @@ def test_launch_config():
         K.row_config(10, tactic=3)
 
 
+@pytest.mark.slow
 def test_kernels_also_run_with_TRITON_INTERPRET_set():
     """The kernels work in Triton's own interpreter mode too (TRITON_INTERPRET=1 before triton is imported)."""
     script = textwrap.dedent("""
