@@ -24,7 +24,7 @@ import onnx
 
 from .core import ops
 from .core.errors import UnsupportedError
-from .core.graph import infer_shapes
+from .core.graph_gs import infer_shapes
 from .core.inputs import example_arrays
 from .load import Loaded
 

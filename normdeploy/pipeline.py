@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import onnx
+import onnx_ir as ir
 
 from .bench.floor import floor_model
 from .build import OrtRunner, TorchRunner
@@ -46,24 +47,24 @@ STAGES = ("canonicalize", "rewrite", "lower")
 CANONICALIZE: tuple[Step, ...] = (
     Pass("recognize_layernorm", recognize_layernorm),
     Pass("recognize_rmsnorm", recognize_rmsnorm),
-    ModelStep("name_norms_after_modules", name_norms_after_modules),
+    ModelStep("name_norms_after_modules", name_norms_after_modules, ir=False),
 )
 REWRITE: tuple[Step, ...] = (
     ModelStep("calibrate_layernorm_std", calibrate_layernorm_std, exact=False,
-              when=lambda ctx: ctx.calib_feeds is not None),
-    Pass("ln_free", ln_free, exact=False),
-    Pass("preln_to_crmsnorm", preln_to_crmsnorm, when=lambda ctx: ctx.preln_form == "crmsnorm"),
-    Pass("preln_to_rmsnorm", preln_to_rmsnorm),
-    Pass("fold_mpbn_into_threshold", fold_mpbn_into_threshold),
-    Pass("fold_affine_into_linear", fold_affine_into_linear),
+              when=lambda ctx: ctx.calib_feeds is not None, ir=False),
+    Pass("ln_free", ln_free, exact=False, ir=False),
+    Pass("preln_to_crmsnorm", preln_to_crmsnorm, when=lambda ctx: ctx.preln_form == "crmsnorm", ir=False),
+    Pass("preln_to_rmsnorm", preln_to_rmsnorm, ir=False),
+    Pass("fold_mpbn_into_threshold", fold_mpbn_into_threshold, ir=False),
+    Pass("fold_affine_into_linear", fold_affine_into_linear, ir=False),
 )
 LOWER_ORT: tuple[Step, ...] = (
     ModelStep("raise_opset_for_rmsnormalization", raise_opset_for_rmsnormalization,
-              when=lambda ctx: ctx.ort_rms_op == "standard"),
-    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
+              when=lambda ctx: ctx.ort_rms_op == "standard", ir=False),
+    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops, ir=False),
 )
 LOWER_TRT: tuple[Step, ...] = (
-    Pass("lower_to_trt_plugins", lower_to_trt_plugins),
+    Pass("lower_to_trt_plugins", lower_to_trt_plugins, ir=False),
 )
 
 
@@ -83,7 +84,9 @@ def step(name: str) -> Step:
 
 def run_stage(model: onnx.ModelProto, stage: str, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
     """One stage of ``ctx.target``'s table on its own (tests, benchmarks); :func:`transform` runs them all."""
-    return run_steps(model, pass_table(ctx.target)[stage], ctx)
+    m = ir.from_proto(model)
+    results = run_steps(m, pass_table(ctx.target)[stage], ctx)
+    return ir.to_proto(m), results
 
 
 Progress = Callable[[str, float | None], None]
@@ -165,17 +168,16 @@ def transform(original: onnx.ModelProto, ctx: PassContext, until: str = "lower",
               progress: Progress = _noop) -> Transformed:
     """Run the stages of :func:`pass_table` up to and including ``until``; shapes are re-inferred after each."""
     table = pass_table(ctx.target)
-    model, results, canonical = original, [], None
+    model, results, canonical = ir.from_proto(original), [], None
     for stage in STAGES:
         progress(stage, None)
-        model, stage_results = run_steps(model, table[stage], ctx)
-        results.extend(stage_results)
-        model = infer_shapes(model)
+        results.extend(run_steps(model, table[stage], ctx))
+        infer_shapes(model)
         if stage == "canonicalize":
-            canonical = model
+            canonical = ir.to_proto(model)
         if stage == until:
             break
-    return Transformed(canonical, model, floor_model(canonical), results)
+    return Transformed(canonical, ir.to_proto(model), floor_model(canonical), results)
 
 
 # ----------------------------------------------------------------------------- optimize

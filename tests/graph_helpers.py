@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -57,9 +58,19 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
 
 
+def run_step(model: onnx.ModelProto, name: str, ctx: PassContext | None = None
+             ) -> tuple[onnx.ModelProto, PassResult | None]:
+    """Run the step ``name`` of the pass tables through the real runner on an in-memory copy of ``model``."""
+    m = ir.from_proto(model)
+    result = step(name).run(m, ctx or PassContext())
+    if result is not None and not result.rewrites:
+        return model, result  # a pass that rewrote nothing leaves the model as it was
+    return ir.to_proto(m), result
+
+
 def apply(model: onnx.ModelProto, pass_name: str) -> tuple[onnx.ModelProto, PassResult]:
-    """Run one registered pass through the real runner (import, pass, cleanup, export, function bodies)."""
-    after, result = step(pass_name).run(model, PassContext())
+    """Run one pass through the real runner (the pass, cleanup, sort, function bodies, shapes)."""
+    after, result = run_step(model, pass_name)
     assert result.matched == len(result.rewrites) + len(result.skipped), \
         f"every candidate is rewritten or skipped with a reason: {result}"
     return after, result

@@ -40,16 +40,16 @@ gain and bias vary only along the normalized axes, whose sizes are static; no
 intermediate tensor (mean, d, variance, ...) is a graph output or is read by a node
 outside the match. The output tensor keeps its name.
 
-Patterns are written in the small pattern language of :mod:`._pattern`.
+Patterns are written in the small pattern language of :mod:`normdeploy.core.pattern`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.graph import Namer, constant, rank_of
+from ..core.graph import Namer, add_node, constant, opset_of, rank_of
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import (
     Const,
@@ -65,7 +65,7 @@ from ..core.pattern import (
     reduce_axes,
     scalar,
     static_shape,
-    take_output,
+    take_over,
 )
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -87,7 +87,7 @@ LAYERNORM = any_of(
 
 @dataclass
 class LayerNormPlan:
-    x: gs.Tensor
+    x: ir.Value
     axis: int  # negative: LayerNormalization normalizes axis .. rank-1
     epsilon: float
     scale: np.ndarray
@@ -120,9 +120,10 @@ def _channel_param(v: np.ndarray, channels: int, rank: int, what: str) -> np.nda
     return np.broadcast_to(v.reshape(-1), (channels,))
 
 
-def _plan_layernorm(graph: gs.Graph, m: Match) -> LayerNormPlan | str:
-    if graph.opset is not None and graph.opset < 17:
-        return f"model opset {graph.opset} has no LayerNormalization (needs opset 17)"
+def _plan_layernorm(graph: ir.Graph, m: Match) -> LayerNormPlan | str:
+    opset = opset_of(graph)
+    if opset is not None and opset < 17:
+        return f"model opset {opset} has no LayerNormalization (needs opset 17)"
     eps = scalar(m.bound["eps"], "epsilon")
     if isinstance(eps, str):
         return eps
@@ -163,36 +164,31 @@ def _plan_layernorm(graph: gs.Graph, m: Match) -> LayerNormPlan | str:
     for p in (scale, bias):
         if isinstance(p, str):
             return p
-    reason = outside_consumer(graph, m)
+    reason = outside_consumer(m)
     if reason:
         return reason
     return LayerNormPlan(x, -k, eps, np.ascontiguousarray(scale, dtype),
                          None if bias is None else np.ascontiguousarray(bias, dtype), cf_rank)
 
 
-def _rewrite_layernorm(graph: gs.Graph, m: Match, plan: LayerNormPlan, namer: Namer) -> tuple[str, str]:
+def _rewrite_layernorm(graph: ir.Graph, m: Match, plan: LayerNormPlan, namer: Namer) -> tuple[str, str]:
     root = m.nodes[0]
     base = root.name or "layernorm"
-    y = take_output(root)
     params = [constant(namer, base, "ln_scale", plan.scale)]
     if plan.bias is not None:
         params.append(constant(namer, base, "ln_bias", plan.bias))
     attrs = {"axis": plan.axis, "epsilon": plan.epsilon}
-    dtype = plan.scale.dtype
     if plan.channels_first_rank is None:
-        ln = gs.Node("LayerNormalization", namer(base, "LayerNormalization"), attrs, [plan.x, *params], [y])
-        graph.nodes.append(ln)
+        ln = add_node(namer, "LayerNormalization", [plan.x, *params], base=base, attrs=attrs)
+        take_over(root, ln.outputs[0])
         return f"decomposed LayerNorm ending at {root.name} -> LayerNormalization {ln.name} (axis {plan.axis})", ln.name
     r = plan.channels_first_rank
     to_last, to_first = [0, *range(2, r), 1], [0, r - 1, *range(1, r - 1)]
-    t_in = gs.Variable(namer(base, "channels_last"), dtype=dtype)
-    t_out = gs.Variable(namer(base, "channels_last_normalized"), dtype=dtype)
-    ln = gs.Node("LayerNormalization", namer(base, "LayerNormalization"), attrs, [t_in, *params], [t_out])
-    graph.nodes.extend([
-        gs.Node("Transpose", namer(base, "to_channels_last"), {"perm": to_last}, [plan.x], [t_in]),
-        ln,
-        gs.Node("Transpose", namer(base, "to_channels_first"), {"perm": to_first}, [t_out], [y]),
-    ])
+    t_in = add_node(namer, "Transpose", [plan.x], base=base, suffix="to_channels_last", attrs={"perm": to_last})
+    ln = add_node(namer, "LayerNormalization", [t_in.outputs[0], *params], base=base, attrs=attrs)
+    t_out = add_node(namer, "Transpose", [ln.outputs[0]], base=base, suffix="to_channels_first",
+                     attrs={"perm": to_first})
+    take_over(root, t_out.outputs[0])
     return (f"channels-first LayerNorm ending at {root.name} -> Transpose, LayerNormalization {ln.name} "
             f"(axis -1), Transpose"), ln.name
 
@@ -209,6 +205,6 @@ LAYERNORM_RECOGNIZER = Recognizer(
 )
 
 
-def recognize_layernorm(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def recognize_layernorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Rewrite decomposed LayerNorm (trailing axes, or channels-first axis 1) to ONNX LayerNormalization."""
     LAYERNORM_RECOGNIZER.run(graph, result)

@@ -41,10 +41,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from ..core.graph import Namer, constant, rank_of
+from ..core.graph import DEFAULT_DOMAINS, Namer, add_node, constant, rank_of, remove_nodes
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import (
@@ -63,7 +63,7 @@ from ..core.pattern import (
     reduce_axes,
     scalar,
     static_shape,
-    take_output,
+    take_over,
 )
 
 X = Var("x")
@@ -76,15 +76,15 @@ RMSNORM = any_of(op("Mul", NORMALIZED, Const("g_post")), NORMALIZED)
 _CENTRED = op("Sub", Var("a"), op("ReduceMean", Var("a"), extra_inputs=True))
 
 
-def _is_centred(t: gs.Tensor) -> bool:
+def _is_centred(t: ir.Value) -> bool:
     """``t`` is ``a - mean(a)``: its RMS is a LayerNorm's standard deviation."""
     return any(True for _ in match(_CENTRED, t, Match()))
 
 
 @dataclass
 class RMSNormPlan:
-    x: gs.Tensor
-    gain: np.ndarray | gs.Tensor
+    x: ir.Value
+    gain: np.ndarray | ir.Value
     epsilon: float
 
 
@@ -96,7 +96,7 @@ def _gain_vector(v: np.ndarray, rank: int | None, what: str) -> np.ndarray | str
     return v.reshape(-1)
 
 
-def _plan_rmsnorm(graph: gs.Graph, m: Match) -> RMSNormPlan | str | None:
+def _plan_rmsnorm(graph: ir.Graph, m: Match) -> RMSNormPlan | str | None:
     x = m.bound["x"]
     if _is_centred(x):
         return None  # a LayerNorm: recognize_layernorm's business
@@ -133,23 +133,22 @@ def _plan_rmsnorm(graph: gs.Graph, m: Match) -> RMSNormPlan | str | None:
         gain = np.broadcast_to(gains[0], (width,)).astype(dtype)
     else:  # gains before and after the product: multiply once, in float64
         gain = (gains[0].astype(np.float64) * gains[1].astype(np.float64) * np.ones(width)).astype(dtype)
-    reason = outside_consumer(graph, m)
+    reason = outside_consumer(m)
     if reason:
         return reason
     return RMSNormPlan(x, np.ascontiguousarray(gain), eps)
 
 
-def _canonical_node(namer: Namer, base: str, plan: RMSNormPlan, y: gs.Tensor) -> gs.Node:
-    g = plan.gain if isinstance(plan.gain, gs.Tensor) else constant(namer, base, "rms_gain", plan.gain)
-    return gs.Node("RMSNorm", namer(base, "RMSNorm"), {"epsilon": float(plan.epsilon)}, [plan.x, g], [y],
-                   domain=DOMAIN)
+def _canonical_node(namer: Namer, base: str, plan: RMSNormPlan) -> ir.Node:
+    g = plan.gain if isinstance(plan.gain, ir.Value) else constant(namer, base, "rms_gain", plan.gain)
+    return add_node(namer, "RMSNorm", [plan.x, g], base=base, domain=DOMAIN, attrs={"epsilon": float(plan.epsilon)})
 
 
-def _rewrite_rmsnorm(graph: gs.Graph, m: Match, plan: RMSNormPlan, namer: Namer) -> tuple[str, str]:
+def _rewrite_rmsnorm(graph: ir.Graph, m: Match, plan: RMSNormPlan, namer: Namer) -> tuple[str, str]:
     root = m.nodes[0]
     base = root.name or "rmsnorm"
-    node = _canonical_node(namer, base, plan, take_output(root))
-    graph.nodes.append(node)
+    node = _canonical_node(namer, base, plan)
+    take_over(root, node.outputs[0])
     gain = "with gain" if ("g_pre" in m.values or "g_post" in m.values) else "without gain (G = ones)"
     return f"decomposed RMSNorm ending at {root.name} ({gain}) -> {DOMAIN}::RMSNorm {node.name}", node.name
 
@@ -171,23 +170,23 @@ RMSNORM_RECOGNIZER = Recognizer(
 class StashedPlan:
     """RMSNormalization on a non-float32 X: Cast(X, float32), RMSNorm(G = ones), Cast back, Mul(scale)."""
 
-    x: gs.Tensor
-    scale: gs.Tensor
+    x: ir.Value
+    scale: ir.Value
     width: int
     epsilon: float
     to: int  # ONNX element type of X
 
 
-def _plan_rms_normalization(graph: gs.Graph, node: gs.Node) -> RMSNormPlan | StashedPlan | str:
+def _plan_rms_normalization(graph: ir.Graph, node: ir.Node) -> RMSNormPlan | StashedPlan | str:
     """Conditions for ONNX RMSNormalization (opset 23) -> normdeploy::RMSNorm."""
     x, scale = node.inputs[0], node.inputs[1]
     rank = rank_of(x)
-    axis = int(node.attrs.get("axis", -1))
+    axis = node.attributes.get_int("axis", -1)
     if not (axis == -1 or (rank is not None and axis == rank - 1)):
         return f"RMSNormalization over axis {axis} (rank {rank}): the canonical RMSNorm normalizes the last axis only"
-    if int(node.attrs.get("stash_type", 1)) != 1:
-        return f"stash_type {node.attrs['stash_type']} is not float32"
-    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    if node.attributes.get_int("stash_type", 1) != 1:
+        return f"stash_type {node.attributes.get_int('stash_type')} is not float32"
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
     dtype = dtype_of(x)
     if dtype is None:
         return f"element type of {x.name} is unknown"
@@ -216,34 +215,29 @@ def _plan_rms_normalization(graph: gs.Graph, node: gs.Node) -> RMSNormPlan | Sta
     return RMSNormPlan(x, np.ascontiguousarray(np.broadcast_to(g, (width,)).astype(np.float32)), epsilon)
 
 
-def _rewrite_rms_normalization(graph: gs.Graph, node: gs.Node, plan, namer: Namer) -> tuple[str, str]:
+def _rewrite_rms_normalization(graph: ir.Graph, node: ir.Node, plan, namer: Namer) -> tuple[str, str]:
     base = node.name or "rmsnorm"
-    y = take_output(node)
-    node.inputs.clear()
     if isinstance(plan, RMSNormPlan):
-        new = _canonical_node(namer, base, plan, y)
-        graph.nodes.append(new)
+        new = _canonical_node(namer, base, plan)
+        take_over(node, new.outputs[0])
+        remove_nodes(graph, [node])
         return f"RMSNormalization {node.name} -> {DOMAIN}::RMSNorm {new.name}", new.name
-    x32 = gs.Variable(namer(base, "float32"), dtype=np.float32)
-    n32 = gs.Variable(namer(base, "normalized_float32"), dtype=np.float32)
-    n = gs.Variable(namer(base, "normalized"), dtype=helper.tensor_dtype_to_np_dtype(plan.to))
-    new = _canonical_node(namer, base, RMSNormPlan(x32, np.ones(plan.width, np.float32), plan.epsilon), n32)
-    graph.nodes.extend([
-        gs.Node("Cast", namer(base, "to_float32"), {"to": int(TensorProto.FLOAT)}, [plan.x], [x32]),
-        new,
-        gs.Node("Cast", namer(base, "from_float32"), {"to": plan.to}, [n32], [n]),
-        gs.Node("Mul", namer(base, "scale"), {}, [n, plan.scale], [y]),
-    ])
+    to32 = add_node(namer, "Cast", [plan.x], base=base, suffix="to_float32", attrs={"to": int(TensorProto.FLOAT)})
+    new = _canonical_node(namer, base, RMSNormPlan(to32.outputs[0], np.ones(plan.width, np.float32), plan.epsilon))
+    back = add_node(namer, "Cast", [new.outputs[0]], base=base, suffix="from_float32", attrs={"to": plan.to})
+    scaled = add_node(namer, "Mul", [back.outputs[0], plan.scale], base=base, suffix="scale")
+    take_over(node, scaled.outputs[0])
+    remove_nodes(graph, [node])
     return (f"RMSNormalization {node.name} on {helper.tensor_dtype_to_np_dtype(plan.to)} -> Cast(float32), "
             f"{DOMAIN}::RMSNorm {new.name}, Cast back, Mul(scale) (stash_type 1)"), new.name
 
 
-def recognize_rmsnorm(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def recognize_rmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Rewrite decomposed RMSNorm and ONNX RMSNormalization (last axis) to normdeploy::RMSNorm."""
     RMSNORM_RECOGNIZER.run(graph, result)
     namer = Namer(graph)
-    for node in list(graph.nodes):
-        if node.op != "RMSNormalization" or node.domain not in (None, "", "ai.onnx"):
+    for node in list(graph):
+        if node.op_type != "RMSNormalization" or node.domain not in DEFAULT_DOMAINS:
             continue
         result.matched += 1
         plan = _plan_rms_normalization(graph, node)

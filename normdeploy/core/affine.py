@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, rank_of
+from .graph_gs import const_value, rank_of
 from .ops import ATTRIBUTES, DOMAIN
 
 ONNX_DOMAINS = (None, "", "ai.onnx")

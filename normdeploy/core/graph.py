@@ -1,72 +1,105 @@
-"""Small helpers over onnx-graphsurgeon graphs shared by every pass.
+"""Small helpers over onnx-ir graphs shared by every pass.
 
-Rules they encode: constants are never edited in place (a folded weight is a new
-constant, so a weight shared with another node is in effect cloned); names of new
-tensors are derived deterministically from existing names, so the same input gives a
-byte-identical output.
+Every stage edits one in-memory :class:`onnx_ir.Model`: its initializers may be
+memory-mapped external data (``onnx_ir.load``) or the tensors of a torch module
+(``torch.onnx.export``), and they are never copied unless a rewrite computes a new value.
+
+Rules these helpers encode: constants are never edited in place (a folded weight is a new
+initializer, so a weight shared with another node is in effect cloned); names of new values
+and nodes are derived deterministically from existing names, so the same input gives a
+byte-identical output; a graph output keeps its name when a rewrite replaces the node that
+computes it (:func:`replace_value`).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+logger = logging.getLogger(__name__)
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
-
-
-def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` as a model carrying ``like``'s IR version, opsets and metadata."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(like, field))
-    del model.metadata_props[:]
-    model.metadata_props.extend(like.metadata_props)
-    from .ops import attach_functions  # local import: ops does not depend on graph
-
-    keep = [f for f in like.functions]
-    del model.functions[:]
-    model.functions.extend(keep)
-    return attach_functions(model)
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - shape inference is best effort; passes handle unknown ranks
-        return model
-
-
-def const_value(t: gs.Tensor | None) -> np.ndarray | None:
-    """The value of ``t`` if it is a constant (initializer or Constant node output), else None."""
-    if t is None:
-        return None
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        attrs = t.inputs[0].attrs
-        if "value" in attrs:
-            v = attrs["value"]
-            return np.asarray(v.values if isinstance(v, gs.Constant) else v)
-        for key in ("value_float", "value_int"):
-            if key in attrs:
-                return np.asarray(attrs[key])
-        for key in ("value_floats", "value_ints"):
-            if key in attrs:
-                return np.asarray(list(attrs[key]))
+def opset_of(graph: ir.Graph, domain: str = "") -> int | None:
+    """The graph's opset of ``domain`` (default: the ONNX domain), or None when it imports none."""
+    for d in ((domain,) if domain else DEFAULT_DOMAINS):
+        if d in graph.opset_imports:
+            return graph.opset_imports[d]
     return None
 
 
-class Namer:
-    """Deterministic fresh names: ``<base>_<suffix>`` then ``<base>_<suffix>_1`` ..."""
+def is_op(node: ir.Node | None, *op_types: str) -> bool:
+    """``node`` is one of ``op_types`` of the default ONNX domain."""
+    return node is not None and node.op_type in op_types and node.domain in DEFAULT_DOMAINS
 
-    def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+def const_value(v: ir.Value | None) -> np.ndarray | None:
+    """The value of ``v`` if it is a constant (initializer or Constant node output), else None."""
+    if v is None:
+        return None
+    try:
+        t = ir.convenience.get_const_tensor(v)
+    except ValueError:  # a malformed Constant node
+        return None
+    return None if t is None else np.asarray(t.numpy())
+
+
+def consumers(v: ir.Value) -> list[ir.Node]:
+    """The nodes that read ``v``, each once, in the order of their first use."""
+    return list(dict.fromkeys(node for node, _ in v.uses()))
+
+
+def is_graph_output(v: ir.Value) -> bool:
+    return v.is_graph_output()
+
+
+def shape_of(v: ir.Value | None) -> list | None:
+    """``v``'s shape as a list of ints (static), strs (named) or None (unknown); None when the rank is unknown."""
+    if v is None or v.shape is None:
+        return None
+    out = []
+    for d in v.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(getattr(d, "value", None))
+    return out
+
+
+def rank_of(v: ir.Value | None) -> int | None:
+    return None if v is None or v.shape is None else len(v.shape)
+
+
+def dtype_of(v: ir.Value | None):
+    """``v``'s element type as a numpy dtype (``ml_dtypes.bfloat16`` for bf16), or None."""
+    if v is None or v.dtype is None:
+        return None
+    try:
+        return np.dtype(v.dtype.numpy())
+    except (TypeError, ValueError):
+        return None
+
+
+def ir_dtype(dtype) -> ir.DataType:
+    """The onnx-ir element type of a numpy dtype (or of ``"bfloat16"``)."""
+    if str(dtype) == "bfloat16":
+        return ir.DataType.BFLOAT16
+    return ir.DataType.from_numpy(np.dtype(dtype))
+
+
+class Namer:
+    """Deterministic fresh names for values and nodes: ``<base>_<suffix>`` then ``<base>_<suffix>_1`` ..."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.used = set()
+        for node in graph.all_nodes():
+            if node.name:
+                self.used.add(node.name)
+            self.used.update(o.name for o in node.outputs if o.name)
+        self.used.update(v.name for v in graph.inputs if v.name)
+        self.used.update(graph.initializers)
 
     def __call__(self, base: str, suffix: str) -> str:
         name, i = f"{base}_{suffix}", 0
@@ -77,17 +110,109 @@ class Namer:
         return name
 
 
-def constant(namer: Namer, base: str, suffix: str, value: np.ndarray) -> gs.Constant:
-    return gs.Constant(namer(base, suffix), np.ascontiguousarray(value))
+def constant(namer: Namer, base: str, suffix: str, value: np.ndarray) -> ir.Value:
+    """A new initializer of ``namer``'s graph holding ``value`` (never an edit of an existing one)."""
+    name = namer(base, suffix)
+    arr = np.ascontiguousarray(value)
+    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+                 type=ir.TensorType(ir_dtype(arr.dtype)))
+    namer.graph.register_initializer(v)
+    return v
 
 
-def is_graph_output(graph: gs.Graph, t: gs.Tensor) -> bool:
-    return any(o is t for o in graph.outputs)
+def value(namer: Namer, base: str, suffix: str, dtype=None, shape=None) -> ir.Value:
+    """A fresh, unattached value to be a new node's output."""
+    v = ir.Value(name=namer(base, suffix))
+    if dtype is not None:
+        v.dtype = dtype if isinstance(dtype, ir.DataType) else ir_dtype(dtype)
+    if shape is not None:
+        v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
+    return v
 
 
-def rank_of(t: gs.Tensor) -> int | None:
-    shape = getattr(t, "shape", None)
-    return None if shape is None else len(shape)
+def add_node(namer: Namer, op_type: str, inputs: list, outputs: list[ir.Value] | None = None, *, base: str,
+             suffix: str | None = None, name: str | None = None, domain: str = "", attrs: dict | None = None,
+             before: ir.Node | None = None) -> ir.Node:
+    """Append (or insert before ``before``) a node; ``outputs`` default to one fresh value named after the node."""
+    node_name = name if name is not None else namer(base, suffix or op_type)
+    if outputs is None:
+        outputs = [ir.Value(name=namer(base, (suffix or op_type).lower()))]
+    node = ir.node(op_type, inputs=list(inputs), attributes=attrs or {}, domain=domain, name=node_name,
+                   outputs=outputs)
+    if before is not None:
+        namer.graph.insert_before(before, node)
+    else:
+        namer.graph.append(node)
+    return node
+
+
+def set_input(node: ir.Node, i: int, v: ir.Value | None) -> None:
+    """``node.inputs[i] = v``, growing the input list with empty slots if needed."""
+    if len(node.inputs) <= i:
+        node.resize_inputs(i + 1)
+    node.replace_input_with(i, v)
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Every reader of ``old`` reads ``new``; where ``old`` is a graph output, ``new`` takes its place and name."""
+    if old is new:
+        return
+    if old.is_graph_output():
+        name = old.name
+        old.name = None
+        graph = old.graph
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+        new.name = name
+    old.replace_all_uses_with(new)
+
+
+def remove_nodes(graph: ir.Graph, nodes) -> None:
+    """Remove nodes whose outputs nobody reads any more (their inputs are released)."""
+    nodes = [n for n in dict.fromkeys(nodes) if n.graph is graph]
+    if nodes:
+        graph.remove(nodes, safe=False)
+
+
+def cleanup(model: ir.Model) -> None:
+    """Drop nodes and initializers nothing reads, and sort the graph topologically."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    model.graph.sort()
+
+
+def infer_shapes(model: ir.Model) -> str | None:
+    """Re-infer shapes and types in place (large initializers are left out of the call); the reason on failure."""
+    import onnx
+    from onnx_ir.passes.common import _c_api_utils
+
+    def infer(proto):
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+    try:
+        inferred = _c_api_utils.call_onnx_api(infer, model)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types; the caller reports it
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return f"shape inference failed ({type(e).__name__}: {first})"
+    _merge_shapes(model, inferred)
+    return None
+
+
+def _merge_shapes(model: ir.Model, inferred) -> None:
+    """Copy the inferred shapes and types onto the values of ``model`` (by name, main graph and subgraphs)."""
+    inferred_model = ir.serde.deserialize_model(inferred)
+    for graph, other in zip(model.graphs(), inferred_model.graphs()):
+        theirs = ir.convenience.create_value_mapping(other)
+        for name, v in ir.convenience.create_value_mapping(graph).items():
+            w = theirs.get(name)
+            if w is None or v.const_value is not None:
+                continue
+            if w.shape is not None and v.shape != w.shape:
+                v.shape = w.shape
+            if w.dtype is not None and v.dtype != w.dtype:
+                v.dtype = w.dtype
 
 
 def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray | None:
@@ -98,16 +223,3 @@ def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray
     if v.ndim == 1:
         return v
     return None
-
-
-def rewire_output(node: gs.Node, producer: gs.Node) -> None:
-    """Make ``producer`` write ``node``'s output tensor and detach ``node`` from the graph.
-
-    The output tensor object (so its name, and its graph-output status) is kept; the
-    producer's former output and ``node`` are left dangling for ``cleanup()``.
-    """
-    out = node.outputs[0]
-    node.outputs.clear()
-    node.inputs.clear()
-    producer.outputs.clear()
-    producer.outputs.append(out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, rank_of
+from .graph_gs import const_value, rank_of
 
 MOVERS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SELECTORS = ("Gather", "Slice")  # consumer side only: they pick along axes where the affine is constant

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import Namer, const_value, constant, is_graph_output, rank_of
+from .graph_gs import Namer, const_value, constant, is_graph_output, rank_of
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ONNX_DOMAINS = (None, "", "ai.onnx")

@@ -240,18 +240,42 @@ def function_proto(op: str, opset: int) -> onnx.FunctionProto:
     )
 
 
-def model_opset(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
+def model_opset(model) -> int:
+    """The default-domain opset of an ``onnx_ir.Model`` (or an ``onnx.ModelProto``)."""
+    if isinstance(model, onnx.ModelProto):
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                return o.version
+        raise ValueError("model imports no default ONNX opset")
+    for domain in ("", "ai.onnx"):
+        if domain in model.opset_imports:
+            return model.opset_imports[domain]
     raise ValueError("model imports no default ONNX opset")
 
 
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give ``model`` the function bodies of the canonical ops it uses (and no others).
+def attach_functions(model):
+    """Give ``model`` (an ``onnx_ir.Model``, or an ``onnx.ModelProto``) the function bodies of the
+    canonical ops it uses, and no others.
 
     Idempotent; bodies are regenerated for the model's default-domain opset.
     """
+    if isinstance(model, onnx.ModelProto):
+        return _attach_functions_proto(model)
+    import onnx_ir as ir
+
+    used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN and n.op_type in _BODIES})
+    for key in [k for k in model.functions if k[0] == DOMAIN]:
+        del model.functions[key]
+    opset = model_opset(model)
+    for op in used:
+        fn = ir.serde.deserialize_function(function_proto(op, opset))
+        model.functions[fn.identifier()] = fn
+    if used and DOMAIN not in model.opset_imports:
+        model.opset_imports[DOMAIN] = VERSION
+    return model
+
+
+def _attach_functions_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     used = sorted({n.op_type for n in _all_nodes(model.graph) if n.domain == DOMAIN and n.op_type in _BODIES})
     keep = [fn for fn in model.functions if fn.domain != DOMAIN]
     del model.functions[:]

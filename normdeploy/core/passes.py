@@ -3,13 +3,13 @@
 A stage of the pipeline is an explicit tuple of steps (the tables are in
 :mod:`normdeploy.pipeline`); nothing registers itself by being imported. Two kinds:
 
-* :class:`Pass` edits one onnx-graphsurgeon graph: ``fn(graph, ctx, result)`` matches,
-  rewrites in place and records in ``result`` what it changed and why each candidate it
-  left alone was left alone. The runner imports the graph, runs ``fn``, and only when
-  something changed exports it (cleanup, toposort, function bodies) and re-infers shapes,
-  since later passes read ranks and widths.
+* :class:`Pass` edits the graph of the one in-memory ``onnx_ir.Model`` in place:
+  ``fn(graph, ctx, result)`` matches, rewrites and records in ``result`` what it changed and
+  why each candidate it left alone was left alone. Only when something changed does the
+  runner clean up (unused nodes and initializers, topological order, function bodies) and
+  re-infer shapes, since later passes read ranks and widths; a failed inference is a note.
 * :class:`ModelStep` works on the whole model (raise the opset, calibrate statistics on
-  real inputs, rename nodes): ``fn(model, ctx) -> (model, PassResult | None)``.
+  real inputs, rename nodes): ``fn(model, ctx) -> PassResult | None``, in place.
 
 Skip reasons have one form: ``result.skip(node, reason)``. A helper that finds a
 condition failing returns the reason as a string (or raises :class:`Refuse` from deep
@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from .graph import export_model, import_graph, infer_shapes
+from .graph import cleanup, infer_shapes
 
 
 @dataclass
@@ -93,48 +92,88 @@ def always(ctx: PassContext) -> bool:
     return True
 
 
+def settle(model: ir.Model, result: PassResult | None = None) -> None:
+    """After a graph edit: drop what nothing reads, sort, attach function bodies, re-infer shapes."""
+    from .ops import attach_functions
+
+    cleanup(model)
+    attach_functions(model)
+    failure = infer_shapes(model)
+    if failure and result is not None:
+        result.notes.append(f"after {result.name}: {failure}; later passes see the shapes known before")
+
+
+def _replace_contents(model: ir.Model, other: ir.Model) -> None:
+    """TEMPORARY (port to onnx-ir): make ``model`` hold ``other``'s graph (with its opsets) and functions."""
+    model.graph = other.graph
+    model.functions.clear()
+    model.functions.update(other.functions)
+
+
 @dataclass(frozen=True)
 class Pass:
-    """A graph pass: ``fn(graph, ctx, result)`` edits an onnx-graphsurgeon graph in place."""
+    """A graph pass: ``fn(graph, ctx, result)`` edits the graph in place.
+
+    ``ir=False`` (TEMPORARY, while the port to onnx-ir is under way): ``fn`` still takes an
+    onnx-graphsurgeon graph; the runner converts the model both ways around it.
+    """
 
     name: str
-    fn: Callable[[gs.Graph, PassContext, PassResult], None]
+    fn: Callable[[ir.Graph, PassContext, PassResult], None]
     exact: bool = True
     when: Callable[[PassContext], bool] = always
+    ir: bool = True
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassResult]:
-        graph = import_graph(model)
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         result = PassResult(self.name, self.exact)
+        if self.ir:
+            self.fn(model.graph, ctx, result)
+            if result.rewrites:
+                settle(model, result)  # later passes read ranks and widths
+            return result
+        from .graph_gs import export_model, import_graph
+        from .graph_gs import infer_shapes as infer_proto
+
+        proto = ir.to_proto(model)
+        graph = import_graph(proto)
         self.fn(graph, ctx, result)
         if result.rewrites:
-            model = infer_shapes(export_model(graph, model))  # later passes read ranks and widths
-        return model, result
+            _replace_contents(model, ir.from_proto(infer_proto(export_model(graph, proto))))
+        return result
 
 
 @dataclass(frozen=True)
 class ModelStep:
-    """A step over the whole model: ``fn(model, ctx) -> (model, PassResult | None)``."""
+    """A step over the whole model: ``fn(model, ctx) -> PassResult | None``, in place.
+
+    ``ir=False`` (TEMPORARY): ``fn`` takes and returns an ``onnx.ModelProto`` with the result.
+    """
 
     name: str
-    fn: Callable[[onnx.ModelProto, PassContext], tuple[onnx.ModelProto, PassResult | None]]
+    fn: Callable[[ir.Model, PassContext], PassResult | None]
     exact: bool = True
     when: Callable[[PassContext], bool] = always
+    ir: bool = True
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassResult | None]:
-        return self.fn(model, ctx)
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult | None:
+        if self.ir:
+            return self.fn(model, ctx)
+        proto, result = self.fn(ir.to_proto(model), ctx)
+        _replace_contents(model, ir.from_proto(proto))
+        return result
 
 
 Step = Pass | ModelStep
 
 
-def run_steps(model: onnx.ModelProto, steps: tuple[Step, ...], ctx: PassContext
-              ) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run every step whose ``when`` holds, in order; approximate steps only with ``ctx.allow_approx``."""
+def run_steps(model: ir.Model, steps: tuple[Step, ...], ctx: PassContext) -> list[PassResult]:
+    """Run every step whose ``when`` holds, in order, on ``model`` in place; approximate steps only with
+    ``ctx.allow_approx``."""
     results = []
     for step in steps:
         if not step.when(ctx) or not (step.exact or ctx.allow_approx):
             continue
-        model, result = step.run(model, ctx)
+        result = step.run(model, ctx)
         if result is not None:
             results.append(result)
-    return model, results
+    return results

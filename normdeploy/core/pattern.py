@@ -1,11 +1,19 @@
-"""A small pattern language over onnx-graphsurgeon graphs, for the canonicalize recognizers.
+"""A small pattern language over onnx-ir graphs: the one matching mechanism of local rewrites.
 
 A pattern is a tree of :class:`Op` (an op type and input patterns), :class:`Var` (binds a
-tensor), :class:`Const` (binds a constant), :class:`Lit` (a given constant value) and
+value), :class:`Const` (binds a constant), :class:`Lit` (a given constant value) and
 :class:`AnyOf` (alternatives); :func:`match` backtracks through alternatives and through
-the operand order of commutative ops. A :class:`Recognizer` runs patterns over a graph and
-turns each candidate into a rewrite or a skip reason. onnx-graphsurgeon's GraphPattern has
-neither alternatives nor commutativity, hence this module.
+the operand order of commutative ops, and looks through Identity and Casts to the type a
+value already has (those nodes join the match). A :class:`Recognizer` runs a pattern over
+a graph and turns each candidate into a rewrite or a skip reason.
+
+Why not onnxscript's rewriter (prototyped on the LayerNorm and RMSNorm recognizers, 542
+lines against 647): it has no construct to look through no-op Casts (the prototype had to
+override a private matcher method), compares repeated variables by identity, folds no
+constants through Reshape/Unsqueeze/Cast, commits to the first matching OrValue
+alternative, multiplies every rule by ``commute()`` (160 variants for the two), drops the
+reason of a failed check unless a tracer is subclassed, and refuses outside readers
+before the check runs with a message naming no tensor.
 """
 from __future__ import annotations
 
@@ -13,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
-import onnx_graphsurgeon as gs
-from onnx import helper
+import onnx_ir as ir
 
-from ..core.graph import Namer, const_value, is_graph_output
+from .graph import DEFAULT_DOMAINS, Namer, const_value, consumers, is_op, replace_value
 from .passes import PassResult
 
 # ----------------------------------------------------------------------------- pattern language
@@ -24,14 +31,14 @@ from .passes import PassResult
 
 @dataclass(frozen=True)
 class Var:
-    """Any tensor, bound to ``name``; a second occurrence must compute the same value."""
+    """Any value, bound to ``name``; a second occurrence must compute the same value."""
 
     name: str
 
 
 @dataclass(frozen=True)
 class Const:
-    """A tensor that folds to a constant; bound to ``name`` (its value in ``Match.values``)."""
+    """A value that folds to a constant; bound to ``name`` (its value in ``Match.values``)."""
 
     name: str
 
@@ -71,7 +78,6 @@ def any_of(*alts) -> AnyOf:
 
 
 COMMUTATIVE = frozenset({"Add", "Mul"})
-_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 
 @dataclass
@@ -89,40 +95,37 @@ class Match:
     def add_nodes(self, nodes) -> "Match":
         return Match(self.bound, self.values, self.nodes + tuple(nodes))
 
-    def unique_nodes(self) -> list[gs.Node]:
-        seen, out = set(), []
-        for n in self.nodes:
-            if id(n) not in seen:  # membership only; never used for names or order
-                seen.add(id(n))
-                out.append(n)
-        return out
+    def unique_nodes(self) -> list[ir.Node]:
+        return list(dict.fromkeys(self.nodes))
 
 
-def match(p, t: gs.Tensor, m: Match) -> Iterator[Match]:
-    """Every way tensor ``t`` matches pattern ``p`` given the bindings in ``m`` (backtracking)."""
+def match(p, v: ir.Value | None, m: Match) -> Iterator[Match]:
+    """Every way value ``v`` matches pattern ``p`` given the bindings in ``m`` (backtracking)."""
+    if v is None:
+        return
     if isinstance(p, AnyOf):
         for alt in p.alts:
-            yield from match(alt, t, m)
+            yield from match(alt, v, m)
     elif isinstance(p, Var):
         if p.name not in m.bound:
-            yield m.bind(p.name, t)
-        elif same_value(m.bound[p.name], t):
+            yield m.bind(p.name, v)
+        elif same_value(m.bound[p.name], v):
             yield m
     elif isinstance(p, Const):
-        v = fold(t)
-        if v is None:
+        c = fold(v)
+        if c is None:
             return
         if p.name not in m.bound:
-            yield m.bind(p.name, t, v)
-        elif same_value(m.bound[p.name], t):
+            yield m.bind(p.name, v, c)
+        elif same_value(m.bound[p.name], v):
             yield m
     elif isinstance(p, Lit):
-        v = fold(t)
-        if v is not None and v.size and np.all(v == p.value):
+        c = fold(v)
+        if c is not None and c.size and np.all(c == p.value):
             yield m
     elif isinstance(p, Op):
-        skipped, node = producer(t)
-        if node is None or node.op != p.op or node.domain not in _DEFAULT_DOMAINS:
+        skipped, node = producer(v)
+        if node is None or node.op_type != p.op or node.domain not in DEFAULT_DOMAINS:
             return
         n = len(p.inputs)
         if len(node.inputs) < n or (len(node.inputs) > n and not p.extra_inputs):
@@ -143,13 +146,12 @@ def match(p, t: gs.Tensor, m: Match) -> Iterator[Match]:
         raise TypeError(f"not a pattern: {p!r}")
 
 
-def _match_all(patterns, tensors, m: Match) -> Iterator[Match]:
+def _match_all(patterns, values, m: Match) -> Iterator[Match]:
     if not patterns:
         yield m
         return
-    for m1 in match(patterns[0], tensors[0], m):
-        yield from _match_all(patterns[1:], tensors[1:], m1)
-
+    for m1 in match(patterns[0], values[0], m):
+        yield from _match_all(patterns[1:], values[1:], m1)
 
 
 def divided_by_sqrt(numerator, radicand):
@@ -163,199 +165,224 @@ def divided_by_sqrt(numerator, radicand):
         op("Mul", numerator, op("Pow", radicand, Lit(-0.5))),
     )
 
-# ----------------------------------------------------------------------------- tensor helpers
+# ----------------------------------------------------------------------------- value helpers
 
 
-def dtype_of(t: gs.Tensor, depth: int = 8) -> np.dtype | None:
-    """The element type of ``t``: declared, or derived through Casts and type-preserving ops."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values).dtype
-    d = getattr(t, "dtype", None)
-    if d is not None:
-        try:
-            return np.dtype(d)
-        except TypeError:
-            return None
-    if depth == 0 or len(t.inputs) != 1:
+_TYPE_PRESERVING = frozenset({"Identity", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "ReduceMean",
+                              "LayerNormalization", "RMSNormalization", "Transpose", "Reshape"})
+
+
+def _to_dtype(to: int) -> np.dtype | None:
+    try:
+        return np.dtype(ir.DataType(to).numpy())
+    except (TypeError, ValueError):
         return None
-    n = t.inputs[0]
-    if n.op == "Cast" and "to" in n.attrs:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(int(n.attrs["to"])))
-    if n.op == "CastLike" and len(n.inputs) == 2:
+
+
+def dtype_of(v: ir.Value | None, depth: int = 8) -> np.dtype | None:
+    """The element type of ``v``: declared, or derived through Casts and type-preserving ops."""
+    if v is None:
+        return None
+    if v.dtype is not None:
+        try:
+            return np.dtype(v.dtype.numpy())
+        except (TypeError, ValueError):
+            return None
+    n = v.producer()
+    if depth == 0 or n is None:
+        c = const_value(v)
+        return None if c is None else c.dtype
+    if is_op(n, "Cast") and "to" in n.attributes:
+        return _to_dtype(n.attributes.get_int("to"))
+    if is_op(n, "CastLike") and len(n.inputs) == 2:
         return dtype_of(n.inputs[1], depth - 1)
-    if n.op in ("Identity", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "ReduceMean",
-                "LayerNormalization", "RMSNormalization", "Transpose", "Reshape") and n.inputs:
+    if is_op(n, *_TYPE_PRESERVING) and n.inputs:
         return dtype_of(n.inputs[0], depth - 1)
-    v = const_value(t)
-    return None if v is None else v.dtype
+    c = const_value(v)
+    return None if c is None else c.dtype
 
 
-def is_noop_cast(node: gs.Node) -> bool:
+def is_noop_cast(node: ir.Node) -> bool:
     """Identity, or a Cast / CastLike to the type its input already has."""
-    if node.domain not in _DEFAULT_DOMAINS or not node.inputs:
+    if node.domain not in DEFAULT_DOMAINS or not node.inputs or node.inputs[0] is None:
         return False
-    if node.op == "Identity":
+    if node.op_type == "Identity":
         return True
     src = dtype_of(node.inputs[0])
     if src is None:
         return False
-    if node.op == "Cast" and "to" in node.attrs:
-        return src == np.dtype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
-    if node.op == "CastLike" and len(node.inputs) == 2:
+    if node.op_type == "Cast" and "to" in node.attributes:
+        return src == _to_dtype(node.attributes.get_int("to"))
+    if node.op_type == "CastLike" and len(node.inputs) == 2:
         return src == dtype_of(node.inputs[1])
     return False
 
 
-def producer(t: gs.Tensor) -> tuple[list[gs.Node], gs.Node | None]:
-    """The node computing ``t``, looking through no-op Casts (returned first, to join the match)."""
+def producer(v: ir.Value) -> tuple[list[ir.Node], ir.Node | None]:
+    """The node computing ``v``, looking through no-op Casts (returned first, to join the match)."""
     skipped = []
-    while len(t.inputs) == 1:
-        node = t.inputs[0]
+    node = v.producer()
+    while node is not None:
         if is_noop_cast(node):
             skipped.append(node)
-            t = node.inputs[0]
+            node = node.inputs[0].producer()
             continue
         return skipped, node
     return skipped, None
 
 
-def strip_noop(t: gs.Tensor) -> gs.Tensor:
-    while len(t.inputs) == 1 and is_noop_cast(t.inputs[0]):
-        t = t.inputs[0].inputs[0]
-    return t
+def strip_noop(v: ir.Value) -> ir.Value:
+    while (n := v.producer()) is not None and is_noop_cast(n):
+        v = n.inputs[0]
+    return v
 
 
 _FOLDABLE = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"})
 
 
-def fold(t: gs.Tensor, depth: int = 6) -> np.ndarray | None:
-    """The value of ``t`` if it is a constant, also through Reshape/Unsqueeze/Squeeze/Cast of constants."""
-    v = const_value(t)
-    if v is not None or depth == 0 or len(t.inputs) != 1:
-        return v
-    n = t.inputs[0]
-    if n.op not in _FOLDABLE or n.domain not in _DEFAULT_DOMAINS or not n.inputs:
+def fold(v: ir.Value | None, depth: int = 6) -> np.ndarray | None:
+    """The value of ``v`` if it is a constant, also through Reshape/Unsqueeze/Squeeze/Cast of constants."""
+    c = const_value(v)
+    if c is not None or v is None or depth == 0:
+        return c
+    n = v.producer()
+    if n is None or n.op_type not in _FOLDABLE or n.domain not in DEFAULT_DOMAINS or not n.inputs:
         return None
     x = fold(n.inputs[0], depth - 1)
     if x is None:
         return None
-    arg = fold(n.inputs[1], depth - 1) if len(n.inputs) > 1 and n.inputs[1].name else None
+    arg = fold(n.inputs[1], depth - 1) if len(n.inputs) > 1 and n.inputs[1] is not None else None
     try:
-        if n.op == "Identity":
+        if n.op_type == "Identity":
             return x
-        if n.op == "Cast":
-            return x.astype(helper.tensor_dtype_to_np_dtype(int(n.attrs["to"])))
-        if n.op == "Reshape":
+        if n.op_type == "Cast":
+            to = _to_dtype(n.attributes.get_int("to"))
+            return None if to is None else x.astype(to)
+        if n.op_type == "Reshape":
             if arg is None:
                 return None
             shape = [int(s) for s in arg.reshape(-1)]
-            if not n.attrs.get("allowzero", 0):
+            if not n.attributes.get_int("allowzero", 0):
                 shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
             return x.reshape(shape)
-        axes = n.attrs.get("axes", None)
+        axes = n.attributes.get_ints("axes", None)
         axes = list(axes) if axes is not None else (None if arg is None else [int(a) for a in arg.reshape(-1)])
-        if n.op == "Unsqueeze":
+        if n.op_type == "Unsqueeze":
             if axes is None:
                 return None
             out_rank = x.ndim + len(axes)
             for a in sorted(a % out_rank for a in axes):
                 x = np.expand_dims(x, a)
             return x
-        if n.op == "Squeeze":
+        if n.op_type == "Squeeze":
             return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
     except (ValueError, TypeError, KeyError, IndexError):
         return None
     return None
 
 
-def same_value(a: gs.Tensor, b: gs.Tensor, depth: int = 4) -> bool:
-    """True if ``a`` and ``b`` are the same tensor, equal constants, or equal computations of them."""
+def _attrs_key(node: ir.Node) -> dict | None:
+    out = {}
+    for k, a in node.attributes.items():
+        val = a.value
+        if isinstance(val, (list, tuple)):
+            val = tuple(val)
+        elif not isinstance(val, (int, float, str, bytes)):
+            return None  # tensors, graphs: not compared
+        out[k] = val
+    return out
+
+
+def same_value(a: ir.Value, b: ir.Value, depth: int = 4) -> bool:
+    """True if ``a`` and ``b`` are the same value, equal constants, or equal computations of them."""
     a, b = strip_noop(a), strip_noop(b)
     if a is b:
         return True
     va, vb = fold(a), fold(b)
     if va is not None or vb is not None:
         return va is not None and vb is not None and va.shape == vb.shape and bool(np.all(va == vb))
-    if depth == 0 or len(a.inputs) != 1 or len(b.inputs) != 1:
+    pa, pb = a.producer(), b.producer()
+    if depth == 0 or pa is None or pb is None:
         return False
-    pa, pb = a.inputs[0], b.inputs[0]
-    if (pa.op, pa.domain, len(pa.inputs), len(pa.outputs)) != (pb.op, pb.domain, len(pb.inputs), len(pb.outputs)):
+    if (pa.op_type, pa.domain, len(pa.inputs), len(pa.outputs), a.index()) != \
+            (pb.op_type, pb.domain, len(pb.inputs), len(pb.outputs), b.index()):
         return False
-    if pa.outputs.index(a) != pb.outputs.index(b):
+    ka, kb = _attrs_key(pa), _attrs_key(pb)
+    if ka is None or kb is None or ka != kb:
         return False
-    try:
-        if pa.attrs != pb.attrs:
-            return False
-    except ValueError:  # array-valued attributes
-        return False
-    return all(same_value(x, y, depth - 1) for x, y in zip(pa.inputs, pb.inputs))
+    return all(x is y or (x is not None and y is not None and same_value(x, y, depth - 1))
+               for x, y in zip(pa.inputs, pb.inputs))
 
 
-def static_shape(t: gs.Tensor) -> list[int | None] | None:
-    shape = getattr(t, "shape", None)
-    if shape is None:
+def static_shape(v: ir.Value) -> list[int | None] | None:
+    if v.shape is None:
         return None
-    return [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape]
+    return [d if isinstance(d, int) and d >= 0 else None for d in v.shape]
 
 
-def scalar(t: gs.Tensor, what: str) -> float | str:
+def scalar(v: ir.Value, what: str) -> float | str:
     """The value of a constant scalar (any shape of one element), or the reason it is not one."""
-    v = fold(t)
-    if v is None:
+    c = fold(v)
+    if c is None:
         return f"{what} is not a constant"
-    if v.size != 1:
-        return f"{what} is not a scalar (shape {list(v.shape)})"
-    return float(v.reshape(-1)[0])
+    if c.size != 1:
+        return f"{what} is not a scalar (shape {list(c.shape)})"
+    return float(c.reshape(-1)[0])
 
 
-def reduce_axes(node: gs.Node, rank: int | None) -> list[int] | str:
+def reduce_axes(node: ir.Node, rank: int | None) -> list[int] | str:
     """The axes a ReduceMean reduces, as sorted negative indices, or the reason they are not known."""
-    attrs = node.attrs
-    if int(attrs.get("keepdims", 1)) != 1:
-        return f"{node.op} {node.name} drops the reduced axes (keepdims=0)"
-    if attrs.get("axes") is not None:
-        axes = [int(a) for a in attrs["axes"]]
-    elif len(node.inputs) > 1 and node.inputs[1].name:
-        v = fold(node.inputs[1])
-        if v is None:
-            return f"{node.op} {node.name} axes are not a constant"
-        axes = [int(a) for a in v.reshape(-1)]
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return f"{node.op_type} {node.name} drops the reduced axes (keepdims=0)"
+    if "axes" in node.attributes:
+        axes = [int(a) for a in node.attributes.get_ints("axes")]
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        c = fold(node.inputs[1])
+        if c is None:
+            return f"{node.op_type} {node.name} axes are not a constant"
+        axes = [int(a) for a in c.reshape(-1)]
     else:
         axes = []
     if not axes:
-        if int(attrs.get("noop_with_empty_axes", 0)):
-            return f"{node.op} {node.name} has empty axes and noop_with_empty_axes (an identity)"
+        if node.attributes.get_int("noop_with_empty_axes", 0):
+            return f"{node.op_type} {node.name} has empty axes and noop_with_empty_axes (an identity)"
         if rank is None:
-            return f"{node.op} {node.name} reduces every axis of a tensor of unknown rank"
+            return f"{node.op_type} {node.name} reduces every axis of a tensor of unknown rank"
         axes = list(range(rank))
     if rank is not None:
         if any(not -rank <= a < rank for a in axes):
-            return f"{node.op} {node.name} axes {axes} out of range for rank {rank}"
+            return f"{node.op_type} {node.name} axes {axes} out of range for rank {rank}"
         return sorted({a % rank - rank for a in axes})
     if any(a >= 0 for a in axes):
-        return f"{node.op} {node.name} reduces axes {axes} of a tensor of unknown rank"
+        return f"{node.op_type} {node.name} reduces axes {axes} of a tensor of unknown rank"
     return sorted(set(axes))
 
 
-def outside_consumer(graph: gs.Graph, m: Match) -> str | None:
+def outside_consumer(m: Match) -> str | None:
     """Why the matched nodes other than the root cannot be removed, or None if they can."""
     nodes = m.unique_nodes()
-    inside = {id(n) for n in nodes}
+    inside = set(nodes)
     for n in nodes[1:]:
         for o in n.outputs:
-            if is_graph_output(graph, o):
+            if o.is_graph_output():
                 return f"intermediate tensor {o.name} is a graph output"
-            for c in o.outputs:
-                if id(c) not in inside:
-                    return f"intermediate tensor {o.name} has another consumer ({c.op} {c.name})"
+            for c in consumers(o):
+                if c not in inside:
+                    return f"intermediate tensor {o.name} has another consumer ({c.op_type} {c.name})"
     return None
 
 
-def take_output(root: gs.Node) -> gs.Tensor:
-    """Detach ``root`` from its (single) output tensor and return that tensor (name and graph-output status kept)."""
-    y = root.outputs[0]
-    root.outputs.clear()
-    return y
+def take_over(root: ir.Node, new: ir.Value) -> None:
+    """``new`` replaces ``root``'s (single) output: its readers, and its name where it is a graph output.
+
+    The matched nodes are left without readers; the pass runner removes them.
+    """
+    old = root.outputs[0]
+    if new.dtype is None:
+        new.dtype = old.dtype
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    replace_value(old, new)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -384,37 +411,39 @@ class Recognizer:
     candidate: object
     incomplete: str
     accept_candidate: Callable = lambda m: True
+    candidate_ops: frozenset = frozenset({"ReduceMean"})
 
-    def run(self, graph: gs.Graph, result: PassResult) -> None:
-        graph.toposort()
+    def run(self, graph: ir.Graph, result: PassResult) -> None:
+        graph.sort()
         namer = Namer(graph)
-        done: set[int] = set()
-        reasons: dict[int, str] = {}
-        candidates: dict[int, gs.Node] = {}
-        for node in graph.nodes:
-            if node.op == "ReduceMean" and any(
+        nodes = list(graph)
+        done: set = set()
+        reasons: dict = {}
+        candidates: dict = {}
+        for node in nodes:
+            if node.op_type in self.candidate_ops and node.domain in DEFAULT_DOMAINS and any(
                     self.accept_candidate(m) for m in match(self.candidate, node.outputs[0], Match())):
-                candidates[id(node)] = node
-        for node in reversed(list(graph.nodes)):
-            if id(node) in done or node.op not in self.root_ops or len(node.outputs) != 1:
+                candidates[node] = node
+        for node in reversed(nodes):
+            if node in done or node.op_type not in self.root_ops or len(node.outputs) != 1:
                 continue
             for m in match(self.pattern, node.outputs[0], Match()):
-                if m.nodes[0] is not node or any(id(n) in done for n in m.nodes):
+                if m.nodes[0] is not node or any(n in done for n in m.nodes):
                     continue
                 plan = self.plan(graph, m)
                 if plan is None:
                     continue
                 anchor = m.bound[self.anchor]
-                candidates.setdefault(id(anchor), anchor)
+                candidates.setdefault(anchor, anchor)
                 if isinstance(plan, str):
-                    reasons[id(anchor)] = plan  # the innermost failing match speaks last
+                    reasons[anchor] = plan  # the innermost failing match speaks last
                     continue
                 what, new_node = self.rewrite(graph, m, plan, namer)
                 result.rewrote(what, new_node)
-                done.update(id(n) for n in m.nodes)
-                reasons.pop(id(anchor), None)
+                done.update(m.nodes)
+                reasons.pop(anchor, None)
                 break
         result.matched += len(candidates)
-        for node in graph.nodes:  # report in graph order
-            if id(node) in candidates and id(node) not in done:
-                result.skip(node.name, reasons.get(id(node), self.incomplete))
+        for node in nodes:  # report in graph order
+            if node in candidates and node not in done:
+                result.skip(node.name, reasons.get(node, self.incomplete))

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..core.affine import affine_of
-from ..core.graph import Namer, const_value, constant
+from ..core.graph_gs import Namer, const_value, constant
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 

@@ -42,7 +42,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..core.affine import affine_of
-from ..core.graph import Namer, const_value
+from ..core.graph_gs import Namer, const_value
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 from .plugins.trt_plugins import NAMESPACE, PLUGINS, plugin_attributes

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..core.graph import Namer, const_value, constant, is_graph_output
+from ..core.graph_gs import Namer, const_value, constant, is_graph_output
 from ..core.linear import linear_layer
 from ..core.passes import PassContext, PassResult
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..core.graph import Namer, const_value, constant, is_graph_output
+from ..core.graph_gs import Namer, const_value, constant, is_graph_output
 from ..core.linear import linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from normdeploy.core.passes import PassContext
-from normdeploy.pipeline import step
+from tests.graph_helpers import run_step
 
 pytestmark = pytest.mark.gpu
 
@@ -129,7 +129,7 @@ def assert_matches(got, ref, tol, what):
 
 
 def lowered(model, target):
-    out, result = step("lower_to_trt_plugins").run(model, PassContext(target=target))
+    out, result = run_step(model, "lower_to_trt_plugins", PassContext(target=target))
     assert not result.skipped, result.skipped
     return out
 

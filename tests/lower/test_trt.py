@@ -21,13 +21,14 @@ from normdeploy.lower.plugins.emulate import PLUGIN_OPS
 from normdeploy.lower.plugins.trt_plugins import NAMESPACE, PLUGINS
 from normdeploy.options import TARGETS
 from normdeploy.pipeline import pass_table, step
+from tests.graph_helpers import run_step
 
 C = 48  # the width of conftest.canonical_model
 TOL = {np.float32: 1e-5, np.float16: 1e-2}
 
 
 def lower(model, target="trt-fp32"):
-    return step("lower_to_trt_plugins").run(model, PassContext(target=target))
+    return run_step(model, "lower_to_trt_plugins", PassContext(target=target))
 
 
 def run_original(model, feeds):

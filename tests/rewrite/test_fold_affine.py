@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normdeploy.core import ops
 from normdeploy.core.passes import PassContext
-from normdeploy.pipeline import step
 from tests.conftest import ROOT
+from tests.graph_helpers import run_step
 
 PASS = "fold_affine_into_linear"
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
@@ -88,7 +88,7 @@ RTOL = {np.float32: 1e-5, np.float16: 4e-3}
 
 
 def fold(model: onnx.ModelProto):
-    after, result = step(PASS).run(model, PassContext())
+    after, result = run_step(model, PASS, PassContext())
     assert result.matched == len(result.rewrites) + len(result.skipped), result
     return after, result
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from normdeploy.core import norms as survey
 from normdeploy.core import ops
 from normdeploy.core.passes import PassContext
-from normdeploy.pipeline import step
 from tests.conftest import ROOT
+from tests.graph_helpers import run_step
 
 from .test_fold_affine import SETTINGS, G, gammas, run
 
@@ -32,7 +32,7 @@ PATTERNS = {
 
 
 def fold(model: onnx.ModelProto):
-    after, result = step(PASS).run(model, PassContext())
+    after, result = run_step(model, PASS, PassContext())
     assert result.matched == len(result.rewrites) + len(result.skipped), result
     return after, result
 

@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from normdeploy.core.passes import PassContext
-from normdeploy.pipeline import step
 from tests.conftest import export_hf, hf_input, ort_run
+from tests.graph_helpers import run_step
 
 pytestmark = pytest.mark.slow  # exports whole models
 
@@ -45,7 +45,7 @@ def test_preln_becomes_rmsnorm_or_crmsnorm_exactly(make, size, form):
     proto = export_hf(_randomize_norms(model), name, shape, dtype)
     n_ln = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
     op = {"rmsnorm": "RMSNorm", "crmsnorm": "CRMSNorm"}[form]
-    out, result = step(f"preln_to_{form}").run(proto, PassContext(preln_form=form))
+    out, result = run_step(proto, f"preln_to_{form}", PassContext(preln_form=form))
     assert not result.skipped, result.skipped
     assert sum(n.op_type == "LayerNormalization" for n in out.graph.node) == 0
     assert sum(n.op_type == op and n.domain == "normdeploy" for n in out.graph.node) == n_ln == 2 * size[1] + 1
@@ -84,7 +84,7 @@ def test_tied_embedding_is_untied_not_edited():
     torch.manual_seed(0)
     model, name, shape, dtype = gpt2(64, 2, 4)
     proto = export_hf(model, name, shape, dtype)
-    out, _ = step("preln_to_rmsnorm").run(proto, PassContext())
+    out, _ = run_step(proto, "preln_to_rmsnorm", PassContext())
     import onnx
 
     table = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
@@ -108,7 +108,7 @@ def test_post_ln_is_refused_with_the_breaking_node(arch):
 
         model = load_minilm()
     proto = export_hf(model, "input_ids", (1, 16), "int64")
-    out, result = step("preln_to_rmsnorm").run(proto, PassContext())
+    out, result = run_step(proto, "preln_to_rmsnorm", PassContext())
     assert result.rewrites == []
     post = [s for s in result.skipped if s.reason.startswith("post-LN block: the residual Add")]
     assert len(post) >= 2 * 2, result.skipped
@@ -125,6 +125,6 @@ def test_side_read_of_the_stream_is_refused():
     proto = export_hf(model, name, shape, dtype)
     ln = next(n for n in proto.graph.node if n.op_type == "LayerNormalization" and "h.1.ln_1" in n.name)
     proto.graph.output.append(onnx.helper.make_tensor_value_info(ln.input[0], onnx.TensorProto.FLOAT, None))
-    out, result = step("preln_to_rmsnorm").run(proto, PassContext())
+    out, result = run_step(proto, "preln_to_rmsnorm", PassContext())
     assert result.rewrites == []
     assert all(f"stream tensor {ln.input[0]} is a graph output" in s.reason for s in result.skipped), result.skipped
