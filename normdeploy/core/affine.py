@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from .graph_gs import const_value, rank_of
+from .graph import attr, const_value, consumers, rank_of
 from .ops import ATTRIBUTES, DOMAIN
 
-ONNX_DOMAINS = (None, "", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")
 CANONICAL_SOURCES = ("UnifiedNorm", "PowerNorm", "RMSNorm", "CRMSNorm", "DynamicTanh", "ScaleNorm")
 
 @dataclass
@@ -35,7 +35,7 @@ class Affine:
     disappears when folded. Others keep their core with unit parameters.
     """
 
-    node: gs.Node
+    node: ir.Node
     scale: np.ndarray
     shift: np.ndarray
     pure: bool
@@ -43,34 +43,34 @@ class Affine:
     axis: int = 1  # channel axis as written on the node (may be negative); informative
 
     @property
-    def x(self) -> gs.Tensor:
+    def x(self) -> ir.Value:
         return self.node.inputs[0]
 
     @property
-    def y(self) -> gs.Tensor:
+    def y(self) -> ir.Value:
         return self.node.outputs[0]
 
 
-def is_affine_source(node: gs.Node) -> bool:
+def is_affine_source(node: ir.Node) -> bool:
     if node.domain in ONNX_DOMAINS:
-        return node.op in ("BatchNormalization", "LayerNormalization")
-    return node.domain == DOMAIN and node.op in CANONICAL_SOURCES
+        return node.op_type in ("BatchNormalization", "LayerNormalization")
+    return node.domain == DOMAIN and node.op_type in CANONICAL_SOURCES
 
 
-def _params(node: gs.Node, names: tuple[str, ...], first: int = 1, optional: tuple[str, ...] = ()
+def _params(node: ir.Node, names: tuple[str, ...], first: int = 1, optional: tuple[str, ...] = ()
             ) -> list[np.ndarray | None] | str:
     """Constant inputs ``first``, ``first + 1``, ... as float64 (None for a missing optional one), or a reason."""
     vals = []
     for i, n in enumerate(names):
         t = node.inputs[first + i] if len(node.inputs) > first + i else None
-        if t is None or (isinstance(t, gs.Variable) and not t.name):
+        if t is None:
             if n not in optional:
-                return f"{node.op} has no {n} input"
+                return f"{node.op_type} has no {n} input"
             vals.append(None)
             continue
         v = const_value(t)
         if v is None:
-            return f"{node.op} {n} is not a constant"
+            return f"{node.op_type} {n} is not a constant"
         vals.append(np.asarray(v, np.float64))
     return vals
 
@@ -84,49 +84,49 @@ def _channel_shape(n: int, axis: int, rank: int | None) -> tuple[int, ...] | Non
     return (n,) + (1,) * (rank - axis - 1)
 
 
-def tensor_rank(t: gs.Tensor) -> int | None:
+def tensor_rank(t: ir.Value) -> int | None:
     """Rank from shape inference, else from a Conv/Gemm neighbour's weight."""
     r = rank_of(t)
     if r is not None:
         return r
-    for n in list(t.inputs) + list(t.outputs):
-        if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1 and (n.inputs[0] is t or n.outputs[0] is t):
+    for n in ([t.producer()] if t.producer() is not None else []) + consumers(t):
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.inputs) > 1 and (n.inputs[0] is t or n.outputs[0] is t):
             w = const_value(n.inputs[1])
             if w is not None:
                 return w.ndim
-        if n.op == "Gemm" and (n.outputs[0] is t or n.inputs[0] is t):
+        if n.op_type == "Gemm" and (n.outputs[0] is t or n.inputs[0] is t):
             return 2
     return None
 
 
-def affine_of(node: gs.Node) -> Affine | str:
+def affine_of(node: ir.Node) -> Affine | str:
     """The per-channel affine part of ``node``, or the reason it has none that folds."""
-    op = node.op
+    op = node.op_type
     rank = tensor_rank(node.outputs[0]) if node.outputs else None
     if rank is None and node.inputs:
         rank = tensor_rank(node.inputs[0])
     if op == "BatchNormalization" and node.domain in ONNX_DOMAINS:
-        if node.attrs.get("training_mode", 0):
+        if attr(node, "training_mode", 0):
             return "BatchNormalization in training mode uses batch statistics"
-        if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             return "BatchNormalization running-statistics outputs are used"
         p = _params(node, ("scale", "bias", "mean", "var"))
         if isinstance(p, str):
             return p
         g, b, mean, var = p
-        eps = float(node.attrs.get("epsilon", 1e-5))
+        eps = float(attr(node, "epsilon", 1e-5))
         if np.any(var + eps <= 0):
             return "BatchNormalization var + eps is not positive"
         a = g / np.sqrt(var + eps)
         scale, shift, axis, pure = a, b - a * mean, 1, True
     elif op == "LayerNormalization" and node.domain in ONNX_DOMAINS:
-        if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             return "LayerNormalization mean / inv-std outputs are used"
         p = _params(node, ("scale", "bias"), optional=("bias",))
         if isinstance(p, str):
             return p
         g, b = p
-        axis = int(node.attrs.get("axis", -1))
+        axis = int(attr(node, "axis", -1))
         if axis >= 0:
             if rank is None:
                 return "rank of the LayerNormalization input is unknown"
@@ -136,7 +136,7 @@ def affine_of(node: gs.Node) -> Affine | str:
         b = np.zeros_like(g) if b is None else b
         return _finish(node, g, b, False, rank, axis)
     elif node.domain == DOMAIN and op in CANONICAL_SOURCES:
-        attrs = {**ATTRIBUTES[op], **node.attrs}
+        attrs = {**ATTRIBUTES[op], **{k: attr(node, k) for k in node.attributes}}
         if op == "UnifiedNorm":
             p = _params(node, ("running moment", "weight", "bias"))
             if isinstance(p, str):
@@ -185,5 +185,5 @@ def affine_of(node: gs.Node) -> Affine | str:
 def _finish(node, scale, shift, pure, rank, axis) -> Affine | str:
     scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return f"{node.op} parameters are not finite"
+        return f"{node.op_type} parameters are not finite"
     return Affine(node, scale, shift, pure, rank, axis)

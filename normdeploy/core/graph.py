@@ -34,6 +34,15 @@ def is_op(node: ir.Node | None, *op_types: str) -> bool:
     return node is not None and node.op_type in op_types and node.domain in DEFAULT_DOMAINS
 
 
+def attr(node: ir.Node, name: str, default=None):
+    """The Python value of attribute ``name`` of ``node`` (ints, floats, strs and their lists), or ``default``."""
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    v = a.value
+    return list(v) if isinstance(v, tuple) else v
+
+
 def const_value(v: ir.Value | None) -> np.ndarray | None:
     """The value of ``v`` if it is a constant (initializer or Constant node output), else None."""
     if v is None:
@@ -153,19 +162,23 @@ def set_input(node: ir.Node, i: int, v: ir.Value | None) -> None:
     node.replace_input_with(i, v)
 
 
-def replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Every reader of ``old`` reads ``new``; where ``old`` is a graph output, ``new`` takes its place and name."""
+def replace_value(old: ir.Value, new: ir.Value, except_node: ir.Node | None = None) -> None:
+    """Every reader of ``old`` (but ``except_node``) reads ``new``; where ``old`` is a graph output, ``new``
+    takes its place and its name (``old`` gets ``new``'s former name)."""
     if old is new:
         return
     if old.is_graph_output():
-        name = old.name
-        old.name = None
+        name, other = old.name, new.name
         graph = old.graph
+        old.name = None
+        new.name = name
+        old.name = other
         for i, out in enumerate(graph.outputs):
             if out is old:
                 graph.outputs[i] = new
-        new.name = name
-    old.replace_all_uses_with(new)
+    for node, index in list(old.uses()):
+        if node is not except_node:
+            node.replace_input_with(index, new)
 
 
 def remove_nodes(graph: ir.Graph, nodes) -> None:

@@ -8,9 +8,9 @@ use the same mapper.
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from .graph_gs import const_value, rank_of
+from .graph import attr, const_value, rank_of, shape_of
 
 MOVERS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 SELECTORS = ("Gather", "Slice")  # consumer side only: they pick along axes where the affine is constant
@@ -53,9 +53,9 @@ def vector_along(arr: np.ndarray, axis: int, rank: int | None, n: int) -> np.nda
     return v if v.size == n else None
 
 
-def dims(t: gs.Tensor) -> list | None:
-    shape = getattr(t, "shape", None)
-    return None if shape is None else list(shape)
+def dims(t: ir.Value) -> list | None:
+    """The shape of ``t``: ints, named dimensions (str) or None for unknown ones; None for an unknown rank."""
+    return shape_of(t)
 
 
 def same_dim(p, q) -> bool:
@@ -96,67 +96,67 @@ def _transpose_arr(arr: np.ndarray, perm: list[int]) -> np.ndarray | None:
     return None if a is None else np.transpose(a, perm)
 
 
-def const_ints(t: gs.Tensor) -> list[int] | None:
+def const_ints(t: ir.Value) -> list[int] | None:
     v = const_value(t)
     return None if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
 
 
-def _perm(node: gs.Node, rank: int | None) -> list[int] | None:
-    perm = node.attrs.get("perm")
+def _perm(node: ir.Node, rank: int | None) -> list[int] | None:
+    perm = attr(node, "perm")
     if perm is not None:
         return [int(p) for p in perm]
     return None if rank is None else list(range(rank))[::-1]
 
 
-def _map_layout(node: gs.Node, arrs: list[np.ndarray], backward: bool) -> list[np.ndarray] | str | None:
+def _map_layout(node: ir.Node, arrs: list[np.ndarray], backward: bool) -> list[np.ndarray] | str | None:
     """Identity, Transpose and the reshapes, either way; None when ``node`` is none of those."""
     src, dst = dims(node.inputs[0]), dims(node.outputs[0])
-    if node.op == "Identity":
+    if node.op_type == "Identity":
         return arrs
-    if node.op == "Transpose":
+    if node.op_type == "Transpose":
         perm = _perm(node, len(src) if src is not None else rank_of(node.outputs[0]))
         if perm is None:
             return "Transpose rank unknown"
         out = [_transpose_arr(a, list(np.argsort(perm)) if backward else perm) for a in arrs]
         return "affine rank exceeds the tensor rank" if any(o is None for o in out) else out
-    if node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+    if node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
         out = [_reshape_arr(a, dst, src) if backward else _reshape_arr(a, src, dst) for a in arrs]
         bad = next((o for o in out if isinstance(o, str)), None)
         return bad if bad else out
     return None
 
 
-def map_forward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
+def map_forward(node: ir.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
     """Affine arrays on ``node.inputs[0]`` mapped to ``node.outputs[0]`` (consumer direction)."""
     mapped = _map_layout(node, arrs, backward=False)
     if mapped is not None:
         return mapped
     src = dims(node.inputs[0])
-    if node.op in SELECTORS:
+    if node.op_type in SELECTORS:
         if src is None:
             return "shape unknown (run shape inference)"
         rank = len(src)
         full = [pad_rank(a, rank) for a in arrs]
         if any(f is None for f in full):
             return "affine rank exceeds the tensor rank"
-        if node.op == "Gather":
-            axis = int(node.attrs.get("axis", 0)) % rank
+        if node.op_type == "Gather":
+            axis = int(attr(node, "axis", 0)) % rank
             idx = const_value(node.inputs[1])
             if idx is None:
                 return "Gather indices are not constant"
             if any(f.shape[axis] != 1 for f in full):
                 return "Gather picks along the channel axis"
             return [f.reshape(f.shape[:axis] + (1,) * np.ndim(idx) + f.shape[axis + 1:]) for f in full]
-        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 else list(range(rank))
+        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(rank))
         if axes is None:
             return "Slice axes are not constant"
         if any(f.shape[ax % rank] != 1 for f in full for ax in axes):
             return "Slice cuts along the channel axis"
         return full
-    return f"{node.op} does not map the channel axis"
+    return f"{node.op_type} does not map the channel axis"
 
 
-def map_backward(node: gs.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
+def map_backward(node: ir.Node, arrs: list[np.ndarray]) -> list[np.ndarray] | str:
     """Affine arrays on ``node.outputs[0]`` mapped back to ``node.inputs[0]`` (producer direction)."""
     mapped = _map_layout(node, arrs, backward=True)
-    return mapped if mapped is not None else f"{node.op} does not map the channel axis"
+    return mapped if mapped is not None else f"{node.op_type} does not map the channel axis"

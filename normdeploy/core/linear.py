@@ -26,28 +26,22 @@ Nothing changes in the graph until :meth:`Linear.apply`; a shared weight is neve
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from .graph_gs import Namer, const_value, constant, is_graph_output, rank_of
+from .graph import Namer, add_node, attr, const_value, constant, consumers, rank_of, replace_value, set_input
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-ONNX_DOMAINS = (None, "", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")
 
 
-def set_input(node: gs.Node, i: int, t: gs.Tensor) -> None:
-    while len(node.inputs) <= i:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[i] = t
-
-
-def padded(node: gs.Node) -> bool:
-    pads = node.attrs.get("pads")
-    auto = node.attrs.get("auto_pad", "NOTSET")
+def padded(node: ir.Node) -> bool:
+    pads = attr(node, "pads")
+    auto = attr(node, "auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
     return bool(pads is not None and any(int(p) != 0 for p in pads)) or auto in ("SAME_UPPER", "SAME_LOWER")
 
 
-def matmul_weight_slot(node: gs.Node) -> int | None:
+def matmul_weight_slot(node: ir.Node) -> int | None:
     if const_value(node.inputs[1]) is not None:
         return 1
     if const_value(node.inputs[0]) is not None:
@@ -55,13 +49,14 @@ def matmul_weight_slot(node: gs.Node) -> int | None:
     return None
 
 
-def bias_add_of(graph: gs.Graph, node: gs.Node) -> tuple[gs.Node, int, np.ndarray] | None:
+def bias_add_of(graph: ir.Graph, node: ir.Node) -> tuple[ir.Node, int, np.ndarray] | None:
     """The ``Add(node output, constant)`` that alone reads ``node``'s output, if any."""
     out = node.outputs[0]
-    if is_graph_output(graph, out) or len(out.outputs) != 1:
+    readers = consumers(out)
+    if out.is_graph_output() or len(readers) != 1 or len(out.uses()) != 1:
         return None
-    add = out.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
+    add = readers[0]
+    if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.inputs) != 2:
         return None
     other = 1 if add.inputs[0] is out else 0
     v = const_value(add.inputs[other])
@@ -91,7 +86,7 @@ class Linear:
     out_size: int
     two_d = False  # a [k, n] (or [n, k] with transB) weight: centre_inputs / drop_last_input apply
 
-    def __init__(self, graph: gs.Graph, node: gs.Node, slot: int, w: np.ndarray, dtype=None):
+    def __init__(self, graph: ir.Graph, node: ir.Node, slot: int, w: np.ndarray, dtype=None):
         self.graph, self.node, self.slot, self.w = graph, node, slot, w
         self.w64 = w.astype(np.float64)
         self.w_changed = False
@@ -121,25 +116,26 @@ class Linear:
 
     @property
     def base(self) -> str:
-        return self.node.name or self.node.op.lower()
+        return self.node.name or self.node.op_type.lower()
 
 
-def linear_layer(graph: gs.Graph, node: gs.Node, slot: int = 0, dtype=None, bias_add: bool = True) -> Linear | str:
+def linear_layer(graph: ir.Graph, node: ir.Node, slot: int = 0, dtype=None, bias_add: bool = True) -> Linear | str:
     """The adapter for ``node`` read through input ``slot`` (the activation), or why it is not a linear layer."""
-    if node.domain not in ONNX_DOMAINS or node.op not in LINEAR:
-        return f"{node.op} {node.name} is not linear"
-    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+    op = node.op_type
+    if node.domain not in ONNX_DOMAINS or op not in LINEAR:
+        return f"{op} {node.name} is not linear"
+    if op in ("Conv", "ConvTranspose", "Gemm"):
         if slot != 0:
-            what = "a parameter" if node.op != "Gemm" else ("B" if slot == 1 else "C")
-            return f"{node.op} {node.name} reads the normalized tensor as {what}"
+            what = "a parameter" if op != "Gemm" else ("B" if slot == 1 else "C")
+            return f"{op} {node.name} reads the normalized tensor as {what}"
         w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if w is None:
-            return f"{node.op} {node.name} {'B' if node.op == 'Gemm' else 'weight'} is not a constant"
-        has_b = len(node.inputs) > 2 and node.inputs[2].name
+            return f"{op} {node.name} {'B' if op == 'Gemm' else 'weight'} is not a constant"
+        has_b = len(node.inputs) > 2 and node.inputs[2] is not None
         b = const_value(node.inputs[2]) if has_b else None
         if has_b and b is None:
-            return f"{node.op} {node.name} {'C' if node.op == 'Gemm' else 'bias'} is not a constant"
-        cls = {"Conv": _Conv, "ConvTranspose": _ConvTranspose, "Gemm": _Gemm}[node.op]
+            return f"{op} {node.name} {'C' if op == 'Gemm' else 'bias'} is not a constant"
+        cls = {"Conv": _Conv, "ConvTranspose": _ConvTranspose, "Gemm": _Gemm}[op]
         return cls(graph, node, 1, w, dtype, b)
     wslot = 1 - slot
     w = const_value(node.inputs[wslot])
@@ -155,7 +151,7 @@ class _Conv(Linear):
 
     def __init__(self, graph, node, slot, w, dtype, b):
         super().__init__(graph, node, slot, w, dtype)
-        self.group = int(node.attrs.get("group", 1))
+        self.group = int(attr(node, "group", 1))
         self.b = b
         self.b64 = None  # pending bias (None: unchanged)
         self.in_axis, self.in_rank, self.in_size = 1, w.ndim, w.shape[1] * self.group
@@ -192,7 +188,8 @@ class _Conv(Linear):
 
     def apply(self, namer, suffix=None):
         if self.w_changed:
-            self.node.inputs[1] = constant(namer, self.base, suffix or "weight_folded", self.w64.astype(self.w.dtype))
+            self.node.replace_input_with(1, constant(namer, self.base, suffix or "weight_folded",
+                                                     self.w64.astype(self.w.dtype)))
         if self.b64 is not None:
             set_input(self.node, 2, constant(namer, self.base, suffix or "bias_folded",
                                              np.asarray(self.b64).astype(self.w.dtype)))
@@ -232,14 +229,14 @@ class _Gemm(Linear):
 
     def __init__(self, graph, node, slot, w, dtype, c):
         super().__init__(graph, node, slot, w, dtype)
-        self.trans_b = int(node.attrs.get("transB", 0))
-        self.two_d = not int(node.attrs.get("transA", 0))
-        self.alpha, self.beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        self.trans_b = int(attr(node, "transB", 0))
+        self.two_d = not int(attr(node, "transA", 0))
+        self.alpha, self.beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
         self.c = c
         self.c_new = None  # pending C (None: unchanged)
         self.beta_new = None  # pending beta attribute (None: unchanged)
         k, n = (w.shape[1], w.shape[0]) if self.trans_b else (w.shape[0], w.shape[1])
-        self.in_axis, self.in_rank, self.in_size = (0 if int(node.attrs.get("transA", 0)) else 1), 2, k
+        self.in_axis, self.in_rank, self.in_size = (0 if int(attr(node, "transA", 0)) else 1), 2, k
         self.out_axis, self.out_rank, self.out_size = 1, 2, n
 
     def _scaled_c(self):
@@ -279,12 +276,12 @@ class _Gemm(Linear):
 
     def apply(self, namer, suffix=None):
         if self.w_changed:
-            self.node.inputs[1] = constant(namer, self.base, suffix or "B_folded", self.w64.astype(self.w.dtype))
+            self.node.replace_input_with(1, constant(namer, self.base, suffix or "B_folded", self.w64.astype(self.w.dtype)))
         if self.c_new is not None:
             set_input(self.node, 2, constant(namer, self.base, suffix or "C_folded",
                                              np.asarray(self.c_new).astype(self.w.dtype)))
         if self.beta_new is not None:
-            self.node.attrs["beta"] = self.beta_new
+            self.node.attributes["beta"] = ir.AttrFloat32("beta", self.beta_new)
 
 
 class _MatMul(Linear):
@@ -358,20 +355,21 @@ class _MatMul(Linear):
     def apply(self, namer, suffix=None):
         node = self.node
         if self.w_changed:
-            node.inputs[self.slot] = constant(namer, self.base, suffix or "weight_folded", self.w64.astype(self.w.dtype))
+            node.replace_input_with(self.slot, constant(namer, self.base, suffix or "weight_folded",
+                                                        self.w64.astype(self.w.dtype)))
         if self.bias64 is not None:
             add, slot, old = self.bias_add
-            add.inputs[slot] = constant(namer, add.name or "add", "bias_folded", self.bias64.astype(old.dtype))
+            add.replace_input_with(slot, constant(namer, add.name or "add", "bias_folded", self.bias64.astype(old.dtype)))
         if self.shift is None:
             return
         if self.becomes_gemm():  # one node, what ONNX Runtime fuses anyway
-            node.op = "Gemm"
+            node.op_type = "Gemm"
             c = np.broadcast_to(np.asarray(self.shift, np.float64).reshape(-1), (self.w.shape[1],))
-            node.inputs.append(constant(namer, self.base, "C_folded", c.astype(self.dtype)))
-            node.attrs = {}
+            set_input(node, 2, constant(namer, self.base, "C_folded", c.astype(self.dtype)))
+            node.attributes.clear()
             return
         out = node.outputs[0]
-        mid = gs.Variable(namer(out.name, "unshifted"), dtype=out.dtype, shape=out.shape)
-        node.outputs[0] = mid
         c = constant(namer, self.base, "shift", np.asarray(self.shift, np.float64).astype(self.dtype))
-        self.graph.nodes.append(gs.Node("Add", namer(self.base, "shift_add"), inputs=[mid, c], outputs=[out]))
+        add = add_node(namer, "Add", [out, c], base=self.base, suffix="shift_add")
+        add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+        replace_value(out, add.outputs[0], except_node=add)

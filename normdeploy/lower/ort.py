@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..core.affine import affine_of
+from ..core.affine_gs import affine_of
 from ..core.graph_gs import Namer, const_value, constant
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult

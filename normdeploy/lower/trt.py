@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..core.affine import affine_of
+from ..core.affine_gs import affine_of
 from ..core.graph_gs import Namer, const_value
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult

@@ -50,10 +50,10 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..core.affine import ONNX_DOMAINS, Affine, affine_of, is_affine_source
+from ..core.affine_gs import ONNX_DOMAINS, Affine, affine_of, is_affine_source
 from ..core.graph_gs import Namer, const_value, constant, is_graph_output, rewire_output
-from ..core.layout import MOVERS, SELECTORS, compress, dims, map_backward, map_forward, same_dim, vector_along
-from ..core.linear import LINEAR, linear_layer, matmul_weight_slot, padded
+from ..core.layout_gs import MOVERS, SELECTORS, compress, dims, map_backward, map_forward, same_dim, vector_along
+from ..core.linear_gs import LINEAR, linear_layer, matmul_weight_slot, padded
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 

@@ -44,7 +44,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..core.graph_gs import Namer, const_value, constant, is_graph_output, rank_of
-from ..core.layout import compress as _compress
+from ..core.layout_gs import compress as _compress
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 

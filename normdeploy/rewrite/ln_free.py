@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..core.graph_gs import Namer, const_value, constant, is_graph_output
-from ..core.linear import linear_layer
+from ..core.linear_gs import linear_layer
 from ..core.passes import PassContext, PassResult
 
 

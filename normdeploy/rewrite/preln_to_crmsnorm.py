@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..core.graph_gs import Namer, const_value, constant, is_graph_output
-from ..core.linear import linear_layer
+from ..core.linear_gs import linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from .preln_to_rmsnorm import Stream, convert_streams

@@ -41,7 +41,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..core.graph_gs import Namer, const_value, constant, is_graph_output
-from ..core.linear import centre, linear_layer
+from ..core.linear_gs import centre, linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult, Refuse
 
