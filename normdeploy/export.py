@@ -21,20 +21,26 @@ import logging
 import warnings
 
 import onnx
+import onnx_ir as ir
 
 from .core import ops
 from .core.errors import UnsupportedError
-from .core.graph_gs import infer_shapes
+from .core.graph import infer_shapes
 from .core.inputs import example_arrays
 from .load import Loaded
 
 DEFAULT_OPSET = 20
 
 
-def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto, list[str]]:
-    """Export ``loaded`` to ONNX; returns the model and notes for the report."""
+def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[ir.Model, list[str]]:
+    """Export ``loaded`` to ONNX, as an in-memory ``onnx_ir.Model``; returns it and notes for the report.
+
+    A torch module's export holds the module's own parameter tensors (no copy); an ONNX
+    file's external data stays memory-mapped until a stage reads it.
+    """
     if loaded.kind == "onnx":
-        return finalize(loaded.obj), []
+        notes: list[str] = []
+        return finalize(loaded.obj, notes), notes
     import torch
 
     arrays = example_arrays(loaded.inputs, batch=max(2, loaded.inputs[0].shape[0]) if loaded.inputs else None)
@@ -50,10 +56,10 @@ def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[onnx.ModelProto
             model, dynamic = _export_dynamo(loaded, args, opset)
             if not dynamic:
                 notes.append("batch axis exported static: the model fixes it (dynamic export failed)")
-    return finalize(model), notes
+    return finalize(model, notes), notes
 
 
-def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[onnx.ModelProto, bool]:
+def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[ir.Model, bool]:
     import torch
 
     dyn = tuple({0: torch.export.Dim("batch", min=1, max=65536)} for _ in args)
@@ -63,7 +69,7 @@ def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[onnx.ModelProto, b
             prog = torch.onnx.export(loaded.obj, args, dynamo=True, optimize=False, opset_version=opset,
                                      dynamic_shapes=dynamic_shapes, verbose=False,
                                      input_names=[s.name for s in loaded.inputs])
-            return prog.model_proto, dynamic_shapes is not None
+            return prog.model, dynamic_shapes is not None
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             errors.append(e)
     msg = str(errors[-1]).strip().splitlines()
@@ -71,7 +77,7 @@ def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[onnx.ModelProto, b
                            "run with --debug for the exporter's trace, or export to ONNX yourself and pass the .onnx")
 
 
-def _export_torchscript(loaded: Loaded, args, opset: int) -> onnx.ModelProto:
+def _export_torchscript(loaded: Loaded, args, opset: int) -> ir.Model:
     import torch
 
     names = [s.name for s in loaded.inputs]
@@ -82,33 +88,36 @@ def _export_torchscript(loaded: Loaded, args, opset: int) -> onnx.ModelProto:
     except Exception as e:  # noqa: BLE001
         raise UnsupportedError(f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                                "export to ONNX yourself and pass the .onnx") from e
-    return onnx.load_from_string(f.getvalue())
+    return ir.from_proto(onnx.load_from_string(f.getvalue()))
 
 
-def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constants, drop dead nodes and debug metadata, attach canonical function bodies, infer shapes."""
+def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
+    """Fold constants, drop dead nodes and debug metadata, attach canonical function bodies, infer shapes.
+
+    In place; a failed shape inference is a note (later passes then see fewer shapes).
+    """
     from onnxscript import optimizer
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
     _name_norms_after_modules(model)
-    for n in model.graph.node:
-        del n.metadata_props[:]
-    for vi in list(model.graph.input) + list(model.graph.output):
-        del vi.metadata_props[:]
-    for i in model.graph.initializer:
-        del i.metadata_props[:]
-    del model.metadata_props[:]
-    if model.opset_import and ops.model_opset(model) >= 18 and not _has_subgraphs(model):
+    for n in model.graph.all_nodes():
+        n.metadata_props.clear()
+    for v in list(model.graph.inputs) + list(model.graph.outputs) + list(model.graph.initializers.values()):
+        v.metadata_props.clear()
+    model.metadata_props.clear()
+    if model.opset_imports and ops.model_opset(model) >= 18 and not _has_subgraphs(model):
         try:
             optimizer.fold_constants(model)  # in place
             optimizer.remove_unused_nodes(model)
         except Exception:  # noqa: BLE001 - the folder is a nicety; the graph stays valid without it
             pass
     ops.attach_functions(model)
-    return infer_shapes(model)
+    failure = infer_shapes(model)
+    if failure and notes is not None:
+        notes.append(f"exported model: {failure}")
+    return model
 
 
-def _name_norms_after_modules(model: onnx.ModelProto) -> None:
+def _name_norms_after_modules(model: ir.Model) -> None:
     """Name nodes after the torch module that emitted them.
 
     A normalization node takes the module path itself (``blocks.0.norm1``); any other node
@@ -120,9 +129,9 @@ def _name_norms_after_modules(model: onnx.ModelProto) -> None:
 
     from .core.norms import kind_of
 
-    used = {n.name for n in model.graph.node}
-    for n in model.graph.node:
-        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+    used = {n.name for n in model.graph}
+    for n in model.graph:
+        scopes = n.metadata_props.get("pkg.torch.onnx.name_scopes")
         if not scopes:
             continue
         try:
@@ -138,6 +147,5 @@ def _name_norms_after_modules(model: onnx.ModelProto) -> None:
             n.name = name
 
 
-def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
-               for a in n.attribute)
+def _has_subgraphs(model: ir.Model) -> bool:
+    return any(True for _ in model.graph.subgraphs())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from .core.errors import InputError, UnsupportedError
 from .core.inputs import DTYPES as _DTYPES
@@ -82,7 +83,10 @@ def load_object(obj, input_texts: tuple[str, ...] = ()) -> Loaded:
         except onnx.checker.ValidationError as e:
             raise InputError(f"the ONNX model fails the checker: {str(e).strip().splitlines()[0]}",
                              "fix or re-export the model") from None
+        obj = ir.from_proto(obj)
         return Loaded("onnx", "<onnx.ModelProto>", obj, onnx_input_specs(obj, input_texts))
+    if isinstance(obj, ir.Model):
+        return Loaded("onnx", "<onnx_ir.Model>", obj, onnx_input_specs(obj, input_texts))
     import torch
 
     if isinstance(obj, torch.export.ExportedProgram):
@@ -135,40 +139,43 @@ def sniff(path: str) -> str:
     return "onnx"
 
 
-def load_onnx(path: str) -> onnx.ModelProto:
+def load_onnx(path: str) -> ir.Model:
+    """An ONNX file as an ``onnx_ir.Model``; its external data stays memory-mapped until read.
+
+    The file is checked by path (``onnx.checker.check_model(path)``), which also works past
+    the 2 GB protobuf limit; every external data file must exist next to the model.
+    """
     try:
-        model = onnx.load(path, load_external_data=False)
+        model = ir.load(path)
     except Exception:  # noqa: BLE001 - protobuf raises several types on garbage
         raise InputError(f"{path} is neither an ONNX model nor a torch file (it does not parse)",
                          "pass an .onnx, TorchScript .pt, torch.export .pt2 or torch.save'd nn.Module") from None
-    if not model.graph.node and not model.graph.output:
+    if not len(model.graph) and not model.graph.outputs:
         raise InputError(f"{path} is neither an ONNX model nor a torch file (it parses to an empty model)",
                          "pass an .onnx, TorchScript .pt, torch.export .pt2 or torch.save'd nn.Module")
     base = os.path.dirname(os.path.abspath(path))
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    for t in _get_all_tensors(model):
-        if uses_external_data(t):
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            loc = t.location
             if not os.path.exists(os.path.join(base, loc)):
-                raise InputError(f"{path} keeps tensor {t.name} in external file {loc!r}, which is missing",
+                raise InputError(f"{path} keeps tensor {v.name} in external file {loc!r}, which is missing",
                                  f"copy {loc} next to the model")
     try:
-        onnx.load_external_data_for_model(model, base)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"external data of {path} cannot be read ({e})", "re-copy the .onnx with its data file") from e
-    try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(path)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise InputError(f"{path} fails the ONNX checker: {first}", "fix or re-export the model") from None
+    except Exception as e:  # noqa: BLE001 - external data that cannot be read, and the like
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path} cannot be checked ({first})", "re-copy the .onnx with its data file") from None
     return model
 
 
-def onnx_input_specs(model: onnx.ModelProto, input_texts: tuple[str, ...]) -> list[InputSpec]:
+def onnx_input_specs(model: ir.Model, input_texts: tuple[str, ...]) -> list[InputSpec]:
     given = {}
-    inits = {i.name for i in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    inits = set(model.graph.initializers)
+    graph_inputs = [i for i in model.graph.inputs if i.name not in inits]
     for text in input_texts:
         name, shape, dtype = parse_input_spec(text)
         if name is None:
@@ -183,12 +190,14 @@ def onnx_input_specs(model: onnx.ModelProto, input_texts: tuple[str, ...]) -> li
         if name not in names:
             raise InputError(f"--input names {name!r}, which is not a model input", f"model inputs: {', '.join(names)}")
     for vi in graph_inputs:
-        tt = vi.type.tensor_type
-        elem = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        dtype = next((k for k, v in _DTYPES.items() if np.dtype(v) == elem), None)
+        try:
+            elem = np.dtype(vi.dtype.numpy()) if vi.dtype is not None else None
+        except (TypeError, ValueError):
+            elem = None
+        dtype = next((k for k, v in _DTYPES.items() if elem is not None and np.dtype(v) == elem), None)
         if dtype is None:
-            raise UnsupportedError(f"input {vi.name} has dtype {elem}", "normdeploy handles float and integer inputs")
-        dims = [(d.dim_value if d.HasField("dim_value") else None, d.dim_param) for d in tt.shape.dim]
+            raise UnsupportedError(f"input {vi.name} has dtype {vi.dtype}", "normdeploy handles float and integer inputs")
+        dims = [(d, None) if isinstance(d, int) else (None, getattr(d, "value", None)) for d in (vi.shape or [])]
         dynamic = {i: (p or f"d{i}") for i, (v, p) in enumerate(dims) if v is None}
         if vi.name in given:
             shape = given[vi.name]

@@ -8,6 +8,7 @@ what the transform did to each normalization) and :func:`measure` (the ``bench``
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -15,13 +16,14 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
-from .build import OrtRunner, TorchRunner
+from .build import INLINE_LIMIT, OrtRunner, TorchRunner
 from .canonicalize.layernorm import recognize_layernorm
 from .canonicalize.naming import name_norms_after_modules
 from .canonicalize.rmsnorm import recognize_rmsnorm
 from .core import norms
 from .core.errors import InputError
-from .core.graph import infer_shapes
+from .core.graph import infer_shapes, save_model, signature, weight_bytes
+from .core.profile import StageProfile, peak_rss_bytes
 from .core.inputs import InputSpec, example_arrays
 from .core.passes import ModelStep, Pass, PassContext, PassResult, Step, run_steps
 from .core.version import __version__
@@ -47,24 +49,24 @@ STAGES = ("canonicalize", "rewrite", "lower")
 CANONICALIZE: tuple[Step, ...] = (
     Pass("recognize_layernorm", recognize_layernorm),
     Pass("recognize_rmsnorm", recognize_rmsnorm),
-    ModelStep("name_norms_after_modules", name_norms_after_modules, ir=False),
+    ModelStep("name_norms_after_modules", name_norms_after_modules),
 )
 REWRITE: tuple[Step, ...] = (
     ModelStep("calibrate_layernorm_std", calibrate_layernorm_std, exact=False,
-              when=lambda ctx: ctx.calib_feeds is not None, ir=False),
-    Pass("ln_free", ln_free, exact=False, ir=False),
-    Pass("preln_to_crmsnorm", preln_to_crmsnorm, when=lambda ctx: ctx.preln_form == "crmsnorm", ir=False),
-    Pass("preln_to_rmsnorm", preln_to_rmsnorm, ir=False),
-    Pass("fold_mpbn_into_threshold", fold_mpbn_into_threshold, ir=False),
-    Pass("fold_affine_into_linear", fold_affine_into_linear, ir=False),
+              when=lambda ctx: ctx.calib_feeds is not None),
+    Pass("ln_free", ln_free, exact=False),
+    Pass("preln_to_crmsnorm", preln_to_crmsnorm, when=lambda ctx: ctx.preln_form == "crmsnorm"),
+    Pass("preln_to_rmsnorm", preln_to_rmsnorm),
+    Pass("fold_mpbn_into_threshold", fold_mpbn_into_threshold),
+    Pass("fold_affine_into_linear", fold_affine_into_linear),
 )
 LOWER_ORT: tuple[Step, ...] = (
     ModelStep("raise_opset_for_rmsnormalization", raise_opset_for_rmsnormalization,
-              when=lambda ctx: ctx.ort_rms_op == "standard", ir=False),
-    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops, ir=False),
+              when=lambda ctx: ctx.ort_rms_op == "standard"),
+    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
 )
 LOWER_TRT: tuple[Step, ...] = (
-    Pass("lower_to_trt_plugins", lower_to_trt_plugins, ir=False),
+    Pass("lower_to_trt_plugins", lower_to_trt_plugins),
 )
 
 
@@ -83,7 +85,7 @@ def step(name: str) -> Step:
 
 
 def run_stage(model: onnx.ModelProto, stage: str, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """One stage of ``ctx.target``'s table on its own (tests, benchmarks); :func:`transform` runs them all."""
+    """One stage of ``ctx.target``'s table on a ModelProto (tests, benchmarks); :func:`transform` runs them all."""
     m = ir.from_proto(model)
     results = run_steps(m, pass_table(ctx.target)[stage], ctx)
     return ir.to_proto(m), results
@@ -99,10 +101,10 @@ def _noop(stage: str, fraction: float | None = None) -> None:
 # ----------------------------------------------------------------------------- load + export
 
 class Prepared(NamedTuple):
-    """The original model as ONNX (canonical nodes, function bodies), with what it takes."""
+    """The original model as an in-memory ONNX model (canonical nodes, function bodies), with what it takes."""
 
     loaded: Loaded
-    original: onnx.ModelProto
+    original: ir.Model
     notes: list[str]
 
     @property
@@ -121,22 +123,22 @@ def prepare(source, options: Options, progress: Progress = _noop) -> Prepared:
     return Prepared(loaded, original, notes)
 
 
-def _specs_after_export(model: onnx.ModelProto, specs: list[InputSpec], notes: list[str]) -> list[InputSpec]:
+def _specs_after_export(model: ir.Model, specs: list[InputSpec], notes: list[str]) -> list[InputSpec]:
     """The exported graph is the truth: its input names, and which axes it kept dynamic.
 
     The exporter may rename inputs (kept in order) and may fix an axis the user wanted
     dynamic (an ExportedProgram saved without dynamic shapes, say); then the exported size wins.
     """
-    inits = {t.name for t in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    graph_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     out = []
-    for vi, spec in zip(graph_inputs, specs):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for v, spec in zip(graph_inputs, specs):
+        dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
+        names = [None if isinstance(d, int) else getattr(d, "value", None) for d in (v.shape or [])]
         shape = tuple(s if d is None else d for s, d in zip(spec.shape, dims)) if len(dims) == len(spec.shape) else spec.shape
         if shape != spec.shape:
-            notes.append(f"input {vi.name}: the exported model fixes its shape to {list(shape)}")
-        dynamic = {i: (vi.type.tensor_type.shape.dim[i].dim_param or f"d{i}") for i, d in enumerate(dims) if d is None}
-        out.append(InputSpec(vi.name, shape, spec.dtype, dynamic))
+            notes.append(f"input {v.name}: the exported model fixes its shape to {list(shape)}")
+        dynamic = {i: (names[i] or f"d{i}") for i, d in enumerate(dims) if d is None}
+        out.append(InputSpec(v.name, shape, spec.dtype, dynamic))
     return out
 
 
@@ -154,46 +156,94 @@ def context(target: str, options: Options, specs: list[InputSpec]) -> PassContex
                        preln_form=rw.preln_form, ort_rms_op=options.ort.rms_op, calib_feeds=calib)
 
 
+def _as_proto(model):
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+
+
 @dataclass
 class Transformed:
-    """What :func:`transform` made of an original."""
+    """What :func:`transform` made of an original: in-memory models that share unchanged weights.
 
-    canonical: onnx.ModelProto  # after canonicalize: what normalizations are there (counted, floored)
-    optimized: onnx.ModelProto  # after rewrite and lower for the target
-    floor: onnx.ModelProto  # the canonical model with every normalization replaced by Identity
+    ``canonical_model``: after canonicalize, what normalizations are there (counted, floored);
+    ``optimized_model``: after rewrite and lower for the target; ``floor_model``: the canonical
+    model with every normalization replaced by Identity. ``.canonical``, ``.optimized`` and
+    ``.floor`` are ``onnx.ModelProto`` copies, for models under 2 GB.
+    """
+
+    canonical_model: ir.Model
+    optimized_model: ir.Model
+    floor_model: ir.Model
     results: list[PassResult]
 
+    @functools.cached_property
+    def canonical(self) -> onnx.ModelProto:
+        return ir.to_proto(self.canonical_model)
 
-def transform(original: onnx.ModelProto, ctx: PassContext, until: str = "lower",
-              progress: Progress = _noop) -> Transformed:
-    """Run the stages of :func:`pass_table` up to and including ``until``; shapes are re-inferred after each."""
+    @functools.cached_property
+    def optimized(self) -> onnx.ModelProto:
+        return ir.to_proto(self.optimized_model)
+
+    @functools.cached_property
+    def floor(self) -> onnx.ModelProto:
+        return ir.to_proto(self.floor_model)
+
+
+def transform(original, ctx: PassContext, until: str = "lower", progress: Progress = _noop) -> Transformed:
+    """Run the stages of :func:`pass_table` up to and including ``until`` on a copy of ``original``.
+
+    ``original`` (an ``onnx_ir.Model`` or an ``onnx.ModelProto``) is left as it is; the copy
+    shares its weight tensors, and a rewrite makes new tensors for what it changes. Shapes
+    are re-inferred after each stage; a failed inference is a note of the stage's last step.
+    """
     table = pass_table(ctx.target)
-    model, results, canonical = ir.from_proto(original), [], None
+    model = ir.from_proto(original) if isinstance(original, onnx.ModelProto) else original.clone()
+    results, canonical = [], None
     for stage in STAGES:
         progress(stage, None)
-        results.extend(run_steps(model, table[stage], ctx))
-        infer_shapes(model)
+        stage_results = run_steps(model, table[stage], ctx)
+        results.extend(stage_results)
+        failure = infer_shapes(model)
+        if failure and stage_results:
+            stage_results[-1].notes.append(f"after the {stage} stage: {failure}")
         if stage == "canonicalize":
-            canonical = ir.to_proto(model)
+            canonical = model.clone()
         if stage == until:
             break
-    return Transformed(canonical, ir.to_proto(model), floor_model(canonical), results)
+    return Transformed(canonical, model, floor_model(canonical), results)
 
 
 # ----------------------------------------------------------------------------- optimize
 
 @dataclass
 class Result:
-    """The outcome of :func:`optimize`: the models, the report, and how to write them out."""
+    """The outcome of :func:`optimize`: the models, the report, and how to write them out.
 
-    original: onnx.ModelProto
-    optimized: onnx.ModelProto
-    floor: onnx.ModelProto
+    ``original_model`` / ``optimized_model`` / ``floor_model`` are the in-memory
+    ``onnx_ir.Model`` s (sharing unchanged weights); ``.original`` / ``.optimized`` /
+    ``.floor`` give ``onnx.ModelProto`` copies, for models under 2 GB (use :meth:`save`
+    for larger ones).
+    """
+
+    original_model: ir.Model
+    optimized_model: ir.Model
+    floor_model: ir.Model
     report: dict
     bench: object = None
     loaded: Loaded | None = None
     specs: list[InputSpec] = field(default_factory=list)
     plan: bytes | None = None  # the serialized TensorRT engine (trt-* targets, not --lower-only)
+
+    @functools.cached_property
+    def original(self) -> onnx.ModelProto:
+        return _as_proto(self.original_model)
+
+    @functools.cached_property
+    def optimized(self) -> onnx.ModelProto:
+        return _as_proto(self.optimized_model)
+
+    @functools.cached_property
+    def floor(self) -> onnx.ModelProto:
+        return _as_proto(self.floor_model)
 
     def save(self, out: str, force: bool = False, triton_repo: str | None = None) -> str:
         """Write the output directory (DESIGN.md section 7), all or nothing; returns its path."""
@@ -242,10 +292,24 @@ class _Run:
 
 
 def optimize(source, options: Options | None = None, progress: Progress = _noop) -> Result:
-    """Every stage for ``source`` (a path, an ``nn.Module``, an ``ExportedProgram`` or an ``onnx.ModelProto``)."""
+    """Every stage for ``source`` (a path, an ``nn.Module``, an ``ExportedProgram`` or an ``onnx.ModelProto``).
+
+    The report's ``resources`` says where time and memory went: wall seconds, resident
+    memory at the end and at the peak of each stage, and the model's weight bytes.
+    """
+    profile = StageProfile(progress)
+    try:
+        result = _optimize(source, options or Options(), profile)
+    finally:
+        stages = profile.finish()
+    result.report["resources"] = {"stages": stages, "peak_rss_mb": round(peak_rss_bytes() / (1 << 20), 1),
+                                  "weights_mb": round(weight_bytes(result.original_model) / (1 << 20), 1)}
+    return result
+
+
+def _optimize(source, options: Options, progress: Progress) -> Result:
     from .build import trt as trt_build
 
-    options = options or Options()
     target = resolve_target(options)
     batch_range = trt_build.parse_batch(options.batch)
     prepared = prepare(source, options, progress)
@@ -268,7 +332,7 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
     from .build import trt as trt_build
 
     options, target = run.options, run.target
-    optimized = run.transformed.optimized
+    optimized = run.transformed.optimized_model
     providers = None
     if target in ("ort-cuda", "ort-trt"):
         providers = trt_build.ort_providers(target, cache_dir=options.ort.engine_cache,
@@ -294,12 +358,12 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
 
         progress("bench", 0.0)
         runners = {"original": run_orig, "optimized": run_opt,
-                   "floor": OrtRunner(run.transformed.floor, target, threads, providers=providers)}
+                   "floor": OrtRunner(run.transformed.floor_model, target, threads, providers=providers)}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
         bench = interleaved(runners, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
                             progress=lambda f: progress("bench", f))
     report = build_report(run, optimized, accuracies, fidelity, bench_latency(bench, run.batch))
-    return Result(run.prepared.original, optimized, run.transformed.floor, report, bench, run.prepared.loaded,
+    return Result(run.prepared.original, optimized, run.transformed.floor_model, report, bench, run.prepared.loaded,
                   run.prepared.specs)
 
 
@@ -319,7 +383,7 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
     from .verify.precision import plugins_as_functions, precision_error_report
 
     options, target, specs = run.options, run.target, run.prepared.specs
-    lowered = run.transformed.optimized
+    lowered = run.transformed.optimized_model
     progress("verify", None)
     run_orig = OrtRunner(run.prepared.original, "ort-cpu", options.bench.threads)
     emulated = OrtRunner(plugins_as_functions(lowered), "ort-cpu", options.bench.threads)
@@ -327,7 +391,11 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
     progress("precision", None)
     converted, prec = precision.convert_for_target(lowered, target, options.trt.io_dtype)
     if converted is not lowered:
-        prec["accuracy"] = precision_error_report(lowered, converted, example_arrays(specs, seed=0, batch=run.batch))
+        if weight_bytes(lowered) <= INLINE_LIMIT:
+            prec["accuracy"] = precision_error_report(lowered, converted, example_arrays(specs, seed=0, batch=run.batch))
+        else:
+            run.notes.append(f"{target}: the precision error report runs every tensor of the model on CPU; skipped "
+                             f"for {weight_bytes(lowered) / 2**30:.1f} GiB of weights")
     plan, latency, build_info = None, None, None
     if options.trt.lower_only:
         run.notes.append(f"--lower-only: model.onnx is the {target} input of TensorRT's ONNX parser (plugin nodes, "
@@ -336,8 +404,8 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
         progress("build", None)
         with tempfile.TemporaryDirectory(prefix="normdeploy-trt-") as d:
             onnx_path, plan_path = f"{d}/model.onnx", f"{d}/model.plan"
-            onnx.save(converted, onnx_path)
-            profiles = trt_build.make_profiles(converted, run.batch_range, {s.name: s.shape for s in specs})
+            save_model(converted, onnx_path)  # past 2 GB with external data, which TensorRT's parser reads by path
+            profiles = trt_build.make_profiles(signature(converted), run.batch_range, {s.name: s.shape for s in specs})
             build_info = trt_build.build_engine(onnx_path, plan_path, profiles,
                                                 trt_build.parse_size(options.trt.workspace), options.trt.timing_cache,
                                                 trt_build.check_opt_level(options.trt.opt_level),
@@ -357,8 +425,8 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
     report = build_report(run, converted, accuracies, fidelity, latency)
     report["precision"] = prec
     report["engine"] = build_info.to_json() if build_info else None
-    return Result(run.prepared.original, converted, run.transformed.floor, report, None, run.prepared.loaded, specs,
-                  plan)
+    return Result(run.prepared.original, converted, run.transformed.floor_model, report, None, run.prepared.loaded,
+                  specs, plan)
 
 
 def verify(run_orig, run_opt, run: _Run, label: str = "") -> tuple[dict[str, Accuracy], Accuracy | None]:
@@ -418,7 +486,7 @@ def build_report(run: _Run, optimized: onnx.ModelProto, accuracies: dict[str, Ac
         "target": run.target,
         "input": {"path": loaded.path, "kind": loaded.kind, "inputs": [s.to_json() for s in loaded.inputs]},
         "passes": [r.to_json() for r in results],
-        "norm_nodes": {"before": norms.count_by_kind(run.transformed.canonical),
+        "norm_nodes": {"before": norms.count_by_kind(run.transformed.canonical_model),
                        "after": norms.count_by_kind(optimized)},
         "accuracy": {**run.worst, "tolerance": run.tolerance,
                      "exact_only": all(r.exact for r in results if r.rewrites),
@@ -447,7 +515,7 @@ def inspect(source, options: Options | None = None, progress: Progress = _noop) 
     canon_results = [r for r in transformed.results if r.name in {s.name for s in CANONICALIZE}]
     later = [r for r in transformed.results if r not in canon_results]
     entries = []
-    for n in norms.find_norms(transformed.canonical):
+    for n in norms.find_norms(transformed.canonical_model):
         applied, reasons = [], []
         for r in later:
             applied += [f"{r.name}: {w.what}" for w in r.rewrites if w.node == n.name]
@@ -485,15 +553,16 @@ def measure(source, options: Options | None = None, *, candidates: dict[str, onn
         # normdeploy's own pipeline, exactly as `optimize` runs it (its accuracy gate is ours to apply, so no limit)
         own = Options.from_flat(options, bench=False, tolerance=float("inf"), max_error=float("inf"))
         res = optimize(source, own, progress)
-        loaded, original, floor, canonical_counts = res.loaded, res.original, res.floor, res.report["norm_nodes"]["before"]
+        loaded, original, floor = res.loaded, res.original_model, res.floor_model
+        canonical_counts = res.report["norm_nodes"]["before"]
         notes = list(res.report.get("notes", []))
-        given = {"optimized": (res.optimized, WHAT["optimized"])}
+        given = {"optimized": (res.optimized_model, WHAT["optimized"])}
     else:
         prepared = prepare(source, options, progress)
         loaded, original = prepared.loaded, prepared.original
         notes = list(prepared.notes) + norms.validate_parameters(original)
         canon = transform(original, context(options.target, options, prepared.specs), until="canonicalize")
-        floor, canonical_counts = canon.floor, norms.count_by_kind(canon.canonical)
+        floor, canonical_counts = canon.floor_model, norms.count_by_kind(canon.canonical_model)
         given = {n: (m, WHAT_GIVEN.format(name=n)) for n, m in candidates.items()}
     from .build import trt as trt_build
 

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,12 +26,15 @@ def export_module(module, *shapes, opset: int = 20, dynamic: bool = True) -> onn
     specs = [InputSpec(f"input_{i}" if len(shapes) > 1 else "input", tuple(s), "float32", {0: "batch"} if dynamic else {})
              for i, s in enumerate(shapes)]
     model, _ = to_onnx(Loaded("module", "<test>", module.eval(), specs), opset)
-    return model
+    return ir.to_proto(model)
 
 
-def ort_run(model: onnx.ModelProto, *arrays: np.ndarray) -> list[np.ndarray]:
+def ort_run(model, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Run an ``onnx.ModelProto`` or ``onnx_ir.Model`` on ONNX Runtime (CPU, 1 thread)."""
     import onnxruntime as ort
 
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
@@ -81,9 +85,7 @@ def export_cache():
         if key not in _EXPORTS:
             _EXPORTS[key] = real(loaded, opset)
         model, notes = _EXPORTS[key]
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy, list(notes)
+        return model.clone(), list(notes)  # an in-memory copy sharing the (never edited) weight tensors
 
     pipeline.to_onnx = cached
     yield
@@ -110,8 +112,8 @@ def export_hf(model, input_name: str, shape, dtype: str = "int64", opset: int = 
     from normdeploy.zoo import OneTensor
 
     spec = InputSpec(input_name, tuple(shape), dtype, {0: "batch"})
-    model_proto, _ = to_onnx(Loaded("module", "<hf>", OneTensor(model, input_name), [spec]), opset)
-    return model_proto
+    exported, _ = to_onnx(Loaded("module", "<hf>", OneTensor(model, input_name), [spec]), opset)
+    return ir.to_proto(exported)
 
 
 def hf_input(input_name: str, shape, dtype: str, seed: int = 0, vocab: int = 100) -> np.ndarray:

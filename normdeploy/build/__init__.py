@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import InputError, UnsupportedError
+from ..core.graph import weight_bytes
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -36,9 +37,19 @@ def default_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
+#: in-memory models with more initializer bytes than this go to ONNX Runtime through a file with external data
+INLINE_LIMIT = 1 << 30
+
+
 class OrtRunner:
-    def __init__(self, model: onnx.ModelProto | bytes, target: str = "ort-cpu", threads: int | None = None,
+    def __init__(self, model, target: str = "ort-cpu", threads: int | None = None,
                  graph_optimization: str = "all", providers: list | None = None):
+        """``model``: an ``onnx_ir.Model``, an ``onnx.ModelProto``, serialized bytes, or a path to an .onnx file.
+
+        An in-memory model larger than :data:`INLINE_LIMIT` is written to a temporary
+        directory with external data and the session is created from the file (a protobuf
+        cannot hold it); smaller ones are serialized in memory.
+        """
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -56,7 +67,8 @@ class OrtRunner:
         if missing:
             raise UnsupportedError(f"target {target} needs ONNX Runtime's {missing[0]}, which this install lacks",
                                    "install onnxruntime-gpu on a CUDA host, or use --target ort-cpu")
-        data = model if isinstance(model, bytes) else model.SerializeToString()
+        self._tmp = None
+        data = self._session_source(model)
         try:
             self.session = ort.InferenceSession(data, so, providers=providers or PROVIDERS[target])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
@@ -67,6 +79,24 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_meta = {i.name: i for i in self.session.get_inputs()}
+
+    def _session_source(self, model):
+        import onnx_ir as ir
+
+        if isinstance(model, (bytes, str)):
+            return model
+        if isinstance(model, onnx.ModelProto):
+            return model.SerializeToString()
+        if isinstance(model, ir.Model):
+            if weight_bytes(model) <= INLINE_LIMIT:
+                return ir.to_proto(model).SerializeToString()
+            import tempfile
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="normdeploy-session-")
+            path = f"{self._tmp.name}/model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return path
+        raise TypeError(f"cannot build an ONNX Runtime session from a {type(model).__name__}")
 
     def check_feed(self, feed: dict[str, np.ndarray]) -> None:
         for name, meta in self._input_meta.items():

@@ -7,22 +7,21 @@ module's name back when that name is free. Names only: the model computes the sa
 """
 from __future__ import annotations
 
-import onnx
+import onnx_ir as ir
 
 from ..core.norms import kind_of
 from ..core.passes import PassContext
 
 
-def name_norms_after_modules(model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, None]:
-    return name_norms_by_module(model), None
+def name_norms_after_modules(model: ir.Model, ctx: PassContext) -> None:
+    name_norms_by_module(model)
 
 
-def name_norms_by_module(model: onnx.ModelProto) -> onnx.ModelProto:
+def name_norms_by_module(model: ir.Model) -> ir.Model:
     """Give each normalization node named ``<module>/<...>`` its module's name, when that is free."""
-
-    used = {n.name for n in model.graph.node}
-    for n in model.graph.node:
-        if kind_of(n) and "/" in n.name:
+    used = {n.name for n in model.graph}
+    for n in model.graph:
+        if kind_of(n) and n.name and "/" in n.name:
             path = n.name.split("/", 1)[0]
             if path not in used:
                 used.add(path)

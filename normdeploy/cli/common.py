@@ -65,13 +65,16 @@ class Progress:
     def __call__(self, stage: str, fraction: float | None = None) -> None:
         if not self._progress:
             return
+        from ..core.profile import rss_bytes
+
+        label = f"{stage} ({rss_bytes() / (1 << 30):.1f} GB resident)"
         if stage != self._stage:
             if self._task is not None:
                 self._progress.update(self._task, completed=100, total=100)
-            self._task = self._progress.add_task(stage, total=100 if fraction is not None else None)
+            self._task = self._progress.add_task(label, total=100 if fraction is not None else None)
             self._stage = stage
         if fraction is not None:
-            self._progress.update(self._task, completed=100 * fraction, total=100)
+            self._progress.update(self._task, completed=100 * fraction, total=100, description=label)
 
     def __exit__(self, *exc):
         if self._progress:

@@ -184,6 +184,9 @@ def replace_value(old: ir.Value, new: ir.Value, except_node: ir.Node | None = No
 def remove_nodes(graph: ir.Graph, nodes) -> None:
     """Remove nodes whose outputs nobody reads any more (their inputs are released)."""
     nodes = [n for n in dict.fromkeys(nodes) if n.graph is graph]
+    for n in nodes:  # Graph.remove(safe=False) leaves the node a user of its inputs
+        for i in range(len(n.inputs)):
+            n.replace_input_with(i, None)
     if nodes:
         graph.remove(nodes, safe=False)
 
@@ -225,7 +228,7 @@ def _merge_shapes(model: ir.Model, inferred) -> None:
             if w.shape is not None and v.shape != w.shape:
                 v.shape = w.shape
             if w.dtype is not None and v.dtype != w.dtype:
-                v.dtype = w.dtype
+                v.type = w.type  # not v.dtype = ...: a clone's values share their type objects with the original's
 
 
 def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray | None:
@@ -236,3 +239,44 @@ def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray
     if v.ndim == 1:
         return v
     return None
+
+
+#: models with more initializer bytes than this are written with their weights in ``<file>.data``
+EXTERNAL_DATA_LIMIT = 1 << 30
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers of an ``onnx_ir.Model`` (without reading external data)."""
+    return sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model, path: str) -> None:
+    """Write an ``onnx_ir.Model`` (or ``onnx.ModelProto``) to ``path``; large weights go to ``<name>.data``.
+
+    An ``onnx_ir.Model`` is streamed tensor by tensor (memory-mapped weights are never all in
+    memory at once), so models past the 2 GB protobuf limit are written too.
+    """
+    import os
+
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    if weight_bytes(model) > EXTERNAL_DATA_LIMIT:
+        ir.save(model, path, external_data=os.path.basename(path) + ".data")
+    else:
+        ir.save(model, path)
+
+
+def signature(model: ir.Model):
+    """An ``onnx.ModelProto`` holding only ``model``'s graph inputs and outputs (names, types, shapes):
+    what a server configuration or an optimization profile reads, without the weights."""
+    import onnx
+
+    stub = ir.Model(ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports=dict(model.opset_imports)),
+                    ir_version=model.ir_version)
+    proto = ir.to_proto(stub)
+    proto.graph.input.extend(ir.serde.serialize_value(v) for v in model.graph.inputs
+                             if v.name not in model.graph.initializers)
+    proto.graph.output.extend(ir.serde.serialize_value(v) for v in model.graph.outputs)
+    return onnx.ModelProto.FromString(proto.SerializeToString())

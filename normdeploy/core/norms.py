@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import InputError
 from .ops import DOMAIN
@@ -53,7 +52,8 @@ class NormNode:
     output: str
 
 
-def kind_of(node: onnx.NodeProto) -> str | None:
+def kind_of(node) -> str | None:
+    """The kind of an ``onnx_ir.Node`` or ``onnx.NodeProto``, or None when it is not a normalization."""
     dom = "" if node.domain in ("", "ai.onnx") else node.domain
     kind = KINDS.get((dom, node.op_type))
     if kind is None and node.op_type.startswith(PLUGIN_PREFIX):
@@ -61,52 +61,62 @@ def kind_of(node: onnx.NodeProto) -> str | None:
     return kind
 
 
-def find_norms(model: onnx.ModelProto) -> list[NormNode]:
+def _nodes(model):
+    """(name, op_type, domain, first input name, first output name) of every main-graph node."""
+    if isinstance(model, onnx.ModelProto):
+        for n in model.graph.node:
+            yield n, n.name, (n.input[0] if n.input else ""), (n.output[0] if n.output else "")
+        return
+    for n in model.graph:
+        x = n.inputs[0] if n.inputs else None
+        yield n, n.name, (x.name if x is not None else ""), (n.outputs[0].name if n.outputs else "")
+
+
+def find_norms(model) -> list[NormNode]:
+    """Every normalization node of an ``onnx_ir.Model`` (or ``onnx.ModelProto``), in graph order."""
     out = []
-    for i, n in enumerate(model.graph.node):
+    for i, (n, name, x, y) in enumerate(_nodes(model)):
         kind = kind_of(n)
         if kind:
-            out.append(NormNode(n.name or f"{n.op_type}_{i}", kind, n.op_type, n.domain, n.input[0], n.output[0]))
+            out.append(NormNode(name or f"{n.op_type}_{i}", kind, n.op_type, n.domain, x, y))
     return out
 
 
-def count_by_kind(model: onnx.ModelProto) -> dict[str, int]:
+def count_by_kind(model) -> dict[str, int]:
     return dict(sorted(Counter(n.kind for n in find_norms(model)).items()))
 
 
-def validate_parameters(model: onnx.ModelProto) -> list[str]:
-    """Raise on NaN/Inf or negative statistics in any normalization; return notes (zero gains)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+def validate_parameters(model) -> list[str]:
+    """Raise on NaN/Inf or negative statistics in any normalization; return notes (zero gains).
+
+    ``model`` is an ``onnx_ir.Model`` (or an ``onnx.ModelProto``); only the parameters of
+    normalization nodes are read, so a large model's other weights stay on disk.
+    """
+    if isinstance(model, onnx.ModelProto):
+        import onnx_ir as ir
+
+        model = ir.from_proto(model)
+    from .graph import const_value
+
     notes = []
-
-    def value(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            for a in consts[name].attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    for i, n in enumerate(model.graph.node):
+    for i, n in enumerate(model.graph):
         kind = kind_of(n)
         if not kind:
             continue
         label = f"{kind} node {n.name or i}"
-        for j, name in enumerate(n.input[1:], start=1):
-            v = value(name) if name else None
+        for j, x in enumerate(n.inputs[1:], start=1):
+            v = const_value(x)
             if v is None or not np.issubdtype(v.dtype, np.floating):
                 continue
             if not np.all(np.isfinite(v)):
-                raise InputError(f"{label}: parameter {name} holds NaN or Inf",
+                raise InputError(f"{label}: parameter {x.name} holds NaN or Inf",
                                  "the checkpoint is corrupt or diverged; retrain or restore it")
             stat = _STAT_INPUTS.get(kind, {}).get(j)
             if stat and np.any(v < 0):
-                raise InputError(f"{label}: {stat} {name} has negative entries (min {v.min():.3g})",
+                raise InputError(f"{label}: {stat} {x.name} has negative entries (min {v.min():.3g})",
                                  "running statistics of a square cannot be negative; the checkpoint is corrupt")
-        if kind == "BatchNorm" and len(n.input) > 1:
-            g = value(n.input[1])
+        if kind == "BatchNorm" and len(n.inputs) > 1:
+            g = const_value(n.inputs[1])
             if g is not None and np.any(g == 0):
                 notes.append(f"{label}: gamma is zero in {int(np.sum(g == 0))} channel(s); those outputs are constant")
     return notes

@@ -103,64 +103,34 @@ def settle(model: ir.Model, result: PassResult | None = None) -> None:
         result.notes.append(f"after {result.name}: {failure}; later passes see the shapes known before")
 
 
-def _replace_contents(model: ir.Model, other: ir.Model) -> None:
-    """TEMPORARY (port to onnx-ir): make ``model`` hold ``other``'s graph (with its opsets) and functions."""
-    model.graph = other.graph
-    model.functions.clear()
-    model.functions.update(other.functions)
-
-
 @dataclass(frozen=True)
 class Pass:
-    """A graph pass: ``fn(graph, ctx, result)`` edits the graph in place.
-
-    ``ir=False`` (TEMPORARY, while the port to onnx-ir is under way): ``fn`` still takes an
-    onnx-graphsurgeon graph; the runner converts the model both ways around it.
-    """
+    """A graph pass: ``fn(graph, ctx, result)`` edits the graph in place."""
 
     name: str
     fn: Callable[[ir.Graph, PassContext, PassResult], None]
     exact: bool = True
     when: Callable[[PassContext], bool] = always
-    ir: bool = True
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         result = PassResult(self.name, self.exact)
-        if self.ir:
-            self.fn(model.graph, ctx, result)
-            if result.rewrites:
-                settle(model, result)  # later passes read ranks and widths
-            return result
-        from .graph_gs import export_model, import_graph
-        from .graph_gs import infer_shapes as infer_proto
-
-        proto = ir.to_proto(model)
-        graph = import_graph(proto)
-        self.fn(graph, ctx, result)
+        self.fn(model.graph, ctx, result)
         if result.rewrites:
-            _replace_contents(model, ir.from_proto(infer_proto(export_model(graph, proto))))
+            settle(model, result)  # later passes read ranks and widths
         return result
 
 
 @dataclass(frozen=True)
 class ModelStep:
-    """A step over the whole model: ``fn(model, ctx) -> PassResult | None``, in place.
-
-    ``ir=False`` (TEMPORARY): ``fn`` takes and returns an ``onnx.ModelProto`` with the result.
-    """
+    """A step over the whole model: ``fn(model, ctx) -> PassResult | None``, in place."""
 
     name: str
     fn: Callable[[ir.Model, PassContext], PassResult | None]
     exact: bool = True
     when: Callable[[PassContext], bool] = always
-    ir: bool = True
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult | None:
-        if self.ir:
-            return self.fn(model, ctx)
-        proto, result = self.fn(ir.to_proto(model), ctx)
-        _replace_contents(model, ir.from_proto(proto))
-        return result
+        return self.fn(model, ctx)
 
 
 Step = Pass | ModelStep

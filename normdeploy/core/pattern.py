@@ -378,7 +378,7 @@ def take_over(root: ir.Node, new: ir.Value) -> None:
     The matched nodes are left without readers; the pass runner removes them.
     """
     old = root.outputs[0]
-    if new.dtype is None:
+    if new.dtype is None and old.dtype is not None:  # (setting None would leave an untyped TensorType)
         new.dtype = old.dtype
     if new.shape is None and old.shape is not None:
         new.shape = old.shape

@@ -22,10 +22,23 @@ inlines it) and reported as skipped.
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.affine_gs import affine_of
-from ..core.graph_gs import Namer, const_value, constant
+from ..core.affine import affine_of
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    dtype_of,
+    infer_shapes,
+    opset_of,
+    rank_of,
+    replace_value,
+    shape_of,
+    value,
+)
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 
@@ -35,22 +48,22 @@ ORT_TARGETS = ("ort-cpu", "ort-cuda", "ort-trt")
 class _Emitter:
     """Appends standard nodes to a graph with deterministic names derived from one base."""
 
-    def __init__(self, graph: gs.Graph, namer: Namer, base: str, dtype):
-        self.graph, self.namer, self.base, self.dtype = graph, namer, base, dtype
+    def __init__(self, namer: Namer, base: str, dtype):
+        self.namer, self.base, self.dtype = namer, base, dtype
 
-    def __call__(self, op: str, inputs: list, out: gs.Variable | None = None, dtype=None, **attrs) -> gs.Variable:
-        out = out or gs.Variable(self.namer(self.base, op.lower()), dtype=dtype or self.dtype)
-        self.graph.nodes.append(gs.Node(op, self.namer(self.base, op), attrs, inputs, [out]))
+    def __call__(self, op: str, inputs: list, dtype=None, **attrs) -> ir.Value:
+        out = value(self.namer, self.base, op.lower(), dtype=self.dtype if dtype is None else dtype)
+        add_node(self.namer, op, inputs, [out], base=self.base, suffix=op, attrs=attrs)
         return out
 
-    def const(self, suffix: str, value, dtype=None) -> gs.Constant:
-        return constant(self.namer, self.base, suffix, np.asarray(value, dtype or self.dtype))
+    def const(self, suffix: str, value, dtype=None) -> ir.Value:
+        return constant(self.namer, self.base, suffix, np.asarray(value, self.dtype if dtype is None else dtype))
 
 
-def _rms(e: _Emitter, x, gain, eps: float, out, opset: int):
+def _rms(e: _Emitter, x, gain, eps: float, opset: int) -> ir.Value:
     if opset >= 23:
-        return e("RMSNormalization", [x, gain], out, axis=-1, epsilon=float(eps), stash_type=1)
-    return e("SimplifiedLayerNormalization", [x, gain], out, axis=-1, epsilon=float(eps), stash_type=1)
+        return e("RMSNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
+    return e("SimplifiedLayerNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
 
 
 #: Below this row length ONNX Runtime 1.31's CPU SimplifiedLayerNormalization kernel was slower than the
@@ -59,7 +72,7 @@ def _rms(e: _Emitter, x, gain, eps: float, out, opset: int):
 SHORT_ROW = 64
 
 
-def _rms_decomposed(e: _Emitter, x, eps: float, opset: int):
+def _rms_decomposed(e: _Emitter, x, eps: float, opset: int) -> ir.Value:
     """x / sqrt(mean(x^2) + eps) over the last axis as Mul, ReduceMean, Add, Sqrt, Div."""
     sq = e("Mul", [x, x])
     ms = e("ReduceMean", [sq, e.const("axes", [-1], np.int64)], keepdims=1) if opset >= 18 else \
@@ -67,102 +80,118 @@ def _rms_decomposed(e: _Emitter, x, eps: float, opset: int):
     return e("Div", [x, e("Sqrt", [e("Add", [ms, e.const("eps", eps)])])])
 
 
-def _group_scaling(e: _Emitter, x, groups: int, eps: float, out, opset: int, channels: int | None):
+def _group_scaling(e: _Emitter, x, groups: int, eps: float, opset: int, channels: int | None) -> ir.Value | None:
     if groups == 1:
         if channels is None:
             return None
-        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, out, opset)
+        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, opset)
     if channels is None or channels % groups:
         return None
     size = channels // groups
-    rank = len(x.shape) if x.shape is not None else None
+    rank = rank_of(x)
     if rank is not None:  # static shapes with 0 = "copy this dimension": no shape arithmetic at run time
         grouped = e("Reshape", [x, e.const("gshape", [0] * (rank - 1) + [groups, size], np.int64)])
         if size < SHORT_ROW:
             normed = _rms_decomposed(e, grouped, eps, opset)
         else:
-            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, None, opset)
-        return e("Reshape", [normed, e.const("shape", [0] * (rank - 1) + [channels], np.int64)], out)
+            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
+        return e("Reshape", [normed, e.const("shape", [0] * (rank - 1) + [channels], np.int64)])
     shape = e("Shape", [x], dtype=np.int64)
     lead = e("Slice", [shape, e.const("s0", [0], np.int64), e.const("s1", [-1], np.int64)], dtype=np.int64)
     grouped_shape = e("Concat", [lead, e.const("gshape", [groups, size], np.int64)], dtype=np.int64, axis=0)
     grouped = e("Reshape", [x, grouped_shape])
-    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, None, opset)
-    return e("Reshape", [normed, shape], out)
+    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
+    return e("Reshape", [normed, shape])
 
 
-def _why_not_lowerable(node: gs.Node) -> str | None:
+def _attrs(node: ir.Node) -> dict:
+    return {**ATTRIBUTES[node.op_type], **{k: attr(node, k) for k in node.attributes}}
+
+
+def _last_dim(x: ir.Value) -> int | None:
+    shape = shape_of(x)
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _why_not_lowerable(node: ir.Node) -> str | None:
     """Check everything lowering needs before any node is emitted."""
     x = node.inputs[0]
     if any(const_value(t) is None for t in node.inputs[1:]):
         return "a parameter is not a constant; left to the op's function body"
-    attrs = {**ATTRIBUTES[node.op], **node.attrs}
-    rank = len(x.shape) if x.shape is not None else None
-    channels = x.shape[-1] if rank and isinstance(x.shape[-1], int) else None
-    if node.op in ("UnifiedNorm", "DynamicTanh") and int(attrs["axis"]) not in (-1,) and rank is None:
+    attrs = _attrs(node)
+    op = node.op_type
+    rank = rank_of(x)
+    channels = _last_dim(x)
+    if op in ("UnifiedNorm", "DynamicTanh") and int(attrs["axis"]) not in (-1,) and rank is None:
         return "rank of the input is unknown"
-    if node.op in ("GroupScaling", "PowerNorm", "CRMSNorm") and channels is None:
+    if op in ("GroupScaling", "PowerNorm", "CRMSNorm") and channels is None:
         return "the width of the last axis is unknown"
-    if node.op in ("GroupScaling", "PowerNorm") and channels % int(attrs["groups"]):
+    if op in ("GroupScaling", "PowerNorm") and channels % int(attrs["groups"]):
         return f"{channels} channels are not divisible into {attrs['groups']} groups"
-    if node.op in ("PowerNorm", "UnifiedNorm", "DynamicTanh"):
+    if op in ("PowerNorm", "UnifiedNorm", "DynamicTanh"):
         aff = affine_of(node)
         if isinstance(aff, str):
             return aff
     return None
 
 
-def _lower_node(graph: gs.Graph, node: gs.Node, namer: Namer, opset: int) -> None:
+def _lower_node(node: ir.Node, namer: Namer, opset: int) -> None:
+    """Emit the standard ops computing ``node``; they take over its output (the runner drops ``node``)."""
     x, y = node.inputs[0], node.outputs[0]
-    dtype = x.dtype if x.dtype is not None else np.float32
+    op = node.op_type
+    dtype = dtype_of(x)
+    if dtype is None:
+        dtype = np.dtype(np.float32)
     params = [np.asarray(const_value(t), np.float64) for t in node.inputs[1:]]
-    aff = affine_of(node) if node.op in ("PowerNorm", "UnifiedNorm", "DynamicTanh") else None
-    attrs = {**ATTRIBUTES[node.op], **node.attrs}
-    rank = len(x.shape) if x.shape is not None else None
-    channels = x.shape[-1] if rank and isinstance(x.shape[-1], int) else None
-    e = _Emitter(graph, namer, node.name or node.op, dtype)
-    node.outputs.clear()
-    node.inputs.clear()
+    aff = affine_of(node) if op in ("PowerNorm", "UnifiedNorm", "DynamicTanh") else None
+    attrs = _attrs(node)
+    channels = _last_dim(x)
+    e = _Emitter(namer, node.name or op, dtype)
 
-    def affine(t, out):
+    def affine(t) -> ir.Value:
         """``t * a + c`` with the node's affine (:func:`normdeploy.core.affine.affine_of`); unit parts left out."""
         has_shift = np.any(aff.shift != 0)
         if np.any(aff.scale != 1) or not has_shift:
-            t = e("Mul", [t, e.const("scale", aff.scale)], None if has_shift else out)
+            t = e("Mul", [t, e.const("scale", aff.scale)])
         if has_shift:
-            e("Add", [t, e.const("shift", aff.shift)], out)
+            t = e("Add", [t, e.const("shift", aff.shift)])
+        return t
 
-    op = node.op
     if op == "RMSNorm":
-        _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], y, opset)
+        out = _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], opset)
     elif op == "GroupScaling":
-        _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], y, opset, channels)
+        out = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels)
     elif op == "PowerNorm":
-        xs = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], None, opset, channels)
-        affine(xs, y)
+        out = affine(_group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels))
     elif op == "UnifiedNorm":
-        affine(x, y)
+        out = affine(x)
     elif op == "DynamicTanh":
-        t = e("Tanh", [e("Mul", [x, e.const("alpha", params[0])])])
-        affine(t, y)
+        out = affine(e("Tanh", [e("Mul", [x, e.const("alpha", params[0])])]))
     elif op == "ScaleNorm":
         norm = e("ReduceL2", [x, e.const("axes", [-1], np.int64)] if opset >= 18 else [x], keepdims=1,
                  **({} if opset >= 18 else {"axes": [-1]}))
         clamped = e("Max", [norm, e.const("eps", attrs["epsilon"])])
-        e("Mul", [e("Div", [x, clamped]), e.const("gain", params[0])], y)
-    elif op == "CRMSNorm":
+        out = e("Mul", [e("Div", [x, clamped]), e.const("gain", params[0])])
+    else:  # CRMSNorm
         axes = ([e.const("axes", [-1], np.int64)], {}) if opset >= 18 else ([], {"axes": [-1]})
         ss = e("ReduceSumSquare", [x, *axes[0]], keepdims=1, **axes[1])
         s = e("ReduceSum", [x, *axes[0]], keepdims=1, **axes[1])
         ms = e("Div", [e("Add", [ss, e("Mul", [s, s])]), e.const("d", channels + 1)])
         inv = e("Reciprocal", [e("Sqrt", [e("Add", [ms, e.const("eps", attrs["epsilon"])])])])
-        e("Mul", [e("Mul", [x, inv]), e.const("gain", params[0])], y)
+        out = e("Mul", [e("Mul", [x, inv]), e.const("gain", params[0])])
+    if out.shape is None and y.shape is not None:
+        out.shape = y.shape
+    if y.dtype is not None:
+        out.dtype = y.dtype
+    replace_value(y, out)
 
 
 _RMS_LIKE = ("RMSNorm", "GroupScaling", "PowerNorm")
+#: onnxscript's version converter starts at this opset; older models go through ONNX's C++ converter
+_ONNXSCRIPT_CONVERTER_MIN_OPSET = 18
 
 
-def raise_opset_for_rmsnormalization(model, ctx: PassContext):
+def raise_opset_for_rmsnormalization(model: ir.Model, ctx: PassContext) -> PassResult | None:
     """With ``--ort-rms-op standard`` (the step's ``when``): move a model below opset 23 to opset 23 before lowering.
 
     Then RMSNorm lowers to the standard ``RMSNormalization`` and the file passes
@@ -170,50 +199,99 @@ def raise_opset_for_rmsnormalization(model, ctx: PassContext):
     ``SimplifiedLayerNormalization``, which measured about 5 % faster per model on ONNX
     Runtime 1.31 CPU (zoo ViTs, d=64, batch 1, interleaved). Needs ONNX Runtime 1.23 or
     newer; if the version converter fails, the model is left as it is.
-    Returns the model and a result carrying the note (or None when nothing was done).
+    In place; returns a result carrying the note (or None when nothing was done).
     """
-    import onnx
-    from onnx import version_converter
-
     from ..core.ops import model_opset
 
     if ctx.target not in ORT_TARGETS or model_opset(model) >= 23:
-        return model, None
-    if not any(n.domain == DOMAIN and n.op_type in _RMS_LIKE for n in model.graph.node):
-        return model, None
+        return None
+    if not any(n.domain == DOMAIN and n.op_type in _RMS_LIKE for n in model.graph):
+        return None
     if ctx.ort_version and tuple(int(p) for p in ctx.ort_version.split(".")[:2]) < (1, 23):
-        return model, None
+        return None
+    before = model_opset(model)
     try:
-        converted = version_converter.convert_version(model, 23)
-        onnx.checker.check_model(converted)
-    except Exception as e:  # noqa: BLE001 - the converter lacks adapters for some ops
-        return model, _note(f"opset {model_opset(model)} kept (version converter: {str(e).splitlines()[0][:120]}); "
-                            "RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization")
-    return converted, _note(f"opset raised from {model_opset(model)} to 23 so that RMSNorm lowers to RMSNormalization")
+        converted = _converted_to_opset(model, 23)
+    except Exception as e:  # noqa: BLE001 - the converters lack adapters for some ops
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        return _note(f"opset {before} kept (version converter: {first[:120]}); "
+                     "RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization")
+    model.graph = converted.graph
+    model.functions.clear()
+    model.functions.update(converted.functions)
+    return _note(f"opset raised from {before} to 23 so that RMSNorm lowers to RMSNormalization")
+
+
+def _converted_to_opset(model: ir.Model, target: int) -> ir.Model:
+    """A converted copy of ``model`` (weights shared, never serialized), checked with onnx.checker; raises on failure.
+
+    The canonical ops' function bodies are detached first (onnxscript's converter would
+    inline them, and the canonical nodes are what the lowering needs) and regenerated for
+    the new opset afterwards; other model-local functions are kept as they are.
+    """
+    import onnx
+    from onnx_ir.passes.common import _c_api_utils
+    from onnxscript import version_converter
+
+    from ..core.ops import attach_functions, model_opset
+
+    clone = model.clone()
+    others = [f for key, f in clone.functions.items() if key[0] != DOMAIN]
+    clone.functions.clear()
+    if model_opset(clone) >= _ONNXSCRIPT_CONVERTER_MIN_OPSET:
+        version_converter.convert_version(clone, target_version=target)
+    else:
+        clone.graph = _c_api_converted_graph(clone, target)
+    if model_opset(clone) != target:
+        raise RuntimeError(f"the model is still at opset {model_opset(clone)}")
+    for f in others:
+        clone.functions[f.identifier()] = f
+    attach_functions(clone)
+    infer_shapes(clone)  # best effort, as ONNX's converter does: the lowering reads the element types
+    _c_api_utils.call_onnx_api(onnx.checker.check_model, clone)  # large initializers left out
+    return clone
+
+
+def _c_api_converted_graph(model: ir.Model, target: int) -> ir.Graph:
+    """``model``'s graph converted by ONNX's C++ version converter, called without the large initializers."""
+    import onnx
+    from onnx_ir.passes.common import _c_api_utils
+
+    proto = _c_api_utils.call_onnx_api(lambda p: onnx.version_converter.convert_version(p, target), model)
+    graph = ir.from_proto(proto).graph
+    for v in graph.inputs:  # the initializers travelled as graph inputs without their values
+        if v.name in model.graph.initializers:
+            v.const_value = model.graph.initializers[v.name].const_value
+            graph.register_initializer(v)
+    user_inputs = graph.inputs[:len(model.graph.inputs)]
+    graph.inputs.clear()
+    graph.inputs.extend(user_inputs)
+    return graph
 
 
 def _note(text: str) -> PassResult:
     return PassResult("raise_opset_for_rmsnormalization", exact=True, notes=[text])
 
 
-def lower_canonical_to_standard_ops(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def lower_canonical_to_standard_ops(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Replace each canonical normdeploy node by the standard ops ONNX Runtime runs fastest."""
     namer = Namer(graph)
-    opset = graph.opset
-    for node in list(graph.nodes):
-        if node.domain != DOMAIN or node.op not in ATTRIBUTES:
+    opset = opset_of(graph) or 11  # (onnx-graphsurgeon's default, which this pass had before)
+    for node in list(graph):
+        if node.domain != DOMAIN or node.op_type not in ATTRIBUTES:
             continue
         result.matched += 1
         reason = _why_not_lowerable(node)
         if reason:
             result.skip(node.name, reason)
             continue
-        _lower_node(graph, node, namer, opset)
-        result.rewrote(f"{node.op} {node.name} lowered to standard ops", node.name)
-    short = [n.name for n in graph.nodes if n.op == "ReduceMean" and n.name.endswith("_ReduceMean")
-             and any(r.node and n.name.startswith(r.node) for r in result.rewrites)]
+        _lower_node(node, namer, opset)
+        result.rewrote(f"{node.op_type} {node.name} lowered to standard ops", node.name)
+    lowered = [r.node for r in result.rewrites if r.node]
+    short = [n.name for n in graph if n.op_type == "ReduceMean" and (n.name or "").endswith("_ReduceMean")
+             and any(n.name.startswith(b) for b in lowered)]
     if short:
         result.notes.append(f"{len(short)} GroupScaling statistic(s) over rows shorter than {SHORT_ROW} kept as "
                             "Mul, ReduceMean, Add, Sqrt, Div (faster there than ONNX Runtime's fused kernel)")
-    if any(n.op == "SimplifiedLayerNormalization" for n in graph.nodes):
+    if any(n.op_type == "SimplifiedLayerNormalization" for n in graph):
         result.notes.append("model opset < 23: RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization")

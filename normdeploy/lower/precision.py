@@ -56,6 +56,12 @@ and consumer disagree on precision, once per (tensor, precision).
 
 Control flow (If/Loop/Scan) is refused: its subgraphs read outer tensors implicitly.
 
+Works on an ``onnx_ir.Model`` (a ModelProto is accepted and returned as one): the conversion
+edits a clone that shares every tensor it does not convert, so the input is left as it is; the
+model is never serialized whole (type inference and onnx.checker are called without the
+initializers above 1 KB), and each fp32 constant is read, chunk by chunk, straight from its
+stored (possibly memory-mapped) value. Models past the 2 GB protobuf limit convert.
+
 Its accuracy on CPU is measured by :mod:`normdeploy.verify.precision`.
 """
 from __future__ import annotations
@@ -64,9 +70,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import TensorProto
 
 from ..core.errors import UnsupportedError
+from ..core.graph import DEFAULT_DOMAINS, opset_of
 
 FLOAT = TensorProto.FLOAT
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -98,13 +106,17 @@ _STAT_COMBINE = {"Add", "Sub", "Mul", "Div"}
 _SHAPE_SOURCES = {"Shape", "Size"}
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
 _TYPE_AGNOSTIC = {"Shape", "Size"}
+#: elements converted at a time (bounds the float64 temporaries of a huge weight)
+_CHUNK = 1 << 22
+
+Model = onnx.ModelProto | ir.Model
 
 
 @dataclass
 class Conversion:
-    """The converted model and what the conversion did."""
+    """The converted model (of the type given: ``onnx.ModelProto`` or ``onnx_ir.Model``) and what the conversion did."""
 
-    model: onnx.ModelProto
+    model: Model | None
     dtype: str
     io_dtype: str
     fp32_nodes: dict[str, str] = field(default_factory=dict)  # node name -> why it stays fp32
@@ -124,10 +136,11 @@ class Conversion:
                 "underflowed_values": self.underflowed_values}
 
 
-def convert_precision(model: onnx.ModelProto, dtype: str = "fp16", io_dtype: str = "fp32",
-                      plugin_params: str = "low") -> onnx.ModelProto:
+def convert_precision(model: Model, dtype: str = "fp16", io_dtype: str = "fp32", plugin_params: str = "low") -> Model:
     """``model`` (fp32) converted to ``dtype`` ("fp16" | "bf16"), statistics in fp32 (module docstring).
 
+    ``model`` is an ``onnx_ir.Model`` (left as it is: a new one is returned, sharing the
+    tensors that are not converted) or an ``onnx.ModelProto`` (a ModelProto is returned).
     ``io_dtype``: the type of the graph's float inputs and outputs ("fp32", "fp16", "bf16").
     ``plugin_params``: "low" (a plugin node's gains/biases in ``dtype``, like its data) or
     "fp32" (only the data input is low precision; the plugins accept both).
@@ -135,9 +148,22 @@ def convert_precision(model: onnx.ModelProto, dtype: str = "fp16", io_dtype: str
     return convert_precision_detailed(model, dtype, io_dtype, plugin_params).model
 
 
-def convert_precision_detailed(model: onnx.ModelProto, dtype: str = "fp16", io_dtype: str = "fp32",
+def convert_precision_detailed(model: Model, dtype: str = "fp16", io_dtype: str = "fp32",
                                plugin_params: str = "low") -> Conversion:
     """:func:`convert_precision`, returning the :class:`Conversion` record as well."""
+    conv = _convert(_working_copy(model), dtype, io_dtype, plugin_params)
+    if isinstance(model, onnx.ModelProto):
+        conv.model = ir.to_proto(conv.model)
+    return conv
+
+
+def _working_copy(model: Model) -> ir.Model:
+    """An ``onnx_ir.Model`` the conversion may edit: the proto deserialized, or a clone sharing the tensors."""
+    return ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model.clone()
+
+
+def _convert(model: ir.Model, dtype: str, io_dtype: str, plugin_params: str) -> Conversion:
+    """Convert ``model`` in place; the record's ``model`` is ``model``."""
     if dtype not in ("fp16", "bf16"):
         raise UnsupportedError(f"precision {dtype!r} is not a low precision", "use fp16 or bf16")
     if io_dtype not in DTYPES:
@@ -151,13 +177,15 @@ def convert_precision_detailed(model: onnx.ModelProto, dtype: str = "fp16", io_d
 TARGET_DTYPE = {"trt-fp32": None, "trt-fp16": "fp16", "trt-bf16": "bf16"}
 
 
-def convert_for_target(model: onnx.ModelProto, target: str, io_dtype: str = "fp32") -> tuple[onnx.ModelProto, dict]:
+def convert_for_target(model: Model, target: str, io_dtype: str = "fp32") -> tuple[Model, dict]:
     """The precision step of the ``lower`` stage for ``target``: the converted model and a report.
 
-    The report holds ``precision`` (what the conversion did, :meth:`Conversion.summary`); its
-    accuracy against the fp32 lowering is measured by
-    :func:`normdeploy.verify.precision.precision_error_report`. The converted model has
-    passed ``onnx.checker`` (full check).
+    The model comes back as the type it was given (``onnx_ir.Model`` or ``onnx.ModelProto``);
+    for ``trt-fp32`` it is ``model`` itself. The report holds ``precision`` (what the
+    conversion did, :meth:`Conversion.summary`); its accuracy against the fp32 lowering is
+    measured by :func:`normdeploy.verify.precision.precision_error_report`. The converted
+    model has passed ``onnx.checker`` (full check; initializers above 1 KB are checked as
+    graph inputs of their type and shape, so that no model is serialized whole).
     """
     dtype = TARGET_DTYPE.get(target)
     if dtype is None:
@@ -165,73 +193,114 @@ def convert_for_target(model: onnx.ModelProto, target: str, io_dtype: str = "fp3
             raise UnsupportedError(f"--io-dtype {io_dtype} needs an fp16 or bf16 target, not {target}",
                                    "use --target trt-fp16 / trt-bf16, or drop --io-dtype")
         return model, {"precision": {"dtype": "fp32", "io_dtype": "fp32"}}
-    conv = convert_precision_detailed(model, dtype, io_dtype)
+    conv = _convert(_working_copy(model), dtype, io_dtype, "low")
     try:
-        onnx.checker.check_model(conv.model, full_check=True)
+        _call_onnx_api(lambda proto: onnx.checker.check_model(proto, full_check=True), conv.model)
     except Exception as e:  # noqa: BLE001 - a converter bug, reported as such
         raise UnsupportedError(f"the {dtype} model fails onnx.checker: {str(e).splitlines()[0][:200]}",
                                "report this as a bug; --target trt-fp32 avoids the conversion") from None
-    return conv.model, {"precision": conv.summary()}
+    converted = ir.to_proto(conv.model) if isinstance(model, onnx.ModelProto) else conv.model
+    return converted, {"precision": conv.summary()}
+
+
+def _call_onnx_api(fn, model: ir.Model):
+    """``fn(proto)`` on ``model`` serialized without its initializers above 1 KB (they travel as typed graph
+    inputs); the model is left as it was, initializer order included."""
+    from onnx_ir.passes.common import _c_api_utils
+
+    order = list(model.graph.initializers)
+    try:
+        return _c_api_utils.call_onnx_api(fn, model)
+    finally:
+        inits = model.graph.initializers
+        if list(inits) != order:  # call_onnx_api re-registers the large ones last
+            values = [inits[name] for name in order]
+            for name in order:
+                inits.pop(name)
+            for v in values:
+                model.graph.register_initializer(v)
 
 
 # ----------------------------------------------------------------------------- analysis
 
-def _opset(model: onnx.ModelProto, domain: str = "") -> int:
-    for o in model.opset_import:
-        if (o.domain or "") in ((domain,) if domain else ("", "ai.onnx")):
-            return o.version
-    return 1
+def _opset(model: Model, domain: str = "") -> int:
+    if isinstance(model, onnx.ModelProto):
+        for o in model.opset_import:
+            if (o.domain or "") in ((domain,) if domain else ("", "ai.onnx")):
+                return o.version
+        return 1
+    return opset_of(model.graph, domain) or 1
 
 
-def is_plugin(node: onnx.NodeProto) -> bool:
+def is_plugin(node: onnx.NodeProto | ir.Node) -> bool:
     """A TensorRT plugin node of normdeploy: ``op_type`` Normdeploy*, or a ``plugin_namespace`` attribute."""
-    return node.op_type.startswith(PLUGIN_PREFIX) or any(a.name == "plugin_namespace" for a in node.attribute)
+    names = [a.name for a in node.attribute] if isinstance(node, onnx.NodeProto) else node.attributes
+    return node.op_type.startswith(PLUGIN_PREFIX) or "plugin_namespace" in names
 
 
-def _domain(node: onnx.NodeProto) -> str:
-    return "" if node.domain in ("", "ai.onnx") else node.domain
+def _domain(node: ir.Node) -> str:
+    return "" if node.domain in DEFAULT_DOMAINS else node.domain
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_float":
-            return np.asarray(a.f, np.float32)
-        if a.name == "value_floats":
-            return np.asarray(list(a.floats), np.float32)
+def _constant_value(node: ir.Node) -> np.ndarray | None:
+    for name, a in node.attributes.items():
+        if a.is_ref():
+            continue
+        if name == "value":
+            return a.as_tensor().numpy()
+        if name == "value_float":
+            return np.asarray(a.value, np.float32)
+        if name == "value_floats":
+            return np.asarray(list(a.value), np.float32)
     return None
 
 
-def elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor that ONNX type inference, initializers and Constants tell,
-    completed by a schema walk for nodes inference could not type (custom ops): a plugin or
-    canonical node's outputs take the type of its first input."""
+def elem_types(model: Model) -> dict[str, int]:
+    """Element type (ONNX ``TensorProto`` code) of every tensor, by name (:func:`_value_types`)."""
+    m = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
+    return {v.name: int(t) for v, t in _value_types(m).items() if v.name}
+
+
+def _value_types(model: ir.Model) -> dict[ir.Value, int]:
+    """Element type of every value of the main graph that ONNX type inference, the model's own
+    value infos, initializers and Constants tell, completed by a schema walk for nodes inference
+    could not type (custom ops): a plugin or canonical node's outputs take the type of its first input."""
+    g = model.graph
+    types: dict[ir.Value, int] = {}
+    by_name = ir.convenience.create_value_mapping(g)
+    for v in by_name.values():
+        if v.dtype and isinstance(v.type, ir.TensorType):
+            types[v] = v.dtype
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = _call_onnx_api(onnx.shape_inference.infer_shapes, model).graph
     except Exception:  # noqa: BLE001 - inference is best effort
-        inferred = model
-    g = inferred.graph
-    types: dict[str, int] = {}
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
+        inferred = None
+    if inferred is not None:
+        for vi in list(inferred.input) + list(inferred.output) + list(inferred.value_info):
+            v = by_name.get(vi.name)
+            if v is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types[v] = vi.type.tensor_type.elem_type
+    for v in g.initializers.values():
+        if v.const_value is not None:
+            types[v] = v.const_value.dtype
+        elif v.dtype is not None:
+            types[v] = v.dtype
     opset = _opset(model)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and _domain(n) == "":
-            for a in n.attribute:
-                if a.name == "value":
-                    types[n.output[0]] = a.t.data_type
-                elif a.name in ("value_float", "value_floats"):
-                    types[n.output[0]] = FLOAT
-                elif a.name in ("value_int", "value_ints"):
-                    types[n.output[0]] = TensorProto.INT64
-        missing = [o for o in n.output if o and o not in types]
+    for n in g:
+        if n.op_type == "Constant" and _domain(n) == "" and n.outputs:
+            for name, a in n.attributes.items():
+                if a.is_ref():
+                    continue
+                if name == "value":
+                    types[n.outputs[0]] = a.as_tensor().dtype
+                elif name in ("value_float", "value_floats"):
+                    types[n.outputs[0]] = FLOAT
+                elif name in ("value_int", "value_ints"):
+                    types[n.outputs[0]] = TensorProto.INT64
+        missing = [o for o in n.outputs if o.name and o not in types]
         if not missing:
             continue
-        known = [types.get(i) for i in n.input]
+        known = [types.get(i) if i is not None else None for i in n.inputs]
         if is_plugin(n) or _domain(n) == CANONICAL_DOMAIN:
             if known and known[0]:
                 for o in missing:
@@ -240,19 +309,19 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
         schema = _schema(n, opset)
         if schema is None:
             continue
-        for j, o in enumerate(n.output):
-            if not o or o in types or j >= len(schema.outputs) and not _variadic(schema.outputs):
+        for j, o in enumerate(n.outputs):
+            if not o.name or o in types or j >= len(schema.outputs) and not _variadic(schema.outputs):
                 continue
             formal = schema.outputs[min(j, len(schema.outputs) - 1)]
             if formal.type_str.startswith("tensor("):
                 types[o] = _tensor_type_from_str(formal.type_str) or 0
                 continue
-            for k, i in enumerate(n.input):
+            for k, i in enumerate(n.inputs):
                 f = _formal(schema.inputs, k)
-                if f is not None and f.type_str == formal.type_str and types.get(i):
+                if f is not None and i is not None and f.type_str == formal.type_str and types.get(i):
                     types[o] = types[i]
                     break
-    return {k: v for k, v in types.items() if v}
+    return {v: int(t) for v, t in types.items() if t}
 
 
 def _tensor_type_from_str(s: str) -> int | None:
@@ -272,7 +341,7 @@ def _formal(formals, index: int):
     return formals[-1] if _variadic(formals) else None
 
 
-def _schema(node: onnx.NodeProto, opset: int):
+def _schema(node: ir.Node, opset: int):
     if _domain(node) != "":
         return None
     try:
@@ -290,41 +359,36 @@ def _allowed(schema, type_str: str) -> set[str] | None:
 
 
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, low: int, io: int, plugin_params_fp32: bool = False):
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in model.graph.node for a in n.attribute) or any(n.op_type in _CONTROL_FLOW
-                                                                       for n in model.graph.node):
+    """Converts one ``onnx_ir.Model`` in place (:func:`_convert`)."""
+
+    def __init__(self, model: ir.Model, low: int, io: int, plugin_params_fp32: bool = False):
+        g = model.graph
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for n in g for a in n.attributes.values()) or any(n.op_type in _CONTROL_FLOW for n in g):
             raise UnsupportedError("precision conversion does not handle control flow (If/Loop/Scan)",
                                    "convert this model to fp16 with your own tools, or use --target trt-fp32")
         if low == TensorProto.BFLOAT16 and _opset(model) < 13:
             raise UnsupportedError(f"bf16 needs ONNX opset 13 or newer; the model has opset {_opset(model)}",
                                    "re-export with --opset 17 or newer")
-        self.src = model
+        self.model, self.graph = model, g
         self.low, self.io, self.plugin_params_fp32 = low, io, plugin_params_fp32
         self.opset = _opset(model)
-        self.types = elem_types(model)
-        g = model.graph
-        self.inits = {i.name: i for i in g.initializer}
-        graph_inputs = {i.name for i in g.input}
-        self.inits = {k: v for k, v in self.inits.items() if k not in graph_inputs}  # overridable = input
-        self.consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and _domain(n) == ""
-                       and _constant_value(n) is not None}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.used_names = {t for n in g.node for t in list(n.input) + list(n.output)} | {n.name for n in g.node} \
-            | set(self.inits) | graph_inputs | {o.name for o in g.output}
-        self.conv = Conversion(onnx.ModelProto(), _SHORT[low], _SHORT[io])
+        self.types = _value_types(model)
+        graph_inputs = set(g.inputs)
+        self.inits = {v for v in g.initializers.values() if v not in graph_inputs}  # overridable = input
+        self.consts = {n.outputs[0]: n for n in g if n.op_type == "Constant" and _domain(n) == ""
+                       and len(n.outputs) == 1 and _constant_value(n) is not None}
+        self.used_names = {n.name for n in g if n.name} | {v.name for v in g.inputs} | set(g.initializers) \
+            | {v.name for v in g.outputs} | {v.name for n in g for v in (*n.inputs, *n.outputs) if v is not None}
+        self.conv = Conversion(model, _SHORT[low], _SHORT[io])
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def is_float(self, name: str) -> bool:
-        return self.types.get(name) == FLOAT
+    def is_float(self, v: ir.Value | None) -> bool:
+        return v is not None and self.types.get(v) == FLOAT
 
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or name in self.consts
+    def is_const(self, v: ir.Value | None) -> bool:
+        return v in self.inits or v in self.consts
 
     def fresh(self, base: str) -> str:
         name, i = base, 0
@@ -334,37 +398,39 @@ class _Converter:
         self.used_names.add(name)
         return name
 
-    def const_array(self, name: str) -> np.ndarray:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        return _constant_value(self.consts[name])
+    def const_array(self, v: ir.Value) -> np.ndarray:
+        if v in self.inits:
+            return v.const_value.numpy()  # memory-mapped where the weights are external data
+        return _constant_value(self.consts[v])
+
+    def uses(self, v: ir.Value) -> int:
+        """How many node inputs read ``v`` (a node reading it twice counts twice)."""
+        return len(v.uses())
 
     # -- node modes -------------------------------------------------------------------------------
 
-    def plan(self) -> dict[int, str | None]:
-        """For each node index: None (low precision) or the reason it computes in fp32."""
-        nodes = list(self.src.graph.node)
-        reasons: dict[int, str | None] = {}
-        shape_ints: set[str] = set()  # integer tensors computed from Shape/Size
-        shape_floats: set[str] = set()  # float tensors computed from shape values
-        stats: set[str] = set()  # fp32 statistic tensors
-        normalized: set[str] = set()  # fp32 results of applying a statistic, and their affine tail
-        for idx, n in enumerate(nodes):
+    def plan(self) -> dict[ir.Node, str | None]:
+        """For each node: None (low precision) or the reason it computes in fp32."""
+        reasons: dict[ir.Node, str | None] = {}
+        shape_ints: set[ir.Value] = set()  # integer tensors computed from Shape/Size
+        shape_floats: set[ir.Value] = set()  # float tensors computed from shape values
+        stats: set[ir.Value] = set()  # fp32 statistic tensors
+        normalized: set[ir.Value] = set()  # fp32 results of applying a statistic, and their affine tail
+        for n in self.graph:
             dom, op = _domain(n), n.op_type
-            float_ins = [i for i in n.input if i and self.is_float(i)]
-            float_outs = [o for o in n.output if o and self.is_float(o)]
+            float_ins = [i for i in n.inputs if self.is_float(i)]
+            float_outs = [o for o in n.outputs if self.is_float(o)]
             nonconst_float_ins = [i for i in float_ins if not self.is_const(i)]
             # shape-value taint
-            if op in _SHAPE_SOURCES or any(i in shape_ints for i in n.input if i):
-                shape_ints.update(o for o in n.output if o and not self.is_float(o)
-                                  and self.types.get(o) not in _FLOATS)
-            if op in ("Cast", "CastLike") and n.input and n.input[0] in shape_ints:
+            if op in _SHAPE_SOURCES or any(i in shape_ints for i in n.inputs if i is not None):
+                shape_ints.update(o for o in n.outputs if not self.is_float(o) and self.types.get(o) not in _FLOATS)
+            if op in ("Cast", "CastLike") and n.inputs and n.inputs[0] in shape_ints:
                 shape_floats.update(float_outs)
             elif any(i in shape_floats for i in float_ins):
                 shape_floats.update(float_outs)
             reason: str | None = None
             if is_plugin(n):
-                reasons[idx] = None
+                reasons[n] = None
                 continue
             if (dom, op) in NORM_OPS:
                 reason = "normalization op: statistics in fp32"
@@ -382,16 +448,16 @@ class _Converter:
             elif op in _STAT_COMBINE and any(i in stats for i in nonconst_float_ins):
                 reason = "applies a statistic to the data: fp32, result normalized"
                 if op in ("Div", "Mul"):
-                    normalized.update(o for o in float_outs if len(self.consumers.get(o, [])) == 1)
+                    normalized.update(o for o in float_outs if self.uses(o) == 1)
             elif op in ("Mul", "Add") and len(nonconst_float_ins) == 1 and nonconst_float_ins[0] in normalized \
                     and len(float_ins) == 2:
                 reason = "scale/bias of a normalization: fp32, as LayerNormalization's"
-                normalized.update(o for o in float_outs if len(self.consumers.get(o, [])) == 1)
+                normalized.update(o for o in float_outs if self.uses(o) == 1)
             elif any(i in shape_floats for i in float_ins) or any(o in shape_floats for o in float_outs):
                 reason = "shape arithmetic: fp32"
             elif op == "Range" and float_outs:
                 reason = "Range over floats: positions stay exact in fp32"
-            elif any(a.name == "dtype" for a in n.attribute) and float_outs:
+            elif "dtype" in n.attributes and float_outs:
                 reason = "float dtype attribute: fp32"
             elif float_ins or float_outs:
                 reason = self._schema_refuses(n)
@@ -399,27 +465,27 @@ class _Converter:
                 stats.update(float_outs)
             if reason and not (float_ins or float_outs):
                 reason = None  # nothing of its precision to decide
-            reasons[idx] = reason
+            reasons[n] = reason
         return reasons
 
-    def _square_into_reduction(self, n: onnx.NodeProto) -> bool:
-        if not n.output or not any(c.op_type in REDUCTIONS for c in self.consumers.get(n.output[0], [])):
+    def _square_into_reduction(self, n: ir.Node) -> bool:
+        if not n.outputs or not any(c.op_type in REDUCTIONS for c, _ in n.outputs[0].uses()):
             return False
-        if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]:
+        if n.op_type == "Mul" and len(n.inputs) == 2 and n.inputs[0] is not None and n.inputs[0] is n.inputs[1]:
             return True
-        if n.op_type == "Pow" and len(n.input) == 2 and self.is_const(n.input[1]):
-            e = np.asarray(self.const_array(n.input[1]), np.float64)
+        if n.op_type == "Pow" and len(n.inputs) == 2 and self.is_const(n.inputs[1]):
+            e = np.asarray(self.const_array(n.inputs[1]), np.float64)
             return e.size == 1 and float(e.reshape(-1)[0]) >= 2.0
         return False
 
-    def _schema_refuses(self, n: onnx.NodeProto) -> str | None:
+    def _schema_refuses(self, n: ir.Node) -> str | None:
         schema = _schema(n, self.opset)
         if schema is None:
             return f"no ONNX schema for {n.op_type} at opset {self.opset}: kept fp32"
         low_str = _TYPE_STR[self.low]
-        for names, formals in ((n.input, schema.inputs), (n.output, schema.outputs)):
-            for k, name in enumerate(names):
-                if not name or not self.is_float(name):
+        for values, formals in ((n.inputs, schema.inputs), (n.outputs, schema.outputs)):
+            for k, v in enumerate(values):
+                if not self.is_float(v):
                     continue
                 f = _formal(formals, k)
                 if f is None:
@@ -429,21 +495,20 @@ class _Converter:
                     return f"{n.op_type} has no {_SHORT[self.low]} kernel in the ONNX schema: fp32"
         return None
 
-    def _low_slots(self, n: onnx.NodeProto) -> tuple[set[int], set[int]]:
+    def _low_slots(self, n: ir.Node) -> tuple[set[int], set[int]]:
         """Indices of the float inputs and outputs that become low precision in a low node."""
         if is_plugin(n):
-            return ({k for k, i in enumerate(n.input) if i and self.is_float(i)
-                     and not (k > 0 and self.plugin_params_fp32)},
-                    {k for k, o in enumerate(n.output) if o and self.is_float(o)})
+            return ({k for k, i in enumerate(n.inputs) if self.is_float(i) and not (k > 0 and self.plugin_params_fp32)},
+                    {k for k, o in enumerate(n.outputs) if self.is_float(o)})
         schema = _schema(n, self.opset)
         ins, outs = set(), set()
-        for k, i in enumerate(n.input):
-            if i and self.is_float(i):
+        for k, i in enumerate(n.inputs):
+            if self.is_float(i):
                 f = _formal(schema.inputs, k) if schema else None
                 if f is not None and _allowed(schema, f.type_str) is not None:
                     ins.add(k)
-        for k, o in enumerate(n.output):
-            if o and self.is_float(o):
+        for k, o in enumerate(n.outputs):
+            if self.is_float(o):
                 f = _formal(schema.outputs, k) if schema else None
                 if f is not None and _allowed(schema, f.type_str) is not None:
                     outs.add(k)
@@ -452,76 +517,83 @@ class _Converter:
     # -- rewriting ----------------------------------------------------------------------------
 
     def convert_constant(self, arr: np.ndarray, to: int) -> np.ndarray:
+        """``arr`` rounded once to ``to``; finite values beyond its range saturate (counted), chunk by chunk."""
         a = np.asarray(arr)
         if to == FLOAT:
             return a.astype(np.float32)
-        a64 = a.astype(np.float64)
         if to == TensorProto.FLOAT16:
             big = float(np.finfo(np.float16).max)
-            out_t = np.float16
+            out_t = np.dtype(np.float16)
             tiny = float(np.finfo(np.float16).smallest_subnormal)
         else:
             import ml_dtypes
 
             big = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-            out_t = ml_dtypes.bfloat16
+            out_t = np.dtype(ml_dtypes.bfloat16)
             tiny = float(ml_dtypes.finfo(ml_dtypes.bfloat16).smallest_subnormal)
-        finite = np.isfinite(a64)
-        over = finite & (np.abs(a64) > big)
-        self.conv.saturated_values += int(over.sum())
-        self.conv.underflowed_values += int((finite & (a64 != 0) & (np.abs(a64) < tiny / 2)).sum())
-        return np.where(over, np.sign(a64) * big, a64).astype(out_t)
+        out = np.empty(a.shape, out_t)
+        flat_in, flat_out = a.reshape(-1), out.reshape(-1)
+        for start in range(0, flat_in.size, _CHUNK):
+            a64 = flat_in[start:start + _CHUNK].astype(np.float64)
+            finite = np.isfinite(a64)
+            over = finite & (np.abs(a64) > big)
+            self.conv.saturated_values += int(over.sum())
+            self.conv.underflowed_values += int((finite & (a64 != 0) & (np.abs(a64) < tiny / 2)).sum())
+            flat_out[start:start + _CHUNK] = np.where(over, np.sign(a64) * big, a64).astype(out_t)
+        return out
 
     def run(self) -> Conversion:
-        src = self.src
-        g = src.graph
+        g = self.graph
+        nodes = list(g)
         reasons = self.plan()
-        nodes_out: list[onnx.NodeProto] = []
-        new_inits: list[onnx.TensorProto] = []
-        actual: dict[str, int] = {}  # dtype of each float tensor as produced in the new graph
-        for i in g.input:
-            if i.name not in self.inits and self.is_float(i.name):
-                actual[i.name] = self.io
-        cast_cache: dict[tuple[str, int], str] = {}
-        const_cache: dict[tuple[str, int], str] = {}
-        fp32_const_uses: set[str] = set()
+        actual: dict[ir.Value, int] = {}  # dtype of each float tensor as produced in the new graph
+        for v in g.inputs:
+            if v not in self.inits and self.is_float(v):
+                actual[v] = self.io
+        cast_cache: dict[tuple[ir.Value, int], ir.Value] = {}
+        const_cache: dict[tuple[ir.Value, int], ir.Value] = {}
+        fp32_const_uses: set[ir.Value] = set()
 
-        def need(name: str, to: int) -> str:
-            """The name of ``name`` as a tensor of type ``to``."""
-            if name in self.inits or name in self.consts:
+        def need(v: ir.Value, to: int, reader: ir.Node) -> ir.Value:
+            """``v`` as a tensor of type ``to``, for ``reader`` (a Cast goes right before it)."""
+            if self.is_const(v):
                 if to == FLOAT:
-                    fp32_const_uses.add(name)
-                    return name
-                key = (name, to)
+                    fp32_const_uses.add(v)
+                    return v
+                key = (v, to)
                 if key not in const_cache:
-                    arr = self.convert_constant(self.const_array(name), to)
-                    new = self.fresh(f"{name}_{_SHORT[to]}")
-                    new_inits.append(_make_tensor(arr, new, to))
+                    arr = self.convert_constant(self.const_array(v), to)
+                    name = self.fresh(f"{v.name}_{_SHORT[to]}")
+                    new = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+                                   type=ir.TensorType(ir.DataType(to)))
+                    g.register_initializer(new)
                     self.conv.constants_converted += 1
                     const_cache[key] = new
                 return const_cache[key]
-            have = actual.get(name, FLOAT)
+            have = actual.get(v, FLOAT)
             if have == to:
-                return name
-            key = (name, to)
+                return v
+            key = (v, to)
             if key not in cast_cache:
-                out = self.fresh(f"{name}_{_SHORT[to]}")
-                nodes_out.append(helper.make_node("Cast", [name], [out], to=to, name=self.fresh(f"Cast_{out}")))
+                out = ir.Value(name=self.fresh(f"{v.name}_{_SHORT[to]}"), shape=v.shape,
+                               type=ir.TensorType(ir.DataType(to)))
+                g.insert_before(reader, ir.node("Cast", [v], {"to": int(to)}, outputs=[out],
+                                                name=self.fresh(f"Cast_{out.name}")))
                 self.conv.casts_inserted += 1
                 cast_cache[key] = out
                 actual[out] = to
             return cast_cache[key]
 
-        for idx, n in enumerate(g.node):
-            if n.op_type == "Constant" and n.output[0] in self.consts and self.is_float(n.output[0]):
-                continue  # constants are materialized on demand by need()
-            new = onnx.NodeProto()
-            new.CopyFrom(n)
-            reason = reasons.get(idx)
-            float_ins = [k for k, i in enumerate(n.input) if i and self.is_float(i)]
-            float_outs = [k for k, o in enumerate(n.output) if o and self.is_float(o)]
+        const_nodes = set(self.consts.values())
+        dropped_consts = []
+        for idx, n in enumerate(nodes):
+            if n in const_nodes and self.is_float(n.outputs[0]):
+                dropped_consts.append(n)  # constants are materialized on demand by need()
+                continue
+            reason = reasons.get(n)
+            float_ins = [k for k, i in enumerate(n.inputs) if self.is_float(i)]
+            float_outs = [k for k, o in enumerate(n.outputs) if self.is_float(o)]
             if not float_ins and not float_outs:
-                nodes_out.append(new)
                 continue
             if reason is None:
                 low_in, low_out = self._low_slots(n)
@@ -531,101 +603,76 @@ class _Converter:
                 self.conv.fp32_nodes[n.name or f"{n.op_type}_{idx}"] = reason
             for k in float_ins:
                 if n.op_type in _TYPE_AGNOSTIC and _domain(n) == "":
+                    if self.is_const(n.inputs[k]):
+                        fp32_const_uses.add(n.inputs[k])  # the shape of the stored constant
                     continue  # Shape/Size read any type: no Cast just to take a shape
-                new.input[k] = need(n.input[k], self.low if k in low_in else FLOAT)
+                n.replace_input_with(k, need(n.inputs[k], self.low if k in low_in else FLOAT, n))
             for k in float_outs:
-                actual[n.output[k]] = self.low if k in low_out else FLOAT
+                actual[n.outputs[k]] = self.low if k in low_out else FLOAT
             if reason is None:
-                _retype_attributes(new, self, low_out)
-            nodes_out.append(new)
+                _retype_attributes(n, self, low_out)
 
         # graph outputs: io dtype, original names (a Cast writes the name, the producer an internal one)
-        origin: dict[str, str] = {out: src for (src, _), out in cast_cache.items()}
-        out_vis = []
-        for o in g.output:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(o)
-            if self.is_float(o.name) and not self.is_const(o.name):
-                have = actual.get(o.name, FLOAT)
+        replaced: dict[ir.Value, ir.Value] = {}
+        for i, o in enumerate(list(g.outputs)):
+            if o in replaced:
+                g.outputs[i] = replaced[o]
+                continue
+            if self.is_float(o) and not self.is_const(o):
+                have = actual.get(o, FLOAT)
                 if have != self.io:
-                    internal = self.fresh(f"{o.name}_{_SHORT[have]}")
-                    for n in nodes_out:
-                        for k, t in enumerate(n.input):
-                            if t == o.name:
-                                n.input[k] = internal
-                        for k, t in enumerate(n.output):
-                            if t == o.name:
-                                n.output[k] = internal
-                    actual[internal] = have
-                    origin[internal] = o.name
-                    nodes_out.append(helper.make_node("Cast", [internal], [o.name], to=self.io,
-                                                      name=self.fresh(f"Cast_{o.name}_out")))
+                    name = o.name
+                    out = ir.Value(shape=o.shape, type=ir.TensorType(ir.DataType(self.io)))
+                    o.name = self.fresh(f"{name}_{_SHORT[have]}")
+                    out.name = name
+                    g.append(ir.node("Cast", [o], {"to": int(self.io)}, outputs=[out],
+                                     name=self.fresh(f"Cast_{name}_out")))
                     self.conv.casts_inserted += 1
-                    actual[o.name] = self.io
-                vi.type.tensor_type.elem_type = actual.get(o.name, FLOAT)
-            elif self.is_const(o.name):
-                fp32_const_uses.add(o.name)  # a constant graph output stays as stored
-            out_vis.append(vi)
-
-        model = onnx.ModelProto()
-        model.CopyFrom(src)
-        mg = model.graph
-        del mg.node[:]
-        keep_consts = [n for n in g.node if n.op_type == "Constant" and n.output[0] in fp32_const_uses
-                       and n.output[0] in self.consts and self.is_float(n.output[0])]
-        mg.node.extend(keep_consts + nodes_out)
-        kept_inits = [i for i in g.initializer if i.name not in self.inits or i.name in fp32_const_uses
-                      or not self.is_float(i.name)]
-        del mg.initializer[:]
-        mg.initializer.extend(kept_inits + new_inits)
-        for i in mg.input:
-            if i.name not in self.inits and self.is_float(i.name):
-                i.type.tensor_type.elem_type = self.io
-        del mg.output[:]
-        mg.output.extend(out_vis)
-        # value_info: original shapes, new element types; new tensors take their origin's shape
-        known = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
-        boundary = {o.name for o in mg.output} | {i.name for i in mg.input}
-        vis = []
-        for n in mg.node:
-            for t in n.output:
-                if not t or t in boundary:
-                    continue
-                base = t
-                while base not in known and base in origin:
-                    base = origin[base]
-                if base not in known:
-                    if t in actual:  # a type at least (custom-op outputs have no inferred shape)
-                        vis.append(helper.make_tensor_value_info(t, actual[t], None))
-                    continue
-                vi = onnx.ValueInfoProto()
-                vi.CopyFrom(known[base])
-                vi.name = t
-                if t in actual:
-                    vi.type.tensor_type.elem_type = actual[t]
-                vis.append(vi)
-        del mg.value_info[:]
-        mg.value_info.extend(vis)
-        self.conv.model = model
+                    actual[out] = self.io
+                    replaced[o] = out
+                    g.outputs[i] = out
+                o_now = g.outputs[i]
+                _retype(o_now, actual.get(o_now, FLOAT))
+            elif self.is_const(o):
+                fp32_const_uses.add(o)  # a constant graph output stays as stored
+        for n in dropped_consts:
+            if n.outputs[0] not in fp32_const_uses:
+                g.remove(n, safe=False)
+        for v in self.inits:
+            if self.is_float(v) and v not in fp32_const_uses:
+                g.initializers.pop(v.name)
+        for v in g.inputs:
+            if v not in self.inits and self.is_float(v):
+                _retype(v, self.io)
+        # element types of the tensors the nodes write (shapes stay; Casts took their source's)
+        for n in g:
+            for o in n.outputs:
+                if o in actual and not o.is_graph_output():
+                    _retype(o, actual[o])
         return self.conv
 
 
-def _make_tensor(arr: np.ndarray, name: str, to: int) -> onnx.TensorProto:
-    if to == TensorProto.BFLOAT16:  # raw little-endian bit patterns, exact and compact
-        return onnx.TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(arr.shape),
-                                raw_data=np.ascontiguousarray(arr).view(np.uint16).astype("<u2").tobytes())
-    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+def _retype(v: ir.Value, to: int) -> None:
+    """Give ``v`` a new tensor type of element type ``to`` (``v.dtype = ...`` would edit its type object in
+    place, and onnx-ir's clones share type objects with the model they were cloned from)."""
+    v.type = ir.TensorType(ir.DataType(to))
 
 
-def _retype_attributes(node: onnx.NodeProto, conv: _Converter, low_out: set[int]) -> None:
+def _retype_attributes(node: ir.Node, conv: _Converter, low_out: set[int]) -> None:
     """A low-precision node whose attributes name fp32 gets them renamed: Cast's ``to``,
     ConstantOfShape's ``value``."""
-    for a in node.attribute:
-        if node.op_type == "Cast" and a.name == "to" and a.i == FLOAT and 0 in low_out:
-            a.i = conv.low
-        elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == FLOAT and 0 in low_out:
-            arr = conv.convert_constant(numpy_helper.to_array(a.t), conv.low)
-            a.t.CopyFrom(_make_tensor(arr, a.t.name, conv.low))
-    if node.op_type == "ConstantOfShape" and 0 in low_out and not any(a.name == "value" for a in node.attribute):
-        zero = conv.convert_constant(np.zeros(1, np.float32), conv.low)  # the default value is fp32 zero
-        node.attribute.append(helper.make_attribute("value", _make_tensor(zero, "value", conv.low)))
+    if 0 not in low_out:
+        return
+    if node.op_type == "Cast":
+        to = node.attributes.get("to")
+        if to is not None and to.value == FLOAT:
+            node.attributes["to"] = ir.AttrInt64("to", conv.low)
+    elif node.op_type == "ConstantOfShape":
+        value = node.attributes.get("value")
+        if value is None:  # the default value is fp32 zero
+            zero = conv.convert_constant(np.zeros(1, np.float32), conv.low)
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(zero, name="value"))
+        elif value.as_tensor().dtype == FLOAT:
+            t = value.as_tensor()
+            arr = conv.convert_constant(t.numpy(), conv.low)
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(arr, name=t.name))

@@ -38,13 +38,13 @@ PowerNorm or UnifiedNorm parameter is not a constant.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.affine_gs import affine_of
-from ..core.graph_gs import Namer, const_value
+from ..core.affine import affine_of
+from ..core.graph import Namer, add_node, attr, const_value, constant, dtype_of, rank_of, shape_of, value
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
+from ..core.pattern import take_over
 from .plugins.trt_plugins import NAMESPACE, PLUGINS, plugin_attributes
 
 TARGETS = ("trt-fp32", "trt-fp16", "trt-bf16")
@@ -52,12 +52,12 @@ TARGETS = ("trt-fp32", "trt-fp16", "trt-bf16")
 
 # ----------------------------------------------------------------------------- helpers
 
-def _attrs(node: gs.Node) -> dict:
-    return {**ATTRIBUTES[node.op], **node.attrs}
+def _attrs(node: ir.Node) -> dict:
+    return {**ATTRIBUTES[node.op_type], **{k: attr(node, k) for k in node.attributes}}
 
 
-def _channels(x: gs.Tensor, axis: int = -1) -> int | None:
-    shape = getattr(x, "shape", None)
+def _channels(x: ir.Value, axis: int = -1) -> int | None:
+    shape = shape_of(x)
     if not shape:
         return None
     try:
@@ -67,99 +67,82 @@ def _channels(x: gs.Tensor, axis: int = -1) -> int | None:
     return c if isinstance(c, (int, np.integer)) and c > 0 else None
 
 
-def _rank(x: gs.Tensor) -> int | None:
-    shape = getattr(x, "shape", None)
-    return None if shape is None else len(shape)
-
-
-def _dtype_of(x: gs.Tensor, *fallback: np.ndarray):
-    """X's element type as something :func:`_constant` can store: a numpy dtype or ``"bfloat16"``."""
-    dt = getattr(x, "dtype", None)
+def _dtype_of(x: ir.Value, *fallback: np.ndarray) -> np.dtype:
+    """X's element type as a numpy dtype (``ml_dtypes.bfloat16`` for bf16), else the first fallback array's."""
+    dt = dtype_of(x)
     if dt is not None:
-        if dt == onnx.TensorProto.BFLOAT16 or str(dt) == "bfloat16":
-            return "bfloat16"
-        try:
-            return np.dtype(dt)
-        except TypeError:
-            pass
+        return dt
     for v in fallback:
         if v is not None:
-            return "bfloat16" if str(v.dtype) == "bfloat16" else v.dtype
+            return v.dtype
     return np.dtype(np.float32)
 
 
-def _constant(namer: Namer, base: str, suffix: str, value64: np.ndarray, dtype) -> gs.Constant:
-    """A new constant holding ``value64`` rounded once to ``dtype``."""
-    name = namer(base, suffix)
-    if dtype == "bfloat16":  # numpy has no bfloat16: hand graphsurgeon a finished TensorProto
-        import ml_dtypes
-        from onnx import numpy_helper
-
-        proto = numpy_helper.from_array(np.ascontiguousarray(value64.astype(ml_dtypes.bfloat16)), name)
-        return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
-    return gs.Constant(name, np.ascontiguousarray(value64.astype(dtype)))
+def _constant(namer: Namer, base: str, suffix: str, value64: np.ndarray, dtype) -> ir.Value:
+    """A new constant holding ``value64`` rounded once to ``dtype`` (bf16 included: onnx-ir stores ml_dtypes arrays)."""
+    return constant(namer, base, suffix, np.ascontiguousarray(value64.astype(dtype)))
 
 
-def _scalar(t: gs.Tensor) -> float | None:
+def _scalar(t: ir.Value | None) -> float | None:
     v = const_value(t)
     if v is None or np.asarray(v).size != 1:
         return None
     return float(np.asarray(v, np.float64).reshape(()))
 
 
-def _channel_param(namer: Namer, node: gs.Node, t: gs.Tensor, c: int | None,
-                   what: str) -> tuple[gs.Tensor | None, str | None]:
+def _channel_param(namer: Namer, node: ir.Node, t: ir.Value | None, c: int | None,
+                   what: str) -> tuple[ir.Value | None, str | None]:
     """``t`` as a per-channel vector [C] input of a plugin (a scalar constant is expanded), or a skip reason."""
     v = const_value(t)
     if v is not None:
         v = np.asarray(v)
         if v.size == 1 and v.ndim <= 1 and c is not None and c != 1:
-            return _constant(namer, node.name or node.op, what, np.full(c, float(v.reshape(())), np.float64),
+            return _constant(namer, node.name or node.op_type, what, np.full(c, float(v.reshape(())), np.float64),
                              _dtype_of(t, v)), None
         if v.ndim == 1 and (c is None or v.shape[0] == c):
             return t, None
         if v.size == c and c is not None:
-            return _constant(namer, node.name or node.op, what, v.reshape(c).astype(np.float64), _dtype_of(t, v)), None
+            return _constant(namer, node.name or node.op_type, what, v.reshape(c).astype(np.float64),
+                             _dtype_of(t, v)), None
         return None, f"{what} of shape {list(v.shape)} is not one value per channel ({c})"
-    shape = getattr(t, "shape", None)
+    shape = shape_of(t)
     if shape is not None and len(shape) == 1 and (c is None or shape[0] in (c, None) or isinstance(shape[0], str)):
         return t, None
     return None, f"{what} is not a constant and not a 1-D per-channel tensor"
 
 
-def _plugin_node(namer: Namer, node: gs.Node, plugin: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor],
-                 values: dict) -> gs.Node:
+def _plugin_node(namer: Namer, node: ir.Node, plugin: str, inputs: list[ir.Value], values: dict,
+                 output: ir.Value | None = None) -> ir.Node:
+    """A plugin node computing ``node`` from ``inputs``, writing ``output`` (default: a fresh value)."""
     spec = PLUGINS[plugin]
-    return gs.Node(op=plugin, name=namer(node.name or node.op, "plugin"), domain=NAMESPACE,
-                   attrs=plugin_attributes(spec, values), inputs=inputs, outputs=outputs)
+    base = node.name or node.op_type
+    return add_node(namer, plugin, inputs, None if output is None else [output], name=namer(base, "plugin"),
+                    base=base, domain=NAMESPACE, attrs=plugin_attributes(spec, values))
 
 
-def _detach(node: gs.Node) -> list[gs.Tensor]:
-    outs = list(node.outputs)
-    node.inputs.clear()
-    node.outputs.clear()
-    return outs
-
-
-def _affine(namer: Namer, graph: gs.Graph, node: gs.Node, x: gs.Tensor, y: gs.Tensor, a: np.ndarray,
-            b: np.ndarray, shape: list[int], dtype) -> None:
-    """``y = x * a + b`` with float64 ``a``, ``b`` reshaped to ``shape`` and cast once to ``dtype``.
+def _affine(namer: Namer, node: ir.Node, x: ir.Value, a: np.ndarray, b: np.ndarray, shape: list[int],
+            dtype) -> ir.Value:
+    """``x * a + b`` with float64 ``a``, ``b`` reshaped to ``shape`` and cast once to ``dtype``; returns the result.
 
     A unit scale or zero shift is left out (x * 1 and x + 0 are exact); both: Identity.
     """
-    base = node.name or node.op
+    base = node.name or node.op_type
     scale, shift = not np.all(a == 1.0), not np.all(b == 0.0)
     if scale:
-        out = gs.Variable(namer(base, "scaled"), dtype=getattr(x, "dtype", None), shape=getattr(x, "shape", None)) \
-            if shift else y
-        graph.nodes.append(gs.Node(op="Mul", name=namer(base, "scale"), outputs=[out],
-                                   inputs=[x, _constant(namer, base, "a", a.reshape(shape), dtype)]))
+        out = value(namer, base, "scaled", dtype=x.dtype, shape=x.shape)
+        add_node(namer, "Mul", [x, _constant(namer, base, "a", a.reshape(shape), dtype)], [out], base=base,
+                 name=namer(base, "scale"))
         x = out
     if shift:
-        graph.nodes.append(gs.Node(op="Add", name=namer(base, "shift"), outputs=[y],
-                                   inputs=[x, _constant(namer, base, "b", b.reshape(shape), dtype)]))
+        out = value(namer, base, "shifted", dtype=x.dtype, shape=x.shape)
+        add_node(namer, "Add", [x, _constant(namer, base, "b", b.reshape(shape), dtype)], [out], base=base,
+                 name=namer(base, "shift"))
+        x = out
     if not scale and not shift:
-        graph.nodes.append(gs.Node(op="Identity", name=namer(base, "identity"), inputs=[x], outputs=[y]))
+        out = value(namer, base, "identity_out", dtype=x.dtype, shape=x.shape)
+        add_node(namer, "Identity", [x], [out], base=base, name=namer(base, "identity"))
+        x = out
+    return x
 
 
 # ----------------------------------------------------------------------------- per op
@@ -169,9 +152,10 @@ def _lower_rms(graph, namer, node, result) -> str | None:
     gv, why = _channel_param(namer, node, g, _channels(x), "gain")
     if why:
         return why
-    plugin = "NormdeployRMSNorm" if node.op == "RMSNorm" else "NormdeployCRMSNorm"
-    graph.nodes.append(_plugin_node(namer, node, plugin, [x, gv], _detach(node), {"epsilon": _attrs(node)["epsilon"]}))
-    result.rewrote(f"{node.op} -> {plugin}", node=node.name)
+    plugin = "NormdeployRMSNorm" if node.op_type == "RMSNorm" else "NormdeployCRMSNorm"
+    new = _plugin_node(namer, node, plugin, [x, gv], {"epsilon": _attrs(node)["epsilon"]})
+    take_over(node, new.outputs[0])
+    result.rewrote(f"{node.op_type} -> {plugin}", node=node.name)
     return None
 
 
@@ -181,8 +165,8 @@ def _lower_group_scaling(graph, namer, node, result) -> str | None:
     c, groups = _channels(x), int(a["groups"])
     if groups < 1 or (c is not None and c % groups):
         return f"{c} channels are not divisible into {groups} groups"
-    graph.nodes.append(_plugin_node(namer, node, "NormdeployGroupScaling", [x], _detach(node),
-                                    {"groups": groups, "epsilon": a["epsilon"]}))
+    new = _plugin_node(namer, node, "NormdeployGroupScaling", [x], {"groups": groups, "epsilon": a["epsilon"]})
+    take_over(node, new.outputs[0])
     result.rewrote("GroupScaling -> NormdeployGroupScaling", node=node.name)
     return None
 
@@ -192,8 +176,8 @@ def _lower_scale(graph, namer, node, result) -> str | None:
     scale = _scalar(g)
     if scale is None:
         return "ScaleNorm g is not a constant scalar (the plugin takes it as an attribute)"
-    graph.nodes.append(_plugin_node(namer, node, "NormdeployScaleNorm", [x], _detach(node),
-                                    {"scale": scale, "epsilon": _attrs(node)["epsilon"]}))
+    new = _plugin_node(namer, node, "NormdeployScaleNorm", [x], {"scale": scale, "epsilon": _attrs(node)["epsilon"]})
+    take_over(node, new.outputs[0])
     result.rewrote("ScaleNorm -> NormdeployScaleNorm", node=node.name)
     return None
 
@@ -204,7 +188,7 @@ def _lower_dyt(graph, namer, node, result) -> str | None:
     if alpha is None:
         return "DynamicTanh alpha is not a constant scalar (the plugin takes it as an attribute)"
     axis = int(_attrs(node)["axis"])
-    rank = _rank(x)
+    rank = rank_of(x)
     if rank is not None and not -rank <= axis < rank:
         return f"axis {axis} out of range for rank {rank}"
     c = _channels(x, axis)
@@ -224,7 +208,8 @@ def _lower_dyt(graph, namer, node, result) -> str | None:
             if why:
                 return why
             plugin, inputs = "NormdeployDynamicTanh", [x, wt, bt]
-    graph.nodes.append(_plugin_node(namer, node, plugin, inputs, _detach(node), {"alpha": alpha, "axis": axis}))
+    new = _plugin_node(namer, node, plugin, inputs, {"alpha": alpha, "axis": axis})
+    take_over(node, new.outputs[0])
     result.rewrote(f"DynamicTanh -> {plugin}", node=node.name)
     return None
 
@@ -239,12 +224,10 @@ def _lower_power(graph, namer, node, result) -> str | None:
     if groups < 1 or (c is not None and c % groups):
         return f"{c} channels are not divisible into {groups} groups"
     raw_w = const_value(node.inputs[2])
-    (y,) = _detach(node)
-    base = node.name or node.op
-    xs = gs.Variable(namer(base, "group_scaled"), dtype=getattr(x, "dtype", None), shape=getattr(x, "shape", None))
-    graph.nodes.append(_plugin_node(namer, node, "NormdeployGroupScaling", [x], [xs],
-                                    {"groups": groups, "epsilon": eps}))
-    _affine(namer, graph, node, xs, y, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w))
+    base = node.name or node.op_type
+    xs = value(namer, base, "group_scaled", dtype=x.dtype, shape=x.shape)
+    _plugin_node(namer, node, "NormdeployGroupScaling", [x], {"groups": groups, "epsilon": eps}, xs)
+    take_over(node, _affine(namer, node, xs, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w)))
     result.rewrote("PowerNorm -> NormdeployGroupScaling + per-channel Mul/Add", node=node.name)
     return None
 
@@ -255,8 +238,7 @@ def _lower_unified(graph, namer, node, result) -> str | None:
     if isinstance(aff, str):
         return aff
     raw_w = const_value(node.inputs[2])
-    (y,) = _detach(node)
-    _affine(namer, graph, node, x, y, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w))
+    take_over(node, _affine(namer, node, x, aff.scale, aff.shift, list(aff.scale.shape), _dtype_of(x, raw_w)))
     result.rewrote("UnifiedNorm -> per-channel Mul/Add", node=node.name)
     return None
 
@@ -272,14 +254,18 @@ _LOWER = {
 }
 
 
-def lower_to_trt_plugins(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
-    """Turn canonical normalization nodes into normdeploy TensorRT plugin nodes (and folded Mul/Add)."""
+def lower_to_trt_plugins(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
+    """Turn canonical normalization nodes into normdeploy TensorRT plugin nodes (and folded Mul/Add).
+
+    The new nodes take over each canonical node's output (its name, where it is a graph
+    output); the runner then drops the canonical node and its function body.
+    """
     namer = Namer(graph)
-    for node in list(graph.nodes):
-        if node.domain != DOMAIN or node.op not in _LOWER:
+    for node in list(graph):
+        if node.domain != DOMAIN or node.op_type not in _LOWER:
             continue
         result.matched += 1
-        why = _LOWER[node.op](graph, namer, node, result)
+        why = _LOWER[node.op_type](graph, namer, node, result)
         if why:
             result.skip(node.name, why)
     if result.rewrites:

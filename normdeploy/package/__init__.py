@@ -12,9 +12,9 @@ import os
 import shutil
 import tempfile
 
-import onnx
 
 from ..core.errors import InputError
+from ..core.graph import save_model
 from .triton import model_name, write_repository
 
 
@@ -79,17 +79,9 @@ def _triton_entry_args(result) -> dict | None:
     return {**args, "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
 
 
-def _save(model: onnx.ModelProto, path: str) -> None:
-    # Models over 2 GB must keep weights outside the protobuf.
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save(model, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
-    else:
-        onnx.save(model, path)
-
-
 def _write_all(d: str, result, name: str) -> None:
-    _save(result.original, os.path.join(d, "original.onnx"))
-    _save(result.optimized, os.path.join(d, "model.onnx"))
+    save_model(result.original_model, os.path.join(d, "original.onnx"))
+    save_model(result.optimized_model, os.path.join(d, "model.onnx"))
     if result.plan is not None:
         with open(os.path.join(d, "model.plan"), "wb") as f:
             f.write(result.plan)

@@ -48,12 +48,24 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.affine_gs import ONNX_DOMAINS, Affine, affine_of, is_affine_source
-from ..core.graph_gs import Namer, const_value, constant, is_graph_output, rewire_output
-from ..core.layout_gs import MOVERS, SELECTORS, compress, dims, map_backward, map_forward, same_dim, vector_along
-from ..core.linear_gs import LINEAR, linear_layer, matmul_weight_slot, padded
+from ..core.affine import ONNX_DOMAINS, Affine, affine_of, is_affine_source
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    consumers,
+    dtype_of,
+    remove_nodes,
+    replace_value,
+    set_input,
+    value,
+)
+from ..core.layout import MOVERS, SELECTORS, compress, dims, map_backward, map_forward, same_dim, vector_along
+from ..core.linear import LINEAR, linear_layer, matmul_weight_slot, padded
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 
@@ -67,19 +79,16 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _dtype_of(t: gs.Tensor, fallback) -> np.dtype:
-    dt = getattr(t, "dtype", None)
-    try:
-        return np.dtype(dt) if dt is not None else np.dtype(fallback)
-    except TypeError:
-        return np.dtype(fallback)
+def _dtype_of(v: ir.Value, fallback) -> np.dtype:
+    dt = dtype_of(v)
+    return dt if dt is not None else np.dtype(fallback)
 
 
 # ----------------------------------------------------------------------------- into the producer
 
-def _producer_plan(graph: gs.Graph, lin: gs.Node, a_arr: np.ndarray, c_arr: np.ndarray, namer: Namer) -> Plan | str:
+def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.ndarray, namer: Namer) -> Plan | str:
     """Fold ``a * lin(x) + c`` (arrays on lin's output, or on its bias Add's) into ``lin``'s weight and bias."""
-    if lin.op == "MatMul":
+    if lin.op_type == "MatMul":
         wslot = matmul_weight_slot(lin)
         if wslot is None:
             return f"MatMul {lin.name} has no constant operand"
@@ -93,37 +102,38 @@ def _producer_plan(graph: gs.Graph, lin: gs.Node, a_arr: np.ndarray, c_arr: np.n
     a = vector_along(a_arr, layer.out_axis, layer.out_rank, layer.out_size)
     c = vector_along(c_arr, layer.out_axis, layer.out_rank, layer.out_size)
     if a is None or c is None:
-        where = {"Gemm": "along the output columns", "MatMul": "along the output channels"}.get(lin.op, "per output channel")
-        return f"the affine is not {where} of {lin.op} {lin.name}"
+        where = {"Gemm": "along the output columns", "MatMul": "along the output channels"}.get(lin.op_type,
+                                                                                                "per output channel")
+        return f"the affine is not {where} of {lin.op_type} {lin.name}"
     layer.scale_outputs(a)
     bias_add = getattr(layer, "bias_add", None)
-    if lin.op == "MatMul":
+    if lin.op_type == "MatMul":
         layer.add_to_output(layer.out_vector(c))
     else:
         layer.add_to_output(c)
     if bias_add is not None:
         what = f"into MatMul {lin.name} + Add {bias_add[0].name}"
-    elif lin.op == "MatMul":
+    elif lin.op_type == "MatMul":
         what = f"into MatMul {lin.name}" + ("" if layer.shift is None else " (now a Gemm, the shift its C)"
                                              if layer.becomes_gemm() else " (the shift as an Add)")
     else:
-        what = f"into {lin.op} {lin.name}"
+        what = f"into {lin.op_type} {lin.name}"
     return Plan(lambda: layer.apply(namer), what)
 
 
-def fold_affine_into_producer(graph: gs.Graph, aff: Affine, namer: Namer) -> Plan | str:
+def fold_affine_into_producer(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
     """Plan folding a pure affine into the linear layer that writes its input (through movers)."""
     t, chain = aff.x, []
     while True:
-        if not t.inputs:
+        prod = t.producer()
+        if prod is None:
             return "its input is not written by a node"
-        prod = t.inputs[0]
-        if is_graph_output(graph, t):
+        if t.is_graph_output():
             return f"{prod.name} output {t.name} is also a graph output"
-        if len(t.outputs) != 1:
-            return (f"{prod.op} {prod.name} output has {len(t.outputs)} readers "
+        if len(t.uses()) != 1:
+            return (f"{prod.op_type} {prod.name} output has {len(t.uses())} readers "
                     "(the un-normalized value is still needed)")
-        if prod.op in MOVERS and prod.domain in ONNX_DOMAINS:
+        if prod.op_type in MOVERS and prod.domain in ONNX_DOMAINS:
             chain.append(prod)
             t = prod.inputs[0]
             continue
@@ -132,17 +142,17 @@ def fold_affine_into_producer(graph: gs.Graph, aff: Affine, namer: Namer) -> Pla
     for mover in chain:
         arrs = map_backward(mover, arrs)
         if isinstance(arrs, str):
-            return f"through {mover.op} {mover.name}: {arrs}"
-    if prod.op == "Add" and prod.domain in ONNX_DOMAINS and len(prod.inputs) == 2:
+            return f"through {mover.op_type} {mover.name}: {arrs}"
+    if prod.op_type == "Add" and prod.domain in ONNX_DOMAINS and len(prod.inputs) == 2:
         const_slot = next((i for i in (1, 0) if const_value(prod.inputs[i]) is not None), None)
         if const_slot is not None:  # a MatMul + Add pair: the Add is the MatMul's bias
             inner = prod.inputs[1 - const_slot]
-            mm = inner.inputs[0] if inner.inputs else None
-            if (mm is not None and mm.op == "MatMul" and len(inner.outputs) == 1
-                    and not is_graph_output(graph, inner) and matmul_weight_slot(mm) is not None):
+            mm = inner.producer() if inner is not None else None
+            if (mm is not None and mm.op_type == "MatMul" and len(inner.uses()) == 1
+                    and not inner.is_graph_output() and matmul_weight_slot(mm) is not None):
                 prod = mm
-    if prod.op not in LINEAR or prod.domain not in ONNX_DOMAINS:
-        return f"producer {prod.name} ({prod.op}) is not linear"
+    if prod.op_type not in LINEAR or prod.domain not in ONNX_DOMAINS:
+        return f"producer {prod.name} ({prod.op_type}) is not linear"
     plan = _producer_plan(graph, prod, arrs[0], arrs[1], namer)
     if isinstance(plan, str):
         return plan
@@ -151,29 +161,30 @@ def fold_affine_into_producer(graph: gs.Graph, aff: Affine, namer: Namer) -> Pla
 
     def apply():
         inner_apply()
-        rewire_output(node, aff.x.inputs[0])
-    via = "".join(f" through {m.op} {m.name}" for m in reversed(chain))
-    return Plan(apply, f"{node.op} {node.name} folded {plan.what}{via}", plan.notes)
+        replace_value(node.outputs[0], node.inputs[0])  # y's readers (and graph-output slot) take x
+        remove_nodes(graph, [node])
+    via = "".join(f" through {m.op_type} {m.name}" for m in reversed(chain))
+    return Plan(apply, f"{node.op_type} {node.name} folded {plan.what}{via}", plan.notes)
 
 
 # ----------------------------------------------------------------------------- into the consumers
 
 @dataclass
 class _Leaf:
-    node: gs.Node
+    node: ir.Node
     slot: int
     scale: np.ndarray
     shift: np.ndarray
 
 
-def _constant_operand(t: gs.Tensor, n: gs.Node, slots: list[int]) -> np.ndarray | None:
+def _constant_operand(t: ir.Value, n: ir.Node, slots: list[int]) -> np.ndarray | None:
     """The constant other operand of an elementwise ``n(t, k)`` that keeps ``t``'s shape, else None."""
-    if n.op not in ("Add", "Sub", "Mul", "Div") or len(n.inputs) != 2 or len(slots) != 1:
+    if n.op_type not in ("Add", "Sub", "Mul", "Div") or len(n.inputs) != 2 or len(slots) != 1:
         return None
-    if n.op in ("Sub", "Div") and slots != [0]:
+    if n.op_type in ("Sub", "Div") and slots != [0]:
         return None
     k = const_value(n.inputs[1 - slots[0]])
-    if k is None or not np.issubdtype(k.dtype, np.floating) or (n.op == "Div" and np.any(k == 0)):
+    if k is None or not np.issubdtype(k.dtype, np.floating) or (n.op_type == "Div" and np.any(k == 0)):
         return None
     src, dst = dims(t), dims(n.outputs[0])
     if k.ndim > 0 and (src is None or dst is None or len(src) != len(dst)
@@ -182,24 +193,24 @@ def _constant_operand(t: gs.Tensor, n: gs.Node, slots: list[int]) -> np.ndarray 
     return np.asarray(k, np.float64)
 
 
-def _collect_leaves(graph: gs.Graph, t: gs.Tensor, arrs: list[np.ndarray], leaves: list[_Leaf],
-                    absorbed: list[gs.Node]) -> str | None:
+def _collect_leaves(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], leaves: list[_Leaf],
+                    absorbed: list[ir.Node]) -> str | None:
     """Walk every reader of ``t`` down to linear layers; constant Add/Sub/Mul/Div on the way join the affine."""
-    if is_graph_output(graph, t):
+    if t.is_graph_output():
         return f"{t.name} is a graph output"
-    for n in t.outputs:
+    for n in consumers(t):
         slots = [i for i, inp in enumerate(n.inputs) if inp is t]
         if n.domain not in ONNX_DOMAINS:
-            return f"{n.op} {n.name} reads the normalized tensor and is not linear"
-        if n.op in LINEAR:
+            return f"{n.op_type} {n.name} reads the normalized tensor and is not linear"
+        if n.op_type in LINEAR:
             if len(slots) != 1:
-                return f"{n.op} {n.name} reads the normalized tensor twice"
+                return f"{n.op_type} {n.name} reads the normalized tensor twice"
             leaves.append(_Leaf(n, slots[0], arrs[0], arrs[1]))
             continue
-        if n.op in MOVERS + SELECTORS and slots == [0]:
+        if n.op_type in MOVERS + SELECTORS and slots == [0]:
             mapped = map_forward(n, arrs)
             if isinstance(mapped, str):
-                return f"through {n.op} {n.name}: {mapped}"
+                return f"through {n.op_type} {n.name}: {mapped}"
             why = _collect_leaves(graph, n.outputs[0], mapped, leaves, absorbed)
             if why:
                 return why
@@ -207,16 +218,16 @@ def _collect_leaves(graph: gs.Graph, t: gs.Tensor, arrs: list[np.ndarray], leave
         k = _constant_operand(t, n, slots)
         if k is not None:  # y' = y + k, y - k, y * k or y / k: still an affine of the core
             s, c = arrs
-            s, c = {"Add": (s, c + k), "Sub": (s, c - k), "Mul": (s * k, c * k), "Div": (s / k, c / k)}[n.op]
+            s, c = {"Add": (s, c + k), "Sub": (s, c - k), "Mul": (s * k, c * k), "Div": (s / k, c / k)}[n.op_type]
             absorbed.append(n)
             why = _collect_leaves(graph, n.outputs[0], [compress(np.asarray(s)), compress(np.asarray(c))],
                                   leaves, absorbed)
             if why:
                 return why
             continue
-        if n.op in ("Add", "Sum"):
-            return f"{n.op} {n.name} also reads the normalized tensor (a residual stream): the affine stays"
-        return f"{n.op} {n.name} reads the normalized tensor and is not linear"
+        if n.op_type in ("Add", "Sum"):
+            return f"{n.op_type} {n.name} also reads the normalized tensor (a residual stream): the affine stays"
+        return f"{n.op_type} {n.name} reads the normalized tensor and is not linear"
     return None
 
 
@@ -225,12 +236,13 @@ def _kept_shift(leaf: _Leaf, a_full: np.ndarray) -> np.ndarray | str:
     c = leaf.shift
     a_b, c_b = np.broadcast_arrays(a_full, c)
     if np.any((a_b == 0) & (c_b != 0)):
-        return f"scale is zero where the shift is not, before {leaf.node.op} {leaf.node.name}: the shift cannot stay"
+        return (f"scale is zero where the shift is not, before {leaf.node.op_type} {leaf.node.name}: "
+                "the shift cannot stay")
     with np.errstate(divide="ignore", invalid="ignore"):
         return compress(np.where(c_b == 0, 0.0, c_b / np.where(a_b == 0, 1.0, a_b)))
 
 
-def _consumer_plan(graph: gs.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[Plan, np.ndarray | None] | str:
+def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[Plan, np.ndarray | None] | str:
     """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant."""
     n, s, c = leaf.node, leaf.scale, leaf.shift
     layer = linear_layer(graph, n, leaf.slot, dtype)
@@ -238,8 +250,8 @@ def _consumer_plan(graph: gs.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[P
         return layer
     a = vector_along(s, layer.in_axis, layer.in_rank, layer.in_size)
     if a is None:
-        where = "per input channel" if n.op in ("Conv", "ConvTranspose") else "along the contraction axis"
-        return f"the scale is not {where} of {n.op} {n.name}"
+        where = "per input channel" if n.op_type in ("Conv", "ConvTranspose") else "along the contraction axis"
+        return f"the scale is not {where} of {n.op_type} {n.name}"
     layer.scale_inputs(a)
     kept = None
     if np.any(c != 0):
@@ -251,22 +263,22 @@ def _consumer_plan(graph: gs.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[P
                 return kept
         else:
             layer.add_to_output(shift)
-    return Plan(lambda: layer.apply(namer), f"{n.op} {n.name}", [] if kept is None else [_kept_note(n)]), kept
+    return Plan(lambda: layer.apply(namer), f"{n.op_type} {n.name}", [] if kept is None else [_kept_note(n)]), kept
 
 
-def _kept_note(n: gs.Node) -> str:
-    if n.op in ("Conv", "ConvTranspose"):
-        why = "pads" if n.op == "Conv" and padded(n) else \
-            "is a ConvTranspose" if n.op == "ConvTranspose" else "sees a shift that varies per position"
-        return f"{n.op} {n.name} {why}: its scale folded, the shift stays as an Add before it"
-    if n.op == "Gemm":
+def _kept_note(n: ir.Node) -> str:
+    if n.op_type in ("Conv", "ConvTranspose"):
+        why = "pads" if n.op_type == "Conv" and padded(n) else \
+            "is a ConvTranspose" if n.op_type == "ConvTranspose" else "sees a shift that varies per position"
+        return f"{n.op_type} {n.name} {why}: its scale folded, the shift stays as an Add before it"
+    if n.op_type == "Gemm":
         return f"Gemm {n.name} sees a shift that varies per row: it stays as an Add"
     return f"MatMul {n.name} sees a shift that varies off the contraction axis: it stays as an Add"
 
 
-def _neutralize(graph: gs.Graph, node: gs.Node, namer: Namer) -> None:
+def _neutralize(graph: ir.Graph, node: ir.Node, namer: Namer) -> None:
     """Give a non-pure source unit gain and zero bias (its core stays)."""
-    base = node.name or node.op.lower()
+    base = node.name or node.op_type.lower()
 
     def ones_like(i):
         v = const_value(node.inputs[i])
@@ -276,30 +288,31 @@ def _neutralize(graph: gs.Graph, node: gs.Node, namer: Namer) -> None:
         v = const_value(node.inputs[i])
         return constant(namer, base, "zero_bias", np.zeros_like(v))
 
-    op = node.op
+    op = node.op_type
     if op == "LayerNormalization":
-        node.inputs[1] = ones_like(1)
-        while len(node.inputs) > 2:
-            node.inputs.pop()
+        node.replace_input_with(1, ones_like(1))
+        node.resize_inputs(2)
     elif op in ("RMSNorm", "CRMSNorm", "ScaleNorm"):
-        node.inputs[1] = ones_like(1)
+        node.replace_input_with(1, ones_like(1))
     elif op == "DynamicTanh":
-        node.inputs[2], node.inputs[3] = ones_like(2), zeros_like(3)
-    elif op == "PowerNorm":
-        attrs = {**ATTRIBUTES["PowerNorm"], **node.attrs}
+        gain, bias = ones_like(2), zeros_like(3)
+        node.replace_input_with(2, gain)
+        node.replace_input_with(3, bias)
+    elif op == "PowerNorm":  # its core alone: GroupScaling(x) computes what y's readers read
+        attrs = {**ATTRIBUTES["PowerNorm"], **{k: attr(node, k) for k in node.attributes}}
         x, y = node.inputs[0], node.outputs[0]
-        node.inputs.clear()
-        node.outputs.clear()
-        graph.nodes.append(gs.Node("GroupScaling", namer(base, "group_scaling"),
-                                   {"groups": int(attrs["groups"]), "epsilon": float(attrs["epsilon"])},
-                                   [x], [y], domain=DOMAIN))
+        out = value(namer, base, "group_scaled", dtype=y.dtype, shape=y.shape)
+        add_node(namer, "GroupScaling", [x], [out], base=base, suffix="group_scaling", domain=DOMAIN,
+                 attrs={"groups": int(attrs["groups"]), "epsilon": float(attrs["epsilon"])})
+        replace_value(y, out)
+        remove_nodes(graph, [node])
 
 
-def fold_affine_into_consumers(graph: gs.Graph, aff: Affine, namer: Namer) -> Plan | str:
+def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
     """Plan folding ``aff`` into every linear layer that reads its output (through movers)."""
     node = aff.node
     leaves: list[_Leaf] = []
-    absorbed: list[gs.Node] = []
+    absorbed: list[ir.Node] = []
     why = _collect_leaves(graph, aff.y, [aff.scale, aff.shift], leaves, absorbed)
     if not aff.pure and not np.any(aff.scale != 1) and not np.any(aff.shift != 0) and not absorbed:
         return "its gain is 1 and its bias 0: nothing to fold"
@@ -320,52 +333,43 @@ def fold_affine_into_consumers(graph: gs.Graph, aff: Affine, namer: Namer) -> Pl
         for _, plan, _ in plans:
             plan.apply()
         for n in absorbed:  # their constants are in the weights now: bypass them
-            src, out = next(i for i in n.inputs if const_value(i) is None), n.outputs[0]
-            for reader in list(out.outputs):
-                for i, inp in enumerate(reader.inputs):
-                    if inp is out:
-                        reader.inputs[i] = src
-            n.inputs.clear()
-            n.outputs.clear()
+            src = next(i for i in n.inputs if const_value(i) is None)
+            replace_value(n.outputs[0], src)
+            remove_nodes(graph, [n])
         if aff.pure:  # every reader now reads x
-            y, x = aff.y, aff.x
-            for reader in list(y.outputs):
-                for i, inp in enumerate(reader.inputs):
-                    if inp is y:
-                        reader.inputs[i] = x
-            node.inputs.clear()
-            node.outputs.clear()
+            replace_value(aff.y, aff.x)
+            remove_nodes(graph, [node])
         else:
             _neutralize(graph, node, namer)
-        shifted: dict[str, gs.Variable] = {}
+        base = node.name or node.op_type.lower()
+        shifted: dict[tuple, ir.Value] = {}
         for leaf, _, kept in plans:
             if kept is None:
                 continue
             src = leaf.node.inputs[leaf.slot]
-            key = f"{src.name}/{kept.tobytes().hex()}/{kept.shape}"
+            key = (id(src), kept.tobytes(), kept.shape)
             if key not in shifted:
-                out = gs.Variable(namer(src.name, "shifted"), dtype=src.dtype, shape=src.shape)
-                c = constant(namer, node.name or node.op.lower(), "kept_shift", kept.astype(dtype))
-                graph.nodes.append(gs.Node("Add", namer(node.name or node.op.lower(), "kept_shift_add"),
-                                           inputs=[src, c], outputs=[out]))
+                out = value(namer, src.name or base, "shifted", dtype=src.dtype, shape=src.shape)
+                c = constant(namer, base, "kept_shift", kept.astype(dtype))
+                add_node(namer, "Add", [src, c], [out], base=base, suffix="kept_shift_add")
                 shifted[key] = out
-            leaf.node.inputs[leaf.slot] = shifted[key]
+            set_input(leaf.node, leaf.slot, shifted[key])
     targets = ", ".join(plan.what for _, plan, _ in plans)
     if absorbed:
-        targets += " (with " + ", ".join(f"{n.op} {n.name}" for n in absorbed) + ")"
-    what = (f"{node.op} {node.name} folded into {targets}" if aff.pure else
-            f"{node.op} {node.name} gain/bias folded into {targets}"
-            + (" (PowerNorm became GroupScaling)" if node.op == "PowerNorm" else ""))
+        targets += " (with " + ", ".join(f"{n.op_type} {n.name}" for n in absorbed) + ")"
+    what = (f"{node.op_type} {node.name} folded into {targets}" if aff.pure else
+            f"{node.op_type} {node.name} gain/bias folded into {targets}"
+            + (" (PowerNorm became GroupScaling)" if node.op_type == "PowerNorm" else ""))
     return Plan(apply, what, [note for _, plan, _ in plans for note in plan.notes])
 
 
 # ----------------------------------------------------------------------------- the pass
 
-def fold_affine_into_linear(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def fold_affine_into_linear(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Fold BatchNorm, UnifiedNorm, PowerNorm's affine and LN/RMS/DyT/ScaleNorm gains into linear neighbours."""
     namer = Namer(graph)
-    for node in list(graph.nodes):
-        if not is_affine_source(node) or not node.outputs:
+    for node in list(graph):
+        if node.graph is not graph or not is_affine_source(node) or not node.outputs:
             continue
         result.matched += 1
         aff = affine_of(node)

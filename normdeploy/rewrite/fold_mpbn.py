@@ -41,14 +41,26 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.graph_gs import Namer, const_value, constant, is_graph_output, rank_of
-from ..core.layout_gs import compress as _compress
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    consumers,
+    dtype_of,
+    rank_of,
+    remove_nodes,
+    replace_value,
+    value,
+)
+from ..core.layout import compress as _compress
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 
-ONNX_DOMAINS = (None, "", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")
 REL = {"Greater": "gt", "GreaterOrEqual": "ge", "Less": "lt", "LessOrEqual": "le"}
 OP = {v: k for k, v in REL.items()}
 MIRROR = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}  # a rel b  <=>  b MIRROR[rel] a
@@ -57,63 +69,63 @@ MIRROR = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}  # a rel b  <=>  b MIR
 
 # ----------------------------------------------------------------------------- matching
 
-def _norm_params(node: gs.Node) -> tuple | str:
+def _norm_params(node: ir.Node) -> tuple | str:
     """(gamma, beta, mean, var, eps, axis) of a BatchNormalization or UnifiedNorm, or a reason."""
-    if node.op == "BatchNormalization" and node.domain in ONNX_DOMAINS:
-        if node.attrs.get("training_mode", 0):
+    if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+        if attr(node, "training_mode", 0):
             return "BatchNormalization in training mode uses batch statistics"
-        if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             return "BatchNormalization running-statistics outputs are used"
         vals = [const_value(t) for t in node.inputs[1:5]]
         for name, v in zip(("scale", "bias", "mean", "var"), vals):
             if v is None:
                 return f"BatchNormalization {name} is not a constant"
         g, b, m, v = (np.asarray(x) for x in vals)
-        return g, b, m, v, float(node.attrs.get("epsilon", 1e-5)), 1
-    if node.op == "UnifiedNorm" and node.domain == DOMAIN:
+        return g, b, m, v, float(attr(node, "epsilon", 1e-5)), 1
+    if node.op_type == "UnifiedNorm" and node.domain == DOMAIN:
         vals = [const_value(t) for t in node.inputs[1:4]]
         for name, v in zip(("running moment", "weight", "bias"), vals):
             if v is None:
                 return f"UnifiedNorm {name} is not a constant"
         r, w, b = (np.asarray(x) for x in vals)
-        attrs = {**ATTRIBUTES["UnifiedNorm"], **node.attrs}
+        attrs = {**ATTRIBUTES["UnifiedNorm"], **{k: attr(node, k) for k in node.attributes}}
         return w, b, np.zeros_like(r), r, float(attrs["epsilon"]), int(attrs["axis"])
-    return f"{node.op} is not a membrane-potential normalization"
+    return f"{node.op_type} is not a membrane-potential normalization"
 
 
-def _comparison(graph: gs.Graph, y: gs.Tensor, reader: gs.Node) -> tuple[str, np.ndarray, gs.Tensor, list] | str:
-    """``reader`` of the normalized ``y`` as ``[y rel T]``: (rel, T, spike tensor, nodes it replaces)."""
-    if reader.domain in ONNX_DOMAINS and reader.op in REL and len(reader.inputs) == 2:
+def _comparison(graph: ir.Graph, y: ir.Value, reader: ir.Node) -> tuple[str, np.ndarray, ir.Value, list] | str:
+    """``reader`` of the normalized ``y`` as ``[y rel T]``: (rel, T, spike value, nodes it replaces)."""
+    if reader.domain in ONNX_DOMAINS and reader.op_type in REL and len(reader.inputs) == 2:
         slot = 0 if reader.inputs[0] is y else 1
         other = reader.inputs[1 - slot]
         t = const_value(other)
         if t is None or reader.inputs[1 - slot] is y:
-            return f"{reader.op} {reader.name} compares with a non-constant threshold"
-        rel = REL[reader.op] if slot == 0 else MIRROR[REL[reader.op]]
+            return f"{reader.op_type} {reader.name} compares with a non-constant threshold"
+        rel = REL[reader.op_type] if slot == 0 else MIRROR[REL[reader.op_type]]
         return rel, np.asarray(t), reader.outputs[0], [reader]
-    if reader.domain in ONNX_DOMAINS and reader.op == "Sub" and len(reader.inputs) == 2:
+    if reader.domain in ONNX_DOMAINS and reader.op_type == "Sub" and len(reader.inputs) == 2:
         slot = 0 if reader.inputs[0] is y else 1
         t = const_value(reader.inputs[1 - slot])
         if t is None or reader.inputs[1 - slot] is y:
             return f"Sub {reader.name} subtracts a non-constant threshold"
         d = reader.outputs[0]
-        if is_graph_output(graph, d) or len(d.outputs) != 1:
+        if d.is_graph_output() or len(d.uses()) != 1:
             return f"Sub {reader.name} output has other readers than one comparison"
-        cmp = d.outputs[0]
-        if not (cmp.domain in ONNX_DOMAINS and cmp.op in REL and len(cmp.inputs) == 2):
-            return f"{cmp.op} {cmp.name} after Sub {reader.name} is not a comparison"
+        (cmp,) = consumers(d)
+        if not (cmp.domain in ONNX_DOMAINS and cmp.op_type in REL and len(cmp.inputs) == 2):
+            return f"{cmp.op_type} {cmp.name} after Sub {reader.name} is not a comparison"
         dslot = 0 if cmp.inputs[0] is d else 1
         z = const_value(cmp.inputs[1 - dslot])
         if z is None or np.any(np.asarray(z) != 0):
-            return f"{cmp.op} {cmp.name} compares with a non-zero or non-constant value"
-        rel = REL[cmp.op] if dslot == 0 else MIRROR[REL[cmp.op]]  # [d rel 0]
+            return f"{cmp.op_type} {cmp.name} compares with a non-zero or non-constant value"
+        rel = REL[cmp.op_type] if dslot == 0 else MIRROR[REL[cmp.op_type]]  # [d rel 0]
         if slot == 1:  # d = T - y: [T - y rel 0] = [T rel y] = [y MIRROR[rel] T]
             rel = MIRROR[rel]
         t = np.asarray(t)
         # Z may broadcast the result to a larger shape: keep it in the threshold's shape
         t = t + np.zeros(np.shape(z), t.dtype) if np.ndim(z) > 0 else t
         return rel, t, cmp.outputs[0], [reader, cmp]
-    return f"{reader.op} {reader.name} reads the normalized potential and is not a threshold comparison"
+    return f"{reader.op_type} {reader.name} reads the normalized potential and is not a threshold comparison"
 
 
 # ----------------------------------------------------------------------------- exact thresholds
@@ -209,17 +221,17 @@ def _rank(*tensors) -> int | None:
     return None
 
 
-def fold_mpbn_into_threshold(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def fold_mpbn_into_threshold(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Fold membrane-potential BatchNorm (MPBN) into the spiking threshold of the comparison after it."""
     namer = Namer(graph)
-    for node in list(graph.nodes):
-        if not node.outputs or not (
-                (node.op == "BatchNormalization" and node.domain in ONNX_DOMAINS)
-                or (node.op == "UnifiedNorm" and node.domain == DOMAIN)):
+    for node in list(graph):
+        if node.graph is not graph or not node.outputs or not (
+                (node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS)
+                or (node.op_type == "UnifiedNorm" and node.domain == DOMAIN)):
             continue
         y = node.outputs[0]
-        readers = list(y.outputs)
-        if not readers or not all(r.op in REL or r.op == "Sub" for r in readers):
+        readers = consumers(y)
+        if not readers or not all(r.op_type in REL or r.op_type == "Sub" for r in readers):
             continue  # not a spiking threshold: fold_affine_into_linear's business
         result.matched += 1
         why = _fold_one(graph, node, readers, namer, result)
@@ -227,7 +239,7 @@ def fold_mpbn_into_threshold(graph: gs.Graph, ctx: PassContext, result: PassResu
             result.skip(node.name, why)
 
 
-def _fold_one(graph: gs.Graph, node: gs.Node, readers: list[gs.Node], namer: Namer, result: PassResult) -> str | None:
+def _fold_one(graph: ir.Graph, node: ir.Node, readers: list[ir.Node], namer: Namer, result: PassResult) -> str | None:
     params = _norm_params(node)
     if isinstance(params, str):
         return params
@@ -237,7 +249,7 @@ def _fold_one(graph: gs.Graph, node: gs.Node, readers: list[gs.Node], namer: Nam
     if np.any(v.astype(np.float64) + eps <= 0):
         return "var + eps is not positive"
     y, u = node.outputs[0], node.inputs[0]
-    if is_graph_output(graph, y):
+    if y.is_graph_output():
         return f"the normalized potential {y.name} is a graph output"
     comparisons = []
     for r in readers:
@@ -250,7 +262,8 @@ def _fold_one(graph: gs.Graph, node: gs.Node, readers: list[gs.Node], namer: Nam
         return "rank of the membrane potential is unknown (run shape inference)"
     pos = axis % rank
     chan = (-1,) + (1,) * (rank - pos - 1)
-    dtype = np.dtype(u.dtype) if u.dtype is not None else g.dtype
+    dtype = dtype_of(u)
+    dtype = dtype if dtype is not None else g.dtype
     per_ch = [np.asarray(p, np.float64).reshape(chan) for p in (g, b, m, v)]
     plans = []
     for rel, theta, spike, old in comparisons:
@@ -261,24 +274,23 @@ def _fold_one(graph: gs.Graph, node: gs.Node, readers: list[gs.Node], namer: Nam
     positive, negative = bool(np.all(sign > 0)), bool(np.all(sign < 0))
     signed = None
     if not (positive or negative):
-        signed = gs.Variable(namer(u.name, "signed"), dtype=u.dtype, shape=u.shape)
-        graph.nodes.append(gs.Node("Mul", namer(base, "sign"), inputs=[u, constant(namer, base, "sign", sign)],
-                                   outputs=[signed]))
+        signed = value(namer, u.name, "signed", dtype=u.dtype, shape=u.shape)
+        name = namer(base, "sign")
+        add_node(namer, "Mul", [u, constant(namer, base, "sign", sign)], [signed], base=base, name=name)
     for rel, thr, spike, old in plans:
-        for n in old:
-            n.inputs.clear()
-            n.outputs.clear()
         if positive:
             op, x, t = OP[rel], u, thr
         elif negative:
             op, x, t = OP[MIRROR[rel]], u, -thr  # thresholds were stored as sign * t
         else:
             op, x, t = OP[rel], signed, thr
-        graph.nodes.append(gs.Node(op, namer(base, "threshold"),
-                                   inputs=[x, constant(namer, base, "threshold", t.astype(dtype))], outputs=[spike]))
-    node.inputs.clear()
-    node.outputs.clear()
+        name = namer(base, "threshold")  # drawn before its constant's name, as before the port
+        out = value(namer, base, "spike", dtype=spike.dtype, shape=spike.shape)
+        add_node(namer, op, [x, constant(namer, base, "threshold", t.astype(dtype))], [out], base=base, name=name)
+        replace_value(spike, out)  # the spike's readers (and its graph-output slot and name) take the new comparison
+        remove_nodes(graph, old)
+    remove_nodes(graph, [node])
     form = "u > theta'" if positive else "u < theta'" if negative else "sign(gamma) u vs sign(gamma) theta'"
-    result.rewrote(f"{node.op} {node.name} folded into the firing threshold ({form}, "
+    result.rewrote(f"{node.op_type} {node.name} folded into the firing threshold ({form}, "
                    f"{len(plans)} comparison{'s' if len(plans) > 1 else ''})", node.name)
     return None

@@ -21,54 +21,81 @@ reasons.
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.graph_gs import Namer, const_value, constant, is_graph_output
-from ..core.linear_gs import linear_layer
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    consumers,
+    rank_of,
+    remove_nodes,
+    replace_value,
+    shape_of,
+    value,
+)
+from ..core.linear import linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from .preln_to_rmsnorm import Stream, convert_streams
 
 
-def _slice_writes(graph: gs.Graph, stream: Stream, d: int, namer: Namer) -> None:
+def _narrow(v: ir.Value, d: int) -> None:
+    """``v`` now holds d-1 of its d last-axis coordinates: its known shape, else no shape (re-inferred later)."""
+    shape = shape_of(v)
+    if shape and shape[-1] == d:
+        dims = list(v.shape)
+        v.shape = ir.Shape(dims[:-1] + [d - 1])
+    else:
+        v.shape = None
+
+
+def _narrowed(v: ir.Value, d: int, last: int | None = None) -> ir.Shape | None:
+    """The shape of ``v`` with its last dimension (d) replaced by ``last`` (default d-1), or None if unknown."""
+    shape = shape_of(v)
+    if not shape or shape[-1] != d:
+        return None
+    return ir.Shape(list(v.shape)[:-1] + [d - 1 if last is None else last])
+
+
+def _slice_writes(graph: ir.Graph, stream: Stream, d: int, namer: Namer) -> None:
     """Store d-1 coordinates: every write into the stream is sliced before it is added."""
     on_stream = {id(n) for n in stream.adds} | {id(n) for n in stream.lns}
     for w in stream.writes:
         base = w.name
-        cut = gs.Variable(namer(base, "crms"), dtype=w.dtype)
-        graph.nodes.append(gs.Node("Slice", namer(base, "Slice"), inputs=[
+        cut = value(namer, base, "crms", dtype=w.dtype, shape=_narrowed(w, d))
+        slice_name = namer(base, "Slice")
+        add_node(namer, "Slice", [
             w, constant(namer, base, "starts", np.array([0], np.int64)),
             constant(namer, base, "ends", np.array([d - 1], np.int64)),
-            constant(namer, base, "axes", np.array([-1], np.int64))], outputs=[cut]))
-        for reader in list(w.outputs):
+            constant(namer, base, "axes", np.array([-1], np.int64))], [cut], base=base, name=slice_name)
+        for reader, i in list(w.uses()):
             if id(reader) in on_stream:
-                for i, x in enumerate(reader.inputs):
-                    if x is w:
-                        reader.inputs[i] = cut
+                reader.replace_input_with(i, cut)
 
 
-def _linear_terminals(t: gs.Variable, graph: gs.Graph, d: int, path: list) -> list | None:
+def _linear_terminals(t: ir.Value, graph: ir.Graph, d: int, path: list) -> list | None:
     """Linear readers of ``t`` (reached through width-preserving ops), or None if any reader is not linear."""
     found = []
-    for r in t.outputs:
-        if is_graph_output(graph, t):
+    for r in consumers(t):
+        if t.is_graph_output():
             return None
-        if r.op == "MatMul" and r.inputs[0] is t and const_value(r.inputs[1]) is not None \
-                and const_value(r.inputs[1]).ndim == 2:
-            found.append((r, list(path)))
-        elif r.op == "Gemm" and r.inputs[0] is t and not int(r.attrs.get("transA", 0)) \
+        if r.op_type == "MatMul" and r.inputs[0] is t and const_value(r.inputs[1]) is not None \
+                and const_value(r.inputs[1]).ndim == 2 or r.op_type == "Gemm" and r.inputs[0] is t and not int(attr(r, "transA", 0)) \
                 and const_value(r.inputs[1]) is not None \
-                and (len(r.inputs) < 3 or const_value(r.inputs[2]) is not None):
+                and (len(r.inputs) < 3 or r.inputs[2] is None or const_value(r.inputs[2]) is not None):
             found.append((r, list(path)))
-        elif r.op == "Reshape" and r.inputs[0] is t:
+        elif r.op_type == "Reshape" and r.inputs[0] is t:
             shape = const_value(r.inputs[1])
-            if shape is None or shape.ndim != 1 or int(shape[-1]) != d or int(r.attrs.get("allowzero", 0)):
+            if shape is None or shape.ndim != 1 or int(shape[-1]) != d or int(attr(r, "allowzero", 0)):
                 return None
             sub = _linear_terminals(r.outputs[0], graph, d, path + [r])
             if sub is None:
                 return None
             found += sub
-        elif r.op in ("Gather", "Slice") and r.inputs[0] is t and _keeps_last_axis(r, t):
+        elif r.op_type in ("Gather", "Slice") and r.inputs[0] is t and _keeps_last_axis(r, t):
             sub = _linear_terminals(r.outputs[0], graph, d, path + [r])
             if sub is None:
                 return None
@@ -78,17 +105,17 @@ def _linear_terminals(t: gs.Variable, graph: gs.Graph, d: int, path: list) -> li
     return found
 
 
-def _keeps_last_axis(node: gs.Node, t: gs.Variable) -> bool:
-    rank = len(t.shape) if t.shape is not None else None
+def _keeps_last_axis(node: ir.Node, t: ir.Value) -> bool:
+    rank = rank_of(t)
     if rank is None:
         return False
-    if node.op == "Gather":
-        return int(node.attrs.get("axis", 0)) % rank != rank - 1
+    if node.op_type == "Gather":
+        return int(attr(node, "axis", 0)) % rank != rank - 1
     axes = const_value(node.inputs[3]) if len(node.inputs) > 3 else None
     return axes is not None and all(int(a) % rank != rank - 1 for a in np.atleast_1d(axes))
 
 
-def _fold_reader(graph: gs.Graph, node: gs.Node, g: np.ndarray, b: np.ndarray | None, namer: Namer) -> None:
+def _fold_reader(graph: ir.Graph, node: ir.Node, g: np.ndarray, b: np.ndarray | None, namer: Namer) -> None:
     """``z = [u, -sum(u)] g W + b W + c``: ``W'_j = g_j W_j - g_d W_d``, bias ``+ b W`` (:mod:`..core.linear`)."""
     layer = linear_layer(graph, node, 0)
     layer.scale_inputs(g)
@@ -98,55 +125,64 @@ def _fold_reader(graph: gs.Graph, node: gs.Node, g: np.ndarray, b: np.ndarray | 
     layer.apply(namer)
 
 
-def _patch_reshape(node: gs.Node, d: int, namer: Namer) -> None:
+def _patch_reshape(node: ir.Node, d: int, namer: Namer) -> None:
     shape = np.array(const_value(node.inputs[1]), np.int64)
     shape[-1] = d - 1
-    node.inputs[1] = constant(namer, node.name or "reshape", "crms_shape", shape)
+    node.replace_input_with(1, constant(namer, node.name or "reshape", "crms_shape", shape))
 
 
-def _replace_ln(graph: gs.Graph, ln: gs.Node, d: int, namer: Namer, result: PassResult) -> None:
+def _replace_ln(graph: ir.Graph, ln: ir.Node, d: int, namer: Namer, result: PassResult) -> None:
     x, y = ln.inputs[0], ln.outputs[0]
     g = np.asarray(const_value(ln.inputs[1]), np.float64)
     b = const_value(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2] is not None else None
     b = None if b is None or not np.any(b != 0) else np.asarray(b, np.float64)
-    eps = float(ln.attrs.get("epsilon", 1e-5))
+    eps = float(attr(ln, "epsilon", 1e-5))
     dtype = np.asarray(const_value(ln.inputs[1])).dtype
     terminals = _linear_terminals(y, graph, d, [])
-    ln.inputs.clear()
-    ln.outputs.clear()
     base = ln.name or "ln"
     ones = constant(namer, base, "unit_gain", np.ones(d - 1, dtype))
     if terminals:
-        graph.nodes.append(gs.Node("CRMSNorm", base, {"epsilon": eps}, [x, ones], [y], domain=DOMAIN))
-        for node, path in terminals:
-            for r in path:
-                if r.op == "Reshape":
-                    _patch_reshape(r, d, namer)
+        u = value(namer, base, "crmsnorm", dtype=y.dtype, shape=_narrowed(y, d))
+        add_node(namer, "CRMSNorm", [x, ones], [u], base=base, name=base, domain=DOMAIN, attrs={"epsilon": eps})
+        replace_value(y, u)
+        remove_nodes(graph, [ln])
+        path = list({id(r): r for _, p in terminals for r in p}.values())  # a node shared by terminals: once
+        for r in path:
+            if r.op_type == "Reshape":
+                _patch_reshape(r, d, namer)
+        for node, _ in terminals:
             _fold_reader(graph, node, g, b, namer)
+        for r in path:  # Reshape, Gather, Slice on the way now carry d-1 coordinates
+            _narrow(r.outputs[0], d)
         result.rewrote(f"LayerNormalization {base} -> CRMSNorm; gain, bias and the dropped coordinate folded into "
                        f"{len(terminals)} linear reader(s)", base)
         return
-    u = gs.Variable(namer(base, "crms"), dtype=y.dtype)
-    graph.nodes.append(gs.Node("CRMSNorm", base, {"epsilon": eps}, [x, ones], [u], domain=DOMAIN))
-    s = gs.Variable(namer(base, "sum"), dtype=y.dtype)
-    neg = gs.Variable(namer(base, "last"), dtype=y.dtype)
-    full = gs.Variable(namer(base, "full"), dtype=y.dtype)
-    scaled = gs.Variable(namer(base, "scaled"), dtype=y.dtype) if b is not None else y
-    graph.nodes += [
-        gs.Node("ReduceSum", namer(base, "ReduceSum"), {"keepdims": 1},
-                [u, constant(namer, base, "axes", np.array([-1], np.int64))], [s]),
-        gs.Node("Neg", namer(base, "Neg"), inputs=[s], outputs=[neg]),
-        gs.Node("Concat", namer(base, "Concat"), {"axis": -1}, [u, neg], [full]),
-        gs.Node("Mul", namer(base, "gain"), inputs=[full, constant(namer, base, "gain", g.astype(dtype))], outputs=[scaled]),
-    ]
+    u = value(namer, base, "crms", dtype=y.dtype, shape=_narrowed(y, d))
+    add_node(namer, "CRMSNorm", [x, ones], [u], base=base, name=base, domain=DOMAIN, attrs={"epsilon": eps})
+    s = value(namer, base, "sum", dtype=y.dtype, shape=_narrowed(y, d, 1))
+    neg = value(namer, base, "last", dtype=y.dtype, shape=_narrowed(y, d, 1))
+    full = value(namer, base, "full", dtype=y.dtype, shape=y.shape)
+    scaled = value(namer, base, "scaled", dtype=y.dtype, shape=y.shape) if b is not None else None
+    axes = constant(namer, base, "axes", np.array([-1], np.int64))
+    add_node(namer, "ReduceSum", [u, axes], [s], base=base, name=namer(base, "ReduceSum"), attrs={"keepdims": 1})
+    add_node(namer, "Neg", [s], [neg], base=base, name=namer(base, "Neg"))
+    add_node(namer, "Concat", [u, neg], [full], base=base, name=namer(base, "Concat"), attrs={"axis": -1})
+    mul_name = namer(base, "gain")
+    mul = add_node(namer, "Mul", [full, constant(namer, base, "gain", g.astype(dtype))],
+                   [scaled] if scaled is not None else None, base=base, name=mul_name)
+    out = mul.outputs[0]
     if b is not None:
-        graph.nodes.append(gs.Node("Add", namer(base, "bias"), inputs=[scaled, constant(namer, base, "bias", b.astype(dtype))],
-                                   outputs=[y]))
+        add_name = namer(base, "bias")
+        out = add_node(namer, "Add", [scaled, constant(namer, base, "bias", b.astype(dtype))], base=base,
+                       name=add_name).outputs[0]
+    out.dtype, out.shape = y.dtype, y.shape
+    replace_value(y, out)
+    remove_nodes(graph, [ln])
     result.rewrote(f"LayerNormalization {base} -> CRMSNorm; a reader is not linear, so the dropped coordinate "
                    "is rebuilt (ReduceSum, Neg, Concat)", base)
 
 
-def preln_to_crmsnorm(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def preln_to_crmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Pre-LN residual streams stored with d-1 coordinates; their LayerNorms become CRMSNorm (exact; opt-in)."""
     namer = Namer(graph)
 
@@ -154,11 +190,10 @@ def preln_to_crmsnorm(graph: gs.Graph, ctx: PassContext, result: PassResult) -> 
         _slice_writes(graph, stream, d, namer)
         for ln in stream.lns:
             _replace_ln(graph, ln, d, namer, result)
+        # the stream's width is now d-1: every Add on it (the states that are writes keep width d; LNs read their Slice)
+        for v in {id(a.outputs[0]): a.outputs[0] for a in stream.adds}.values():
+            _narrow(v, d)
         result.notes.append(f"residual stream of width {d} stored with {d - 1} coordinates; "
                             f"{len(stream.lns)} LayerNorms became CRMSNorm")
 
     convert_streams(graph, result, convert)
-    if result.rewrites:
-        for t in graph.tensors().values():  # widths changed: let shape inference recompute them
-            if isinstance(t, gs.Variable) and not is_graph_output(graph, t) and t not in graph.inputs:
-                t.shape = None

@@ -38,33 +38,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx_ir as ir
 
-from ..core.graph_gs import Namer, const_value, constant, is_graph_output
-from ..core.linear_gs import centre, linear_layer
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    consumers,
+    rank_of,
+    remove_nodes,
+    replace_value,
+    shape_of,
+    value,
+)
+from ..core.linear import centre, linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult, Refuse
 
 
 @dataclass
 class Stream:
-    states: list[gs.Variable]  # tensors read by the LNs (h_i), in no particular order
-    adds: list[gs.Node]  # residual Adds that build the states
-    writes: list[gs.Variable]  # tensors added into the stream
-    lns: list[gs.Node] = field(default_factory=list)
+    states: list[ir.Value]  # values read by the LNs (h_i), in no particular order
+    adds: list[ir.Node]  # residual Adds that build the states
+    writes: list[ir.Value]  # values added into the stream
+    lns: list[ir.Node] = field(default_factory=list)
 
 
-def _is_last_axis_ln(node: gs.Node) -> bool:
-    if node.op != "LayerNormalization":
+def _is_last_axis_ln(node: ir.Node) -> bool:
+    if node.op_type != "LayerNormalization":
         return False
-    axis = int(node.attrs.get("axis", -1))
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axis = int(attr(node, "axis", -1))
+    rank = rank_of(node.inputs[0])
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
-def find_streams(graph: gs.Graph) -> list[Stream]:
+def _is_constant(v: ir.Value) -> bool:
+    """``v`` is an initializer (what graphsurgeon called a Constant), not a Constant node's output."""
+    return v.producer() is None and v.const_value is not None
+
+
+def find_streams(graph: ir.Graph) -> list[Stream]:
     """Group last-axis LayerNorm inputs into residual streams joined by Add trees."""
-    lns = [n for n in graph.nodes if _is_last_axis_ln(n)]
+    lns = [n for n in graph if _is_last_axis_ln(n)]
     states = {id(n.inputs[0]): n.inputs[0] for n in lns}
     parent = {k: k for k in states}
 
@@ -99,8 +116,8 @@ def _expand(t, states, adds, writes, prev, top=False):
     if not top and id(t) in states:
         prev.append(t)
         return
-    p = t.inputs[0] if t.inputs else None
-    if p is not None and p.op == "Add" and (top or len(t.outputs) == 1) and _reaches_state(p, states):
+    p = t.producer()
+    if p is not None and p.op_type == "Add" and (top or len(t.uses()) == 1) and _reaches_state(p, states):
         adds.append(p)
         for x in p.inputs:
             _expand(x, states, adds, writes, prev)
@@ -108,27 +125,27 @@ def _expand(t, states, adds, writes, prev, top=False):
     writes.append(t)
 
 
-def _reaches_state(add: gs.Node, states, depth: int = 0) -> bool:
+def _reaches_state(add: ir.Node, states, depth: int = 0) -> bool:
     """Whether an Add tree contains an earlier stream state (so it is residual, not a write)."""
     if depth > 64:
         return False
     for x in add.inputs:
         if id(x) in states:
             return True
-        p = x.inputs[0] if x.inputs else None
-        if p is not None and p.op == "Add" and _reaches_state(p, states, depth + 1):
+        p = x.producer() if x is not None else None
+        if p is not None and p.op_type == "Add" and _reaches_state(p, states, depth + 1):
             return True
     return False
 
 
-def check_readers(graph: gs.Graph, s: Stream) -> None:
+def check_readers(graph: ir.Graph, s: Stream) -> None:
     allowed = {id(n) for n in s.lns} | {id(n) for n in s.adds}
     for t in s.states + [a.outputs[0] for a in s.adds]:
-        if is_graph_output(graph, t):
+        if t.is_graph_output():
             raise Refuse(f"stream tensor {t.name} is a graph output")
-        for reader in t.outputs:
+        for reader in consumers(t):
             if id(reader) not in allowed:
-                kind = "a LayerNorm over another axis" if reader.op == "LayerNormalization" else reader.op
+                kind = "a LayerNorm over another axis" if reader.op_type == "LayerNormalization" else reader.op_type
                 raise Refuse(f"stream tensor {t.name} is read by {reader.name} ({kind}), not only by LayerNorms "
                              f"and residual Adds (post-LN or a side read)")
 
@@ -136,25 +153,25 @@ def check_readers(graph: gs.Graph, s: Stream) -> None:
 class Recentre:
     """Plans the re-centring of every write, then applies it; nothing changes until apply()."""
 
-    def __init__(self, graph: gs.Graph, d: int):
+    def __init__(self, graph: ir.Graph, d: int):
         self.graph, self.d, self.edits = graph, d, []
         self.namer = Namer(graph)
 
-    def plan(self, t: gs.Variable | gs.Constant, axis: int, reader: gs.Node | None = None) -> None:
+    def plan(self, t: ir.Value, axis: int, reader: ir.Node | None = None) -> None:
         """Plan ``t -> t - mean(t, axis)``; ``axis`` is the model-dimension axis of ``t`` (negative).
 
         ``reader`` is the node on the write path that reads ``t``; a constant is replaced
         there only, so any other reader keeps the original value.
         """
-        if isinstance(t, gs.Constant):
+        if _is_constant(t):
             self.edits.append(("const", t, axis, reader))
             return
-        if not t.inputs:
+        node = t.producer()
+        if node is None:
             raise Refuse(f"write {t.name} is a graph input, not an affine map of constants")
-        node = t.inputs[0]
-        if reader is not None and (len(t.outputs) != 1 or is_graph_output(self.graph, t)):
+        if reader is not None and (len(t.uses()) != 1 or t.is_graph_output()):
             raise Refuse(f"tensor {t.name} on a write into the stream has another reader")
-        op = node.op
+        op = node.op_type
         if op == "Constant":
             self.edits.append(("constnode", node, axis, None))
         elif op in ("Identity", "Dropout", "Cast"):
@@ -175,7 +192,7 @@ class Recentre:
                 raise Refuse(f"{node.name} (Gemm) output channel is not the model axis")
             if const_value(node.inputs[1]) is None:
                 raise Refuse(f"{node.name} (Gemm) weight is not a constant")
-            if len(node.inputs) > 2 and const_value(node.inputs[2]) is None:
+            if len(node.inputs) > 2 and node.inputs[2] is not None and const_value(node.inputs[2]) is None:
                 raise Refuse(f"{node.name} (Gemm) bias is not a constant")
             self.edits.append(("linear", node, axis, None))
         elif op == "MatMul":
@@ -187,12 +204,13 @@ class Recentre:
         elif op == "Conv":
             if not self._is_channel_axis(node, axis):
                 raise Refuse(f"{node.name} (Conv) channel axis is not the model axis")
-            if const_value(node.inputs[1]) is None or (len(node.inputs) > 2 and const_value(node.inputs[2]) is None):
+            has_b = len(node.inputs) > 2 and node.inputs[2] is not None
+            if const_value(node.inputs[1]) is None or (has_b and const_value(node.inputs[2]) is None):
                 raise Refuse(f"{node.name} (Conv) weight or bias is not a constant")
             self.edits.append(("linear", node, axis, None))
         elif op == "Gather":
             table = const_value(node.inputs[0])
-            if table is None or int(node.attrs.get("axis", 0)) != 0:
+            if table is None or int(attr(node, "axis", 0)) != 0:
                 raise Refuse(f"{node.name} (Gather) does not read rows of a constant table")
             if axis != -1:
                 raise Refuse(f"{node.name} (Gather) table's last axis is not the model axis")
@@ -200,14 +218,19 @@ class Recentre:
         elif op == "Expand":
             self.plan(node.inputs[0], axis, node)
         elif op == "Concat":
-            rank = len(t.shape) if t.shape is not None else None
-            cat = int(node.attrs["axis"])
+            rank = rank_of(t)
+            cat = int(attr(node, "axis"))
             if rank is None or (cat % rank) == (axis % rank):
                 raise Refuse(f"{node.name} (Concat) joins along the model axis")
             for x in node.inputs:
                 self.plan(x, axis, node)
         elif op == "Transpose":
-            perm = list(node.attrs["perm"])
+            perm = attr(node, "perm")
+            if perm is None:  # the default reverses the axes
+                rank = rank_of(t)
+                if rank is None:
+                    raise Refuse(f"{node.name} (Transpose) reverses axes of unknown rank")
+                perm = list(range(rank))[::-1]
             rank = len(perm)
             self.plan(node.inputs[0], perm[axis % rank] - rank, node)
         elif op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
@@ -216,25 +239,25 @@ class Recentre:
             raise Refuse(f"{node.name} ({op}) writes into the stream and is not an affine map normdeploy can re-centre")
 
     @staticmethod
-    def _is_channel_axis(node: gs.Node, axis: int) -> bool:
-        shape = node.outputs[0].shape
-        return shape is not None and axis % len(shape) == 1
+    def _is_channel_axis(node: ir.Node, axis: int) -> bool:
+        rank = rank_of(node.outputs[0])
+        return rank is not None and axis % rank == 1
 
     @staticmethod
-    def _axis_through_reshape(node: gs.Node, axis: int) -> int:
+    def _axis_through_reshape(node: ir.Node, axis: int) -> int:
         """Map the model axis back through a reshape that keeps it whole and keeps what precedes it."""
-        out, inp = node.outputs[0].shape, node.inputs[0].shape
+        out, inp = shape_of(node.outputs[0]), shape_of(node.inputs[0])
         if out is None or inp is None:
-            raise Refuse(f"{node.name} ({node.op}) shapes are unknown")
+            raise Refuse(f"{node.name} ({node.op_type}) shapes are unknown")
         pos = axis % len(out)
         size = out[pos]
         if not isinstance(size, int):
-            raise Refuse(f"{node.name} ({node.op}) model axis size is not static")
+            raise Refuse(f"{node.name} ({node.op_type}) model axis size is not static")
         if pos == len(out) - 1 and isinstance(inp[-1], int) and inp[-1] == size:
             return -1
         if list(out[:pos + 1]) == list(inp[:pos + 1]):  # leading dims and the axis kept (e.g. Flatten(2))
             return pos - len(inp)
-        raise Refuse(f"{node.name} ({node.op}) moves or splits the model axis")
+        raise Refuse(f"{node.name} ({node.op_type}) moves or splits the model axis")
 
     def apply(self) -> list[str]:
         done = []
@@ -248,54 +271,61 @@ class Recentre:
             done.append(f"{kind} {getattr(obj, 'name', '')}")
         return done
 
-    def _new(self, base: str, v, like) -> gs.Constant:
+    def _new(self, base: str, v, like) -> ir.Value:
         return constant(self.namer, base, "centred", np.asarray(v).astype(np.asarray(like).dtype))
 
-    def _apply_const(self, t: gs.Constant, axis: int, reader: gs.Node) -> None:
+    def _apply_const(self, t: ir.Value, axis: int, reader: ir.Node) -> None:
         v = const_value(t)
         new = self._new(t.name, centre(v, axis), v)
         for i, x in enumerate(reader.inputs):
             if x is t:
-                reader.inputs[i] = new
+                reader.replace_input_with(i, new)
 
-    def _apply_constnode(self, node: gs.Node, axis: int, reader=None) -> None:
-        v = const_value(node.outputs[0])
-        new = self._new(node.outputs[0].name, centre(v, axis), v)
-        for reader in list(node.outputs[0].outputs):
-            for i, x in enumerate(reader.inputs):
-                if x is node.outputs[0]:
-                    reader.inputs[i] = new
+    def _apply_constnode(self, node: ir.Node, axis: int, reader=None) -> None:
+        out = node.outputs[0]
+        v = const_value(out)
+        new = self._new(out.name, centre(v, axis), v)
+        for user, i in list(out.uses()):
+            user.replace_input_with(i, new)
 
-    def _apply_linear(self, node: gs.Node, axis: int, reader=None) -> None:
+    def _apply_linear(self, node: ir.Node, axis: int, reader=None) -> None:
         """Gemm, MatMul, Conv: weight and bias minus their means over the output channels (:mod:`..core.linear`)."""
         layer = linear_layer(self.graph, node, 0, bias_add=False)
         layer.centre_outputs()
         layer.apply(self.namer, "centred")
 
-    def _apply_gather(self, node: gs.Node, axis: int, reader=None) -> None:
+    def _apply_gather(self, node: ir.Node, axis: int, reader=None) -> None:
         table = const_value(node.inputs[0])
-        node.inputs[0] = self._new(node.name or "gather", centre(table, -1), table)
+        node.replace_input_with(0, self._new(node.name or "gather", centre(table, -1), table))
 
 
-def replace_lns(graph: gs.Graph, stream: Stream, namer: Namer, result: PassResult, target_op: str = "RMSNorm"):
+def ln_params(ln: ir.Node) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """A LayerNormalization's constant scale, bias (None when absent) and epsilon."""
+    g = const_value(ln.inputs[1])
+    b = const_value(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2] is not None else None
+    return g, b, float(attr(ln, "epsilon", 1e-5))
+
+
+def replace_lns(graph: ir.Graph, stream: Stream, namer: Namer, result: PassResult, target_op: str = "RMSNorm"):
     for ln in stream.lns:
         x, y = ln.inputs[0], ln.outputs[0]
-        g = const_value(ln.inputs[1])
-        b = const_value(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2] is not None else None
-        eps = float(ln.attrs.get("epsilon", 1e-5))
-        ln.inputs.clear()
-        ln.outputs.clear()
+        g, b, eps = ln_params(ln)
         base = ln.name or "ln"
         has_bias = b is not None and np.any(b != 0)
-        mid = gs.Variable(namer(base, "rms"), dtype=y.dtype, shape=y.shape) if has_bias else y
-        rms = gs.Node(target_op, base, {"epsilon": eps}, [x, constant(namer, base, "gain", g)], [mid], domain=DOMAIN)
-        graph.nodes.append(rms)
+        mid = value(namer, base, "rms", dtype=y.dtype, shape=y.shape) if has_bias else None
+        rms = add_node(namer, target_op, [x, constant(namer, base, "gain", g)], [mid] if mid is not None else None,
+                       base=base, name=base, domain=DOMAIN, attrs={"epsilon": eps})
+        out = rms.outputs[0]
         if has_bias:
-            graph.nodes.append(gs.Node("Add", namer(base, "bias"), inputs=[mid, constant(namer, base, "bias", b)], outputs=[y]))
+            add_name = namer(base, "bias")
+            out = add_node(namer, "Add", [mid, constant(namer, base, "bias", b)], base=base, name=add_name).outputs[0]
+        out.dtype, out.shape = y.dtype, y.shape
+        replace_value(y, out)
+        remove_nodes(graph, [ln])
         result.rewrote(f"LayerNormalization {base} -> {target_op}" + (" + Add(bias)" if has_bias else ""), base)
 
 
-def prepare_stream(graph: gs.Graph, stream: Stream) -> Recentre:
+def prepare_stream(graph: ir.Graph, stream: Stream) -> Recentre:
     """Check every condition and plan the re-centring; raises Refuse naming the culprit."""
     for ln in stream.lns:
         for i in (1, 2):
@@ -305,29 +335,29 @@ def prepare_stream(graph: gs.Graph, stream: Stream) -> Recentre:
     check_readers(graph, stream)
     rc = Recentre(graph, d)
     for w in stream.writes:
-        if isinstance(w, gs.Constant):
+        if _is_constant(w):
             raise Refuse(f"constant {w.name} is added to the stream directly")
         rc.plan(w, -1)
     return rc
 
 
-def _why_not_on_stream(ln: gs.Node) -> str:
+def _why_not_on_stream(ln: ir.Node) -> str:
     """Name the post-LN pattern when it is one: the residual Add feeding this LN adds another LN's output."""
-    p = ln.inputs[0].inputs[0] if ln.inputs[0].inputs else None
-    if p is not None and p.op == "Add":
+    p = ln.inputs[0].producer()
+    if p is not None and p.op_type == "Add":
         for x in p.inputs:
-            q = x.inputs[0] if x.inputs else None
+            q = x.producer() if x is not None else None
             for _ in range(3):
                 if q is None:
                     break
-                if q.op == "LayerNormalization":
+                if q.op_type == "LayerNormalization":
                     return (f"post-LN block: the residual Add {p.name} feeding it adds the output of LayerNorm "
                             f"{q.name}, so the stream is normalized after the residual, not before")
-                q = q.inputs[0].inputs[0] if q.inputs and q.inputs[0].inputs else None
+                q = q.inputs[0].producer() if q.inputs and q.inputs[0] is not None else None
     return "not on a pre-LN residual stream (no residual Add joins it to another LayerNorm's input)"
 
 
-def convert_streams(graph: gs.Graph, result: PassResult, convert) -> None:
+def convert_streams(graph: ir.Graph, result: PassResult, convert) -> None:
     """For every pre-LN stream that meets the conditions: re-centre its writes, then ``convert(stream, d)``.
 
     A stream that does not meet them is reported as skipped, LN by LN, with the reason.
@@ -348,7 +378,7 @@ def convert_streams(graph: gs.Graph, result: PassResult, convert) -> None:
         convert(stream, rc.d)
 
 
-def preln_to_rmsnorm(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+def preln_to_rmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Re-centre every write into a pre-LN residual stream; its LayerNorms become RMSNorm (exact)."""
     namer = Namer(graph)
 

@@ -11,11 +11,16 @@ the graph in its own types as a second opinion (and bf16, which ONNX Runtime's C
 provider mostly cannot). Plugin nodes run as fp32-accumulating function bodies on ONNX
 Runtime (:func:`plugins_as_functions`) or as the Triton kernels themselves under
 ``onnx.reference`` (``normdeploy.lower.plugins.emulate``).
+
+This module stays on ``onnx.ModelProto``: it runs only on models small enough to be measured
+on CPU. Its public functions also take an ``onnx_ir.Model``, serialized on entry
+(:func:`as_proto`).
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from ..lower.precision import _FLOATS, CANONICAL_DOMAIN, FLOAT, PLUGIN_PREFIX, _opset, elem_types, is_plugin
@@ -40,12 +45,19 @@ def plugin_ops() -> list:
             if isinstance(v, type) and issubclass(v, OpRun) and v is not OpRun and v.__name__.startswith(PLUGIN_PREFIX)]
 
 
-def has_plugins(model: onnx.ModelProto) -> bool:
+def as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
+    """``model`` as an ``onnx.ModelProto``: an ``onnx_ir.Model`` is serialized (under 2 GB only), a proto passes."""
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+
+
+def has_plugins(model: onnx.ModelProto | ir.Model) -> bool:
+    model = as_proto(model)
     return any(is_plugin(n) for n in model.graph.node)
 
 
-def low_precision_types(model: onnx.ModelProto) -> set[int]:
+def low_precision_types(model: onnx.ModelProto | ir.Model) -> set[int]:
     """The low-precision float types (fp16, bf16) the graph's tensors use."""
+    model = as_proto(model)
     g = model.graph
     found = {vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output) + list(g.value_info)}
     found |= {t.data_type for t in g.initializer}
@@ -53,7 +65,7 @@ def low_precision_types(model: onnx.ModelProto) -> set[int]:
     return found & {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
-def emulate_rounding(model: onnx.ModelProto) -> onnx.ModelProto:
+def emulate_rounding(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
     """An fp32 graph that computes what ``model`` computes with low-precision *storage*.
 
     Every fp16/bf16 tensor becomes fp32, and each node output that was low precision is
@@ -69,6 +81,7 @@ def emulate_rounding(model: onnx.ModelProto) -> onnx.ModelProto:
     whose variance overflows returns the right answer there).
     Initializers are already rounded; they are stored back as fp32 (exact).
     """
+    model = as_proto(model)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -142,7 +155,7 @@ def _to_float32(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t).astype(np.float32)
 
 
-def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], engine: str = "auto"
+def run_all_tensors(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray], engine: str = "auto"
                     ) -> tuple[dict[str, np.ndarray], str]:
     """Every tensor the graph computes (intermediates included) on ``feeds``, and the engine used.
 
@@ -158,6 +171,7 @@ def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], engine
     * "emulate": :func:`emulate_rounding`, then "onnxruntime".
     * "auto": "emulate" for graphs with fp16/bf16 tensors, otherwise "onnxruntime".
     """
+    model = as_proto(model)
     if engine == "auto":
         engine = "emulate" if low_precision_types(model) else "onnxruntime"
     if engine == "emulate":
@@ -225,7 +239,7 @@ def _is_float_array(a) -> bool:
     return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
 
 
-def precision_error_report(fp32_model: onnx.ModelProto, low_model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+def precision_error_report(fp32_model: onnx.ModelProto | ir.Model, low_model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray],
                            threshold: float = 1e-2, engine: str = "auto") -> dict:
     """How far the low-precision graph is from fp32 on ``feeds``, and where the error arises.
 
@@ -253,6 +267,7 @@ def precision_error_report(fp32_model: onnx.ModelProto, low_model: onnx.ModelPro
       absorbed that adds the most error (``rule: "largest added error"``). ``worst_tensor`` names the
       tensor of largest e(t) (usually near the end, where errors have accumulated).
     """
+    fp32_model, low_model = as_proto(fp32_model), as_proto(low_model)
     ref_vals, ref_engine = run_all_tensors(fp32_model, feeds, engine)
     low_vals, low_engine = run_all_tensors(low_model, feeds, engine)
 
@@ -385,16 +400,21 @@ _PLUGIN_BODIES = {
 _PLUGIN_EXTRA_ATTRS = ("plugin_namespace", "aot")
 
 
-def plugins_as_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+def plugins_as_functions(model: onnx.ModelProto | ir.Model):
     """A copy of a plugin-lowered ``model`` that ONNX Runtime runs: each plugin op gets a
     model-local function (domain = the node's) with the plugin's numerics: inputs of any
     float type cast to fp32, the canonical op's math in fp32 (:mod:`normdeploy.core.ops`), the
     result cast back to the data input's type. Plugin ops without such a body (none today)
     are left as they are.
 
+    An ``onnx_ir.Model`` gives an ``onnx_ir.Model`` (a clone sharing the weights, any size);
+    an ``onnx.ModelProto`` gives a copy.
+
     This is the ONNX Runtime route of plugin emulation; ``normdeploy.lower.plugins.emulate`` runs the Triton
     kernels themselves under ``onnx.reference`` (tests check the two agree).
     """
+    if isinstance(model, ir.Model):
+        return _plugins_as_functions_ir(model)
     from ..core import ops
 
     m = onnx.ModelProto()
@@ -449,3 +469,22 @@ def plugins_as_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         if not any(o.domain == domain for o in m.opset_import):
             m.opset_import.append(helper.make_opsetid(domain, ops.VERSION))
     return m
+
+
+def _plugins_as_functions_ir(model: ir.Model) -> ir.Model:
+    """:func:`plugins_as_functions` for an in-memory model: the functions are built on a stub holding only
+    the plugin nodes (no weights), then attached to a clone that shares the weights."""
+    stub = onnx.ModelProto(ir_version=model.ir_version or 10)
+    for domain, version in model.opset_imports.items():
+        stub.opset_import.append(helper.make_opsetid(domain, version))
+    for n in model.graph:
+        if n.op_type in _PLUGIN_BODIES and n.domain:
+            stub.graph.node.append(helper.make_node(n.op_type, [], [], domain=n.domain))
+    with_functions = plugins_as_functions(stub)
+    out = model.clone()
+    for fn in with_functions.functions:
+        f = ir.serde.deserialize_function(fn)
+        out.functions[f.identifier()] = f
+    for o in with_functions.opset_import:
+        out.opset_imports.setdefault(o.domain, o.version)
+    return out

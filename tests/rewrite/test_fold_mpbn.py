@@ -16,7 +16,7 @@ from normdeploy.core.passes import PassContext
 from tests.conftest import ROOT
 from tests.graph_helpers import run_step
 
-from .test_fold_affine import SETTINGS, G, gammas, run
+from .test_fold_affine import SETTINGS, G, as_proto, gammas, run
 
 PASS = "fold_mpbn_into_threshold"
 COMPARE = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal}
@@ -216,7 +216,7 @@ def snn():
     from normdeploy.export import to_onnx
     from normdeploy.load import load
 
-    model, _ = to_onnx(load(os.path.join(ROOT, "models", "snn_lif_mpbn.pt")))
+    model = as_proto(to_onnx(load(os.path.join(ROOT, "models", "snn_lif_mpbn.pt")))[0])
     for n in model.graph.node:  # every spike train becomes an output, so spikes are compared, not just logits
         if n.op_type == "Cast" and n.input[0] in {m.output[0] for m in model.graph.node if m.op_type == "Greater"}:
             model.graph.output.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None))
