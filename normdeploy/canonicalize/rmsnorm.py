@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from ..core.graph import DEFAULT_DOMAINS, Namer, add_node, constant, rank_of, remove_nodes
+from ..core.graph import DEFAULT_DOMAINS, Namer, add_node, attr, constant, rank_of, remove_nodes
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import (
@@ -186,7 +186,7 @@ def _plan_rms_normalization(graph: ir.Graph, node: ir.Node) -> RMSNormPlan | Sta
         return f"RMSNormalization over axis {axis} (rank {rank}): the canonical RMSNorm normalizes the last axis only"
     if node.attributes.get_int("stash_type", 1) != 1:
         return f"stash_type {node.attributes.get_int('stash_type')} is not float32"
-    epsilon = node.attributes.get_float("epsilon", 1e-5)
+    epsilon = attr(node, "epsilon", 1e-5)
     dtype = dtype_of(x)
     if dtype is None:
         return f"element type of {x.name} is unknown"

@@ -35,11 +35,19 @@ def is_op(node: ir.Node | None, *op_types: str) -> bool:
 
 
 def attr(node: ir.Node, name: str, default=None):
-    """The Python value of attribute ``name`` of ``node`` (ints, floats, strs and their lists), or ``default``."""
+    """The Python value of attribute ``name`` of ``node`` (ints, floats, strs and their lists), or ``default``.
+
+    A float attribute is read as the float32 a file stores: an exporter may hold ``1e-5`` as a
+    Python float in memory, and a fold must compute with what ONNX Runtime will read.
+    """
     a = node.attributes.get(name)
     if a is None:
         return default
     v = a.value
+    if a.type == ir.AttributeType.FLOAT:
+        return float(np.float32(v))
+    if a.type == ir.AttributeType.FLOATS:
+        return [float(np.float32(x)) for x in v]
     return list(v) if isinstance(v, tuple) else v
 
 
@@ -163,16 +171,27 @@ def set_input(node: ir.Node, i: int, v: ir.Value | None) -> None:
 
 
 def replace_value(old: ir.Value, new: ir.Value, except_node: ir.Node | None = None) -> None:
-    """Every reader of ``old`` (but ``except_node``) reads ``new``; where ``old`` is a graph output, ``new``
-    takes its place and its name (``old`` gets ``new``'s former name)."""
+    """Every reader of ``old`` (but ``except_node``) reads ``new``, and ``new`` takes ``old``'s name and, where
+    ``old`` is a graph output, its place among the outputs.
+
+    So a rewrite keeps the names of the tensors it recomputes, as an edit in place would. A
+    graph input or an initializer keeps its own name; where one of those replaces a graph
+    output, an Identity carries the output's name.
+    """
     if old is new:
         return
-    if old.is_graph_output():
+    graph = old.graph
+    own_name = new.is_graph_input() or new.is_initializer() or new.is_graph_output() or new.producer() is None
+    if old.is_graph_output() and own_name:
+        ident = ir.node("Identity", [new], name=f"{old.name}_output")
+        graph.append(ident)
+        new, own_name = ident.outputs[0], False
+    if not own_name:
         name, other = old.name, new.name
-        graph = old.graph
         old.name = None
         new.name = name
         old.name = other
+    if old.is_graph_output():
         for i, out in enumerate(graph.outputs):
             if out is old:
                 graph.outputs[i] = new

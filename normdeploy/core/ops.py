@@ -26,14 +26,15 @@ DOMAIN = "normdeploy"
 VERSION = 1
 
 #: attribute defaults per op; an attribute missing on a node takes its default.
+_EPS5, _EPS6 = float(np.float32(1e-5)), float(np.float32(1e-6))  # what a float attribute holds in a file
 ATTRIBUTES: dict[str, dict[str, float | int]] = {
-    "UnifiedNorm": {"epsilon": 1e-5, "axis": 1},
-    "PowerNorm": {"groups": 1, "epsilon": 1e-5},
-    "GroupScaling": {"groups": 1, "epsilon": 1e-5},
-    "RMSNorm": {"epsilon": 1e-6},
-    "CRMSNorm": {"epsilon": 1e-6},
+    "UnifiedNorm": {"epsilon": _EPS5, "axis": 1},
+    "PowerNorm": {"groups": 1, "epsilon": _EPS5},
+    "GroupScaling": {"groups": 1, "epsilon": _EPS5},
+    "RMSNorm": {"epsilon": _EPS6},
+    "CRMSNorm": {"epsilon": _EPS6},
     "DynamicTanh": {"axis": -1},
-    "ScaleNorm": {"epsilon": 1e-5},
+    "ScaleNorm": {"epsilon": _EPS5},
 }
 INPUTS: dict[str, tuple[str, ...]] = {
     "UnifiedNorm": ("X", "R", "W", "B"),

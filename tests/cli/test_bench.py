@@ -91,11 +91,12 @@ def test_bench_writes_png_and_markdown_with_provenance(bench_json):
 
 def test_bench_table_on_an_onnx_input(group, tmp_path):
     """ONNX input: the torch peer has nothing to run and says so; the table names machine, threads, runtime."""
+    from normdeploy.core.graph import save_model
     from normdeploy.pipeline import Options, prepare
 
     _, original, _ = prepare(EXAMPLE, Options.from_flat())
     path = tmp_path / "digits.onnx"
-    onnx.save(original, path)
+    save_model(original, str(path))
     r = invoke(group, "bench", path, *FAST, "--peers", "torch,onnxslim")
     assert r.exit_code == 0, r.stdout + r.stderr
     text = r.stdout
