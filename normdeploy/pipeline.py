@@ -16,16 +16,16 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
-from .build import INLINE_LIMIT, OrtRunner, TorchRunner
+from .build import OrtRunner, TorchRunner
 from .canonicalize.layernorm import recognize_layernorm
 from .canonicalize.naming import name_norms_after_modules
 from .canonicalize.rmsnorm import recognize_rmsnorm
 from .core import norms
 from .core.errors import InputError
-from .core.graph import infer_shapes, save_model, signature, weight_bytes
-from .core.profile import StageProfile, peak_rss_bytes
+from .core.graph import LARGE_MODEL_BYTES, infer_shapes, save_model, signature, to_proto, weight_bytes
 from .core.inputs import InputSpec, example_arrays
 from .core.passes import ModelStep, Pass, PassContext, PassResult, Step, run_steps
+from .core.profile import StageProfile, peak_rss_bytes
 from .core.version import __version__
 from .export import to_onnx
 from .load import Loaded, load
@@ -157,7 +157,7 @@ def context(target: str, options: Options, specs: list[InputSpec]) -> PassContex
 
 
 def _as_proto(model):
-    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return to_proto(model)
 
 
 @dataclass
@@ -177,15 +177,15 @@ class Transformed:
 
     @functools.cached_property
     def canonical(self) -> onnx.ModelProto:
-        return ir.to_proto(self.canonical_model)
+        return to_proto(self.canonical_model)
 
     @functools.cached_property
     def optimized(self) -> onnx.ModelProto:
-        return ir.to_proto(self.optimized_model)
+        return to_proto(self.optimized_model)
 
     @functools.cached_property
     def floor(self) -> onnx.ModelProto:
-        return ir.to_proto(self.floor_model)
+        return to_proto(self.floor_model)
 
 
 def transform(original, ctx: PassContext, until: str = "lower", progress: Progress = _noop) -> Transformed:
@@ -391,7 +391,7 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
     progress("precision", None)
     converted, prec = precision.convert_for_target(lowered, target, options.trt.io_dtype)
     if converted is not lowered:
-        if weight_bytes(lowered) <= INLINE_LIMIT:
+        if weight_bytes(lowered) <= LARGE_MODEL_BYTES:
             prec["accuracy"] = precision_error_report(lowered, converted, example_arrays(specs, seed=0, batch=run.batch))
         else:
             run.notes.append(f"{target}: the precision error report runs every tensor of the model on CPU; skipped "

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..core.graph import to_proto
 from .timing import BenchResult, interleaved, machine_info, provenance
 
 # ----------------------------------------------------------------------------- one model, many variants
@@ -209,10 +210,7 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
     variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], OrtRunner(floor, target, threads))
     if peers:
         progress("peers", None)
-        import onnx
-        import onnx_ir as ir
-
-        as_proto = original if isinstance(original, onnx.ModelProto) else ir.to_proto(original)  # the peers read protos
+        as_proto = to_proto(original)  # the peers read protos
         for p in peers_mod.build(peers, as_proto, loaded, threads, run_orig.input_names, run_orig.output_names,
                                  target, hint if hint is not None else model):
             variants[p.name] = Variant(p.name, "peer", p.what, p.runner, p.status, p.info)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import InputError, UnsupportedError
-from ..core.graph import weight_bytes
+from ..core.graph import LARGE_MODEL_BYTES, to_proto, weight_bytes
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -37,16 +37,12 @@ def default_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
-#: in-memory models with more initializer bytes than this go to ONNX Runtime through a file with external data
-INLINE_LIMIT = 1 << 30
-
-
 class OrtRunner:
     def __init__(self, model, target: str = "ort-cpu", threads: int | None = None,
                  graph_optimization: str = "all", providers: list | None = None):
         """``model``: an ``onnx_ir.Model``, an ``onnx.ModelProto``, serialized bytes, or a path to an .onnx file.
 
-        An in-memory model larger than :data:`INLINE_LIMIT` is written to a temporary
+        An in-memory model larger than :data:`normdeploy.core.graph.LARGE_MODEL_BYTES` is written to a temporary
         directory with external data and the session is created from the file (a protobuf
         cannot hold it); smaller ones are serialized in memory.
         """
@@ -88,8 +84,8 @@ class OrtRunner:
         if isinstance(model, onnx.ModelProto):
             return model.SerializeToString()
         if isinstance(model, ir.Model):
-            if weight_bytes(model) <= INLINE_LIMIT:
-                return ir.to_proto(model).SerializeToString()
+            if weight_bytes(model) <= LARGE_MODEL_BYTES:
+                return to_proto(model).SerializeToString()
             import tempfile
 
             self._tmp = tempfile.TemporaryDirectory(prefix="normdeploy-session-")

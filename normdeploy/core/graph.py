@@ -260,8 +260,9 @@ def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray
     return None
 
 
-#: models with more initializer bytes than this are written with their weights in ``<file>.data``
-EXTERNAL_DATA_LIMIT = 1 << 30
+#: a model with more initializer bytes than this is "large": written with its weights in ``<file>.data``
+#: and handed to ONNX Runtime as a file (well below the 2 GB a protobuf can hold)
+LARGE_MODEL_BYTES = 1 << 30
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -281,10 +282,26 @@ def save_model(model, path: str) -> None:
 
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    if weight_bytes(model) > EXTERNAL_DATA_LIMIT:
+    if weight_bytes(model) > LARGE_MODEL_BYTES:
         ir.save(model, path, external_data=os.path.basename(path) + ".data")
     else:
         ir.save(model, path)
+
+
+def to_proto(model):
+    """``model`` as an ``onnx.ModelProto`` that holds its weights (external data read in), for models under
+    2 GB; a ModelProto passes through. Large models go to files instead (:func:`save_model`)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        model = model.clone()  # its values are new: give them in-memory tensors over the same bytes
+        for v in model.graph.initializers.values():  # (onnx_ir's load_to_model would close the shared mapping)
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                v.const_value = ir.Tensor(t.numpy(), name=t.name)
+    return ir.to_proto(model)
 
 
 def signature(model: ir.Model):

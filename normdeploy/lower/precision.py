@@ -74,7 +74,7 @@ import onnx_ir as ir
 from onnx import TensorProto
 
 from ..core.errors import UnsupportedError
-from ..core.graph import DEFAULT_DOMAINS, opset_of
+from ..core.graph import DEFAULT_DOMAINS, opset_of, to_proto
 
 FLOAT = TensorProto.FLOAT
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -153,7 +153,7 @@ def convert_precision_detailed(model: Model, dtype: str = "fp16", io_dtype: str 
     """:func:`convert_precision`, returning the :class:`Conversion` record as well."""
     conv = _convert(_working_copy(model), dtype, io_dtype, plugin_params)
     if isinstance(model, onnx.ModelProto):
-        conv.model = ir.to_proto(conv.model)
+        conv.model = to_proto(conv.model)
     return conv
 
 
@@ -199,7 +199,7 @@ def convert_for_target(model: Model, target: str, io_dtype: str = "fp32") -> tup
     except Exception as e:  # noqa: BLE001 - a converter bug, reported as such
         raise UnsupportedError(f"the {dtype} model fails onnx.checker: {str(e).splitlines()[0][:200]}",
                                "report this as a bug; --target trt-fp32 avoids the conversion") from None
-    converted = ir.to_proto(conv.model) if isinstance(model, onnx.ModelProto) else conv.model
+    converted = to_proto(conv.model) if isinstance(model, onnx.ModelProto) else conv.model
     return converted, {"precision": conv.summary()}
 
 

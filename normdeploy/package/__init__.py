@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 
-
 from ..core.errors import InputError
 from ..core.graph import save_model
 from .triton import model_name, write_repository

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.graph import (
+    LARGE_MODEL_BYTES,
     Namer,
     add_node,
     attr,
@@ -36,18 +37,12 @@ from ..core.graph import (
     remove_nodes,
     replace_value,
     shape_of,
+    to_proto,
     value,
+    weight_bytes,
 )
 from ..core.linear import linear_layer
 from ..core.passes import PassContext, PassResult
-
-#: probe models with more initializer bytes than this reach ONNX Runtime through a file with external data
-INLINE_LIMIT = 1 << 30
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    """Bytes of the initializers (without reading external data)."""
-    return sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _probe(model: ir.Model) -> tuple[ir.Model, list[ir.Node]]:
@@ -71,8 +66,8 @@ def calibrate_stds(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> dict[
     so = ort.SessionOptions()
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="normdeploy-calib-") as tmp:
-        if _weight_bytes(probe) <= INLINE_LIMIT:
-            source = ir.to_proto(probe).SerializeToString()
+        if weight_bytes(probe) <= LARGE_MODEL_BYTES:
+            source = to_proto(probe).SerializeToString()
         else:  # too large for one protobuf (and no second copy of the weights in memory)
             source = os.path.join(tmp, "probe.onnx")
             ir.save(probe, source, external_data="probe.onnx.data")

@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from ..core.graph import to_proto
 from ..lower.precision import _FLOATS, CANONICAL_DOMAIN, FLOAT, PLUGIN_PREFIX, _opset, elem_types, is_plugin
 from . import compare_arrays
 
@@ -47,7 +48,7 @@ def plugin_ops() -> list:
 
 def as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
     """``model`` as an ``onnx.ModelProto``: an ``onnx_ir.Model`` is serialized (under 2 GB only), a proto passes."""
-    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return to_proto(model)
 
 
 def has_plugins(model: onnx.ModelProto | ir.Model) -> bool:
