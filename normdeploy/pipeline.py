@@ -245,11 +245,16 @@ class Result:
     def floor(self) -> onnx.ModelProto:
         return _as_proto(self.floor_model)
 
-    def save(self, out: str, force: bool = False, triton_repo: str | None = None) -> str:
-        """Write the output directory (DESIGN.md section 7), all or nothing; returns its path."""
+    def save(self, out: str, force: bool = False, triton_repo: str | None = None,
+             triton_backend: str = "default") -> str:
+        """Write the output directory (DESIGN.md section 7), all or nothing; returns its path.
+
+        ``triton_backend="python"`` writes the Triton entry for the Python backend (ONNX Runtime
+        inside Triton, what PyPI's tritonserver serves) instead of ONNX Runtime's or TensorRT's.
+        """
         from .package import write
 
-        return write(out, self, force=force, triton_repo=triton_repo)
+        return write(out, self, force=force, triton_repo=triton_repo, triton_backend=triton_backend)
 
 
 def resolve_target(options: Options) -> str:
@@ -368,17 +373,23 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
 
 
 def _optimize_trt(run: _Run, progress: Progress) -> Result:
-    """trt-*: verify the lowering exactly in fp32, convert precision, then build and time the engine on a GPU.
+    """trt-*: verify the lowering exactly in fp32, convert precision, then build, verify and time engines on a GPU.
 
     The fp32 lowering is checked on ONNX Runtime with each plugin op run as its fp32 function
     body (:func:`normdeploy.verify.precision.plugins_as_functions`); the fp16/bf16 conversion is
     measured against that fp32 graph and reported with the node where its error arises
     (:func:`normdeploy.verify.precision.precision_error_report`). ``--lower-only`` stops there and
-    writes the converted ONNX for a GPU host.
+    writes the converted ONNX for a GPU host. Otherwise the engine is compared with the original
+    on every input set the lowering was (random seeds, calibration, ``--data``), fed in batches its
+    profile accepts, and refused above :func:`normdeploy.build.trt.engine_tolerance`; then the
+    original and the floor, exported, given the same precision conversion and the same profiles,
+    are built as TensorRT engines too, and all three are timed interleaved on the GPU.
     """
     import tempfile
 
+    from .bench.timing import BenchResult, Timing, machine_info
     from .build import trt as trt_build
+    from .core import errors
     from .lower import precision
     from .verify.precision import plugins_as_functions, precision_error_report
 
@@ -396,37 +407,75 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
         else:
             run.notes.append(f"{target}: the precision error report runs every tensor of the model on CPU; skipped "
                              f"for {weight_bytes(lowered) / 2**30:.1f} GiB of weights")
-    plan, latency, build_info = None, None, None
+    plan, latency, build_info, bench = None, None, None, None
     if options.trt.lower_only:
         run.notes.append(f"--lower-only: model.onnx is the {target} input of TensorRT's ONNX parser (plugin nodes, "
                          f"{prec['precision'].get('dtype', 'fp32')}); no engine was built and no latency measured here")
     else:
         progress("build", None)
+        profiles = trt_build.make_profiles(signature(converted), run.batch_range, {s.name: s.shape for s in specs})
+        build_args = (profiles, trt_build.parse_size(options.trt.workspace), options.trt.timing_cache,
+                      trt_build.check_opt_level(options.trt.opt_level), options.trt.hardware_compat)
+
+        def build(model: ir.Model, d: str, name: str):
+            onnx_path = f"{d}/{name}.onnx"
+            save_model(model, onnx_path)  # past 2 GB with external data, which TensorRT's parser reads by path
+            info = trt_build.build_engine(onnx_path, f"{d}/{name}.plan", *build_args)
+            with open(f"{d}/{name}.plan", "rb") as f:
+                return f.read(), info
+
         with tempfile.TemporaryDirectory(prefix="normdeploy-trt-") as d:
-            onnx_path, plan_path = f"{d}/model.onnx", f"{d}/model.plan"
-            save_model(converted, onnx_path)  # past 2 GB with external data, which TensorRT's parser reads by path
-            profiles = trt_build.make_profiles(signature(converted), run.batch_range, {s.name: s.shape for s in specs})
-            build_info = trt_build.build_engine(onnx_path, plan_path, profiles,
-                                                trt_build.parse_size(options.trt.workspace), options.trt.timing_cache,
-                                                trt_build.check_opt_level(options.trt.opt_level),
-                                                options.trt.hardware_compat)
-            with open(plan_path, "rb") as f:
-                plan = f.read()
-        engine = trt_build.EngineRunner(plan)
-        progress("verify", None)
-        feed = example_arrays(specs, seed=0, batch=run.batch)
-        accuracies["engine"] = compare(run_orig, engine, [feed], f"TensorRT engine ({target}) vs original on ONNX Runtime")
-        if options.bench.bench:
-            progress("bench", None)
-            latency = {"optimized": engine.measure(feed, seconds=options.bench.seconds), "batch": run.batch,
-                       "method": "CUDA events around each execute_async_v3 after warm-up",
-                       "original": None, "speedup": None,
-                       "note": "the original has no TensorRT engine to compare with; compare against --target ort-cuda"}
+            plan, build_info = build(converted, d, "model")
+            engine = trt_build.EngineRunner(plan)
+            progress("verify", None)
+            limit = trt_build.engine_tolerance(target, run.tolerance)
+            sets = input_sets(specs, run.batch, options.verify.data,
+                              (options.rewrite.calib, run.ctx.calib_feeds) if run.ctx.calib_feeds is not None else None,
+                              f" (TensorRT {target} engine)")
+            in_profile = trt_build.in_profile(engine)
+            engine_acc = {("engine" if k == "random" else f"engine_{k}"): compare(run_orig, in_profile, feeds, what)
+                          for k, (feeds, what) in sets.items()}
+            accuracies.update(engine_acc)
+            check_tolerance([a for k, a in engine_acc.items() if not (options.rewrite.allow_approx and k == "engine")],
+                            limit, f"the {target} engine differs from the ONNX it was built from, which matched: a "
+                            "plugin kernel or TensorRT's conversion is wrong on this GPU; report it with the model, "
+                            "or use --target ort-cpu")
+            if options.bench.bench:
+                progress("bench", None)
+                runners = {"optimized": engine}
+                baselines = {
+                    "original": "the exported original (its normalizations as ONNX ops)",
+                    "floor": "the floor (every normalization replaced by Identity)"}
+                for name, model in (("original", run.prepared.original), ("floor", run.transformed.floor_model)):
+                    try:
+                        # canonical nodes keep their function bodies: TensorRT's parser imports local functions
+                        low, _ = precision.convert_for_target(model, target, options.trt.io_dtype)
+                        runners[name] = trt_build.EngineRunner(build(low, d, name)[0])
+                    except errors.NormdeployError as e:
+                        run.notes.append(f"no TensorRT engine of {baselines[name]}: {e}")
+                feed = example_arrays(specs, seed=0, batch=run.batch)
+                samples = trt_build.measure_interleaved(
+                    {k: runners[k] for k in ("original", "optimized", "floor") if k in runners}, feed,
+                    duration_s=options.bench.seconds, warmup_calls=options.bench.warmup,
+                    progress=lambda f: progress("bench", f))
+                bench = BenchResult({k: Timing(k, v, run.batch) for k, v in samples.items()}, 1,
+                                    {**machine_info(1), **trt_build.gpu_info()})
+                latency = bench_latency(bench, run.batch) if "original" in samples else {
+                    "speedup": None, "batch": run.batch, "machine": bench.machine}
+                for k, v in samples.items():
+                    latency[k] = trt_build.percentiles(v, run.batch)
+                latency["method"] = (f"TensorRT {build_info.tensorrt_version} engines of the original, the optimized "
+                                     "model and the floor (same precision conversion, same profiles) on "
+                                     f"{bench.machine.get('gpu', 'the GPU')}: GPU compute time from CUDA events around "
+                                     "each execute_async_v3, interleaved after trtexec's 200 ms warm-up; percentiles "
+                                     "as trtexec reports them; speedup = p50(original) / p50(optimized)")
     report = build_report(run, converted, accuracies, fidelity, latency)
     report["precision"] = prec
     report["engine"] = build_info.to_json() if build_info else None
-    return Result(run.prepared.original, converted, run.transformed.floor_model, report, None, run.prepared.loaded,
-                  specs, plan)
+    if build_info:
+        report["accuracy"]["engine_tolerance"] = trt_build.engine_tolerance(target, run.tolerance)
+    return Result(run.prepared.original, converted, run.transformed.floor_model, report, bench, run.prepared.loaded, specs,
+                  plan)
 
 
 def verify(run_orig, run_opt, run: _Run, label: str = "") -> tuple[dict[str, Accuracy], Accuracy | None]:

@@ -10,12 +10,18 @@ needs neither TensorRT nor a GPU). What it does, in TensorRT's own terms:
   (``normdeploy.lower.plugins.trt_plugins.register_plugins``) before ``OnnxParser.parse(bytes, path=...)``;
   one optimization profile per ``--batch MIN:OPT:MAX``; the workspace pool limit; a timing
   cache read from and written back to ``--timing-cache`` (shared across builds); builder
-  optimization level; hardware compatibility level. ``model.plan`` is written atomically.
+  optimization level; hardware compatibility level (``ampere+`` also makes the plugins
+  compile portable sm_80 PTX: ``aot_build_options``). ``model.plan`` is written atomically.
+* :func:`save_onnx`: the parser's input file, with external data beyond 2 GB (protobuf's limit).
 * :class:`EngineRunner`: ``deserialize_cuda_engine``, named I/O tensors, ``set_input_shape``
   and ``set_tensor_address`` on torch CUDA buffers, ``execute_async_v3`` on a torch CUDA
   stream. Same face as :class:`normdeploy.build.OrtRunner` (``input_names``,
-  ``output_names``, ``run(feed) -> list[np.ndarray]``), plus device-side timing with CUDA
-  events after warm-up (:meth:`EngineRunner.measure`).
+  ``output_names``, ``run(feed) -> list[np.ndarray]``; :meth:`EngineRunner.run_in_profile`
+  splits a batch the profile does not take), plus device-side timing with CUDA events
+  (:meth:`EngineRunner.time_once`, :meth:`EngineRunner.measure`).
+* :func:`measure_interleaved`: several engines timed in alternation, trtexec's warm-up and
+  duration, summarized by :func:`percentiles` as trtexec reports GPU compute time.
+* :data:`ENGINE_TOLERANCE`: how far an engine may be from the original before it is refused.
 * :func:`available` / :func:`require` / :func:`auto_target`: whether TensorRT and a CUDA
   device are usable here, and the one-line error (DESIGN.md section 8) when they are not.
 * :func:`parse_batch`, :func:`parse_size`, :func:`make_profiles`: flag parsing, tested on CPU.
@@ -227,6 +233,9 @@ class BuildInfo:
     timing_cache: str | None
     timing_cache_reused: bool
     notes: list[str] = field(default_factory=list)
+    hardware_compat: str = "none"
+    #: per plugin layer, what ``aot_impl`` returned: kernel, PTX target and ISA, parameter counts, block
+    plugin_kernels: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -241,15 +250,47 @@ def _import_trt():
     return trt
 
 
-def _register_plugins(plugins_module) -> list[str]:
-    if plugins_module is None:
-        return []
+def _plugins(plugins_module):
     if isinstance(plugins_module, str):
         import importlib
 
-        plugins_module = importlib.import_module(plugins_module)
+        return importlib.import_module(plugins_module)
+    return plugins_module
+
+
+def _register_plugins(plugins_module) -> list[str]:
+    plugins_module = _plugins(plugins_module)
+    if plugins_module is None:
+        return []
     register = getattr(plugins_module, "register_plugins", None)
     return list(register() or []) if register else []
+
+
+def _aot_options(plugins_module, hardware_compat: str):
+    """The plugins' build options for this engine (``aot_impl`` cannot see the builder config), or a no-op."""
+    import contextlib
+
+    options = getattr(_plugins(plugins_module), "aot_build_options", None)
+    return options(hardware_compat=hardware_compat) if options else contextlib.nullcontext([])
+
+
+#: models whose protobuf is larger than this are written with external data (protobuf's limit is 2 GiB)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def save_onnx(model: onnx.ModelProto, path: str) -> str:
+    """Write ``model`` for TensorRT's parser: its weights in ``<name>.data`` next to it when it is too large
+    for one protobuf (> :data:`EXTERNAL_DATA_BYTES`), which ``OnnxParser.parse(bytes, path=...)`` reads
+    relative to ``path``. ``model`` itself is left untouched (saving with external data empties the
+    tensors of the proto it writes, so a copy is written). Returns ``path``."""
+    if model.ByteSize() <= EXTERNAL_DATA_BYTES:
+        onnx.save(model, path)
+        return path
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=os.path.basename(path) + ".data", size_threshold=1024)
+    return path
 
 
 def parser_errors(parser) -> list[str]:
@@ -351,7 +392,9 @@ def build_engine(onnx_path: str, plan_path: str, profiles: list[Profile] | None 
         else:
             reused = bool(blob)
 
-    serialized = builder.build_serialized_network(network, config)
+    with _aot_options(plugins_module, hardware_compat) as kernels:
+        serialized = builder.build_serialized_network(network, config)
+        kernels = [dict(k) for k in kernels]
     if serialized is None:
         raise UnsupportedError(f"TensorRT {trt.__version__} failed to build an engine from "
                                f"{os.path.basename(onnx_path)} (see the TensorRT log above)",
@@ -360,9 +403,13 @@ def build_engine(onnx_path: str, plan_path: str, profiles: list[Profile] | None 
     _atomic_write(plan_path, plan)
     if timing_cache_path:
         _atomic_write(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    if hardware_compat == "ampere+" and kernels:
+        notes.append("hardware compatibility ampere+: the plugin kernels are sm_80 PTX, which the driver JITs on "
+                     "any Ampere or later GPU")
     return BuildInfo(plan_path, len(plan), time.perf_counter() - t0, trt.__version__,
                      bool(flags & (1 << int(strongly))) if strongly is not None else False,
-                     [p.to_json() for p in profiles or []], timing_cache_path, reused, notes)
+                     [p.to_json() for p in profiles or []], timing_cache_path, reused, notes, hardware_compat,
+                     kernels)
 
 
 # ----------------------------------------------------------------------------- run
@@ -378,10 +425,97 @@ def _torch_dtype(trt, dt):
     raise UnsupportedError(f"engine tensor type {dt} is not supported by the runner", "use fp32/fp16/bf16/int I/O")
 
 
-def percentiles(times_ms: list[float]) -> dict:
-    a = np.asarray(times_ms, np.float64)
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": int(a.size)}
+#: trtexec's defaults (samples/common/sampleOptions.h): warm-up 200 ms, at least 10 iterations over 3 s,
+#: percentiles 90, 95 and 99
+TRTEXEC_WARMUP_MS, TRTEXEC_DURATION_S, TRTEXEC_MIN_ITERATIONS, TRTEXEC_PERCENTILES = 200.0, 3.0, 10, (90, 95, 99)
+
+
+def _trtexec_percentile(sorted_ms: np.ndarray, p: float) -> float:
+    """trtexec's percentile: of n ascending times, the one at index n - 1 - floor((1 - p/100) n) (nearest rank)."""
+    n = sorted_ms.size
+    f32 = np.float32
+    exclude = int((f32(1) - f32(p) / f32(100)) * f32(n))  # in float32, as trtexec computes it
+    return float(sorted_ms[max(n - 1 - exclude, 0)])
+
+
+def percentiles(times_ms: list[float], batch: int | None = None) -> dict:
+    """GPU compute times summarized as trtexec reports them: min, max, mean, median, p90/p95/p99, CV.
+
+    ``p50_ms`` is the median (the mean of the middle two for an even count), ``pNN_ms`` trtexec's
+    nearest-rank percentiles, ``cv`` the coefficient of variation; with ``batch``, the
+    throughput at the median (samples per second).
+    """
+    a = np.sort(np.asarray(times_ms, np.float64))
+    if a.size == 0:
+        raise ValueError("no timings")
+    stats = {"p50_ms": float(np.median(a)),
+             **{f"p{p}_ms": _trtexec_percentile(a, p) for p in TRTEXEC_PERCENTILES},
+             "min_ms": float(a[0]), "max_ms": float(a[-1]), "mean_ms": float(a.mean()),
+             "cv": float(a.std() / a.mean()) if a.mean() > 0 else 0.0, "runs": int(a.size)}
+    if batch is not None:
+        stats["batch"] = int(batch)
+        stats["throughput_per_s"] = batch * 1000.0 / stats["p50_ms"] if stats["p50_ms"] > 0 else float("inf")
+    return stats
+
+
+def batch_chunks(n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """How to feed ``n`` samples to an engine whose profile takes batches ``lo..hi``: (start, stop, pad) runs.
+
+    Runs of ``hi``; a last run shorter than ``lo`` is padded with ``pad`` repeats of its last
+    sample (their outputs dropped). ``n`` within ``lo..hi``: one run.
+    """
+    if n < 1 or lo < 1 or hi < lo:
+        raise ValueError(f"cannot split a batch of {n} for a profile of {lo}..{hi}")
+    if lo <= n <= hi:
+        return [(0, n, 0)]
+    out = []
+    for start in range(0, n, hi):
+        stop = min(n, start + hi)
+        out.append((start, stop, max(0, lo - (stop - start))))
+    return out
+
+
+def measure_interleaved(runners: dict, feed: dict[str, np.ndarray], *, warmup_ms: float = TRTEXEC_WARMUP_MS,
+                        duration_s: float = TRTEXEC_DURATION_S, min_iterations: int = TRTEXEC_MIN_ITERATIONS,
+                        max_iterations: int = 1_000_000, warmup_calls: int = 2,
+                        progress=None) -> dict[str, list[float]]:
+    """GPU compute time per execution of every runner, interleaved (A B C, B C A, C A B, ...).
+
+    Each runner binds ``feed`` once (its own device buffers and stream), warms up for
+    ``warmup_ms`` of its own GPU time (and at least ``warmup_calls`` executions), then every
+    round times one execution of each runner with CUDA events (:meth:`EngineRunner.time_once`)
+    until ``duration_s`` have passed and each has ``min_iterations`` samples: trtexec's warm-up
+    and duration, with the engines alternating so that clock and thermal drift cancel in
+    their ratios. Returns name -> ms.
+    """
+    names = list(runners)
+    for n in names:
+        runners[n].bind(feed)
+    for n in names:
+        spent, k = 0.0, 0
+        while spent < warmup_ms or k < warmup_calls:
+            spent += runners[n].time_once()
+            k += 1
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_iterations and (rounds < min_iterations or time.perf_counter() - start < duration_s):
+        k = rounds % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(runners[n].time_once())
+        rounds += 1
+        if progress is not None:
+            progress(min(1.0, (time.perf_counter() - start) / max(duration_s, 1e-9)))
+    return times
+
+
+#: the largest max relative error accepted of a TensorRT engine against the original on ONNX Runtime, per
+#: target (never below --tolerance): fp32 engines may run matrix products in TF32 (TensorRT's default on
+#: Ampere and later), fp16/bf16 ones round every activation to 11 / 8 significant bits
+ENGINE_TOLERANCE = {"trt-fp32": 5e-3, "trt-fp16": 2e-2, "trt-bf16": 6e-2}
+
+
+def engine_tolerance(target: str, tolerance: float) -> float:
+    return max(float(tolerance), ENGINE_TOLERANCE.get(target, 0.0))
 
 
 class EngineRunner:
@@ -421,6 +555,33 @@ class EngineRunner:
         self.output_names = [n for n in names if not is_input[n]]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self._buffers: dict[str, object] = {}
+        self._events = None
+
+    def batch_range(self) -> tuple[int, int] | None:
+        """(min, max) batch of the engine's first input with a batch axis: profile 0, or its fixed size."""
+        for name in self.input_names:
+            shape = tuple(self.engine.get_tensor_shape(name))
+            if not shape:
+                continue
+            if shape[0] >= 0:
+                return shape[0], shape[0]
+            lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+            return int(lo[0]), int(hi[0])
+        return None
+
+    def run_in_profile(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """:meth:`run` on any batch: split into runs the optimization profile accepts (:func:`batch_chunks`)."""
+        rng = self.batch_range()
+        n = next(iter(feed.values())).shape[0] if feed else 0
+        if rng is None or not n or rng[0] <= n <= rng[1]:
+            return self.run(feed)
+        parts: list[list[np.ndarray]] = []
+        for start, stop, pad in batch_chunks(n, *rng):
+            chunk = {k: v[start:stop] for k, v in feed.items()}
+            if pad:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
+            parts.append([o[:stop - start] for o in self.run(chunk)])
+        return [np.concatenate(outs) for outs in zip(*parts)]
 
     def bind(self, feed: dict[str, np.ndarray]) -> None:
         """Upload ``feed``, set input shapes and allocate outputs (kept for :meth:`execute`)."""
@@ -443,6 +604,7 @@ class EngineRunner:
             t = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             self.context.set_tensor_address(name, t.data_ptr())
             self._buffers[name] = t
+        torch.cuda.current_stream(self.device).synchronize()  # the uploads ran on the default stream
 
     def execute(self) -> None:
         """Launch on the runner's stream and wait for it (inputs bound by :meth:`bind`)."""
@@ -463,28 +625,69 @@ class EngineRunner:
             out.append(t.cpu().numpy())
         return out
 
+    def time_once(self) -> float:
+        """GPU time of one execution on the bound buffers (ms), from CUDA events recorded on the runner's stream."""
+        torch = self.torch
+        if self._events is None:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        start, end = self._events
+        start.record(self.stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise UnsupportedError("TensorRT execute_async_v3 failed (see the TensorRT log)", "rerun with --debug")
+        end.record(self.stream)
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
     def measure(self, feed: dict[str, np.ndarray], warmup: int = 20, runs: int = 200,
                 seconds: float | None = None) -> dict:
-        """Device time per execution, from CUDA events around each launch, after ``warmup`` runs."""
-        torch = self.torch
+        """This engine alone: GPU time per execution after ``warmup`` runs (:func:`percentiles`)."""
         self.bind(feed)
         for _ in range(warmup):
-            self.execute()
+            self.time_once()
         times = []
         start_all = time.perf_counter()
         for _ in range(runs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            end.record(self.stream)
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(self.time_once())
             if seconds is not None and time.perf_counter() - start_all > seconds:
                 break
-        stats = percentiles(times)
-        batch = next(iter(feed.values())).shape[0] if feed else 1
-        stats["throughput_per_s"] = batch * 1000.0 / stats["p50_ms"] if stats["p50_ms"] > 0 else float("inf")
-        return stats
+        return percentiles(times, next(iter(feed.values())).shape[0] if feed else 1)
+
+
+class _InProfile:
+    """A runner's face over :meth:`EngineRunner.run_in_profile` (what verify compares on any batch)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return getattr(self.runner, "run_in_profile", self.runner.run)(feed)
+
+
+def in_profile(runner) -> _InProfile:
+    """``runner`` fed in batches its optimization profile takes (runners without profiles: unchanged)."""
+    return _InProfile(runner)
+
+
+def gpu_info() -> dict:
+    """The GPU, its driver and the TensorRT version: the provenance of engine timings."""
+    info: dict = {}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                        cuda_runtime=torch.version.cuda)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import tensorrt as trt
+
+        info["tensorrt"] = trt.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return info
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime GPU providers

@@ -1,4 +1,4 @@
-"""The ``normdeploy`` command line: ``optimize``, ``inspect``, ``bench`` and ``gate``.
+"""The ``normdeploy`` command line: ``optimize``, ``inspect``, ``bench``, ``gate`` and ``serve``.
 
 Every command is a thin layer over :mod:`normdeploy.api`; its flags come from
 :mod:`normdeploy.options` (:mod:`.common`). Errors a user can cause print one line
@@ -12,9 +12,11 @@ import os
 
 import click
 
+from ..package import TRITON_BACKENDS
 from .bench import bench
 from .common import Progress, SectionedCommand, common_flags, errors, group_options, options_from, plain
 from .gate import gate
+from .serve import serve
 
 EXAMPLE = """
 \b
@@ -38,8 +40,12 @@ def main():
 @plain("--force", is_flag=True, section="output", help="Replace an existing non-empty output directory.")
 @plain("--triton-repo", type=click.Path(file_okay=False), default=None, section="output",
        help="Also write the model into this Triton Inference Server model repository.")
+@plain("--triton-backend", type=click.Choice(TRITON_BACKENDS), default="default", show_default=True,
+       section="output", help="Backend of the Triton entry: default = ONNX Runtime (ort-*) or TensorRT (trt-* "
+       "engines), as NGC's tritonserver images serve them; python = the ONNX model on ONNX Runtime in Triton's "
+       "Python backend, which PyPI's tritonserver (nvidia-pytriton) serves on CPU (`normdeploy serve`).")
 @common_flags
-def optimize(model, out, force, triton_repo, as_json, debug, **values):
+def optimize(model, out, force, triton_repo, triton_backend, as_json, debug, **values):
     """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
     from .. import api, package, pipeline
     from ..core.errors import InputError
@@ -50,14 +56,15 @@ def optimize(model, out, force, triton_repo, as_json, debug, **values):
         package.check_writable(out, force)
         pipeline.resolve_target(opts)  # a missing GPU or TensorRT is said before any work
         if triton_repo:
-            if opts.trt.lower_only:
+            if opts.trt.lower_only and triton_backend != "python":
                 raise InputError("--triton-repo with --lower-only: the lowered model has TensorRT plugin nodes that "
-                                 "no Triton backend serves", "build the engine on a GPU host (drop --lower-only)")
+                                 "no Triton backend serves", "build the engine on a GPU host (drop --lower-only), "
+                                 "or pass --triton-backend python")
             package.check_writable(triton_repo, force=True)
         with Progress(not as_json) as progress:
             result = api.optimize(model, options=opts, progress=progress)
             progress("write", None)
-            path = result.save(out, force=force, triton_repo=triton_repo)
+            path = result.save(out, force=force, triton_repo=triton_repo, triton_backend=triton_backend)
         report = package.jsonable(result.report)
         if as_json:
             click.echo(json.dumps({"out": path, **report}, indent=2))
@@ -129,6 +136,7 @@ def inspect(model, as_json, debug, **values):
 
 main.add_command(bench)
 main.add_command(gate)
+main.add_command(serve)
 
 
 if __name__ == "__main__":

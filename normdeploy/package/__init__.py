@@ -12,9 +12,14 @@ import os
 import shutil
 import tempfile
 
-from ..core.errors import InputError
+from ..core.errors import InputError, UnsupportedError
 from ..core.graph import save_model
-from .triton import model_name, write_repository
+from .files import mkdtemp
+from .triton import EntryError, check_entry, model_name, plan_entry, write_repository
+
+#: ``--triton-backend``: "default" is ONNX Runtime for ort-* targets and TensorRT where an engine was
+#: built; "python" serves the ONNX model with ONNX Runtime from Triton's Python backend (PyPI's tritonserver)
+TRITON_BACKENDS = ("default", "python")
 
 
 def check_writable(out: str, force: bool) -> None:
@@ -33,18 +38,27 @@ def check_writable(out: str, force: bool) -> None:
                          "choose a --out you can write to") from None
 
 
-def write(out: str, result, force: bool = False, name: str | None = None, triton_repo: str | None = None) -> str:
-    """Write the output directory; with ``triton_repo``, also the model's entry in that repository."""
+def write(out: str, result, force: bool = False, name: str | None = None, triton_repo: str | None = None,
+          triton_backend: str = "default") -> str:
+    """Write the output directory; with ``triton_repo``, also the model's entry in that repository.
+
+    The Triton entry is planned and checked (:func:`normdeploy.package.triton.check_entry`) before
+    anything is written; its summary goes into ``report.json`` as ``triton``.
+    """
     check_writable(out, force)
     name = name or model_name(os.path.splitext(os.path.basename(result.report["input"]["path"]))[0])
-    if triton_repo and _triton_entry_args(result) is None:
+    entry = triton_entry_args(result, triton_backend)
+    if triton_repo and entry is None:
         raise InputError("--triton-repo: a trt-* model written with --lower-only has plugin nodes that no Triton "
-                         "backend serves", "build the engine on a GPU host (drop --lower-only), or use --target ort-cpu")
+                         "backend serves", "build the engine on a GPU host (drop --lower-only), pass "
+                         "--triton-backend python, or use --target ort-cpu")
+    if entry is not None:
+        result.report["triton"] = _checked_summary(name, entry)
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        _write_all(tmp, result, name)
+        _write_all(tmp, result, name, entry)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "x"))
@@ -60,25 +74,66 @@ def write(out: str, result, force: bool = False, name: str | None = None, triton
         raise
     if triton_repo:
         os.makedirs(triton_repo, exist_ok=True)
-        write_repository(triton_repo, name, result.optimized, **_triton_entry_args(result))
+        write_repository(triton_repo, name, **entry)
     return out
 
 
-def _triton_entry_args(result) -> dict | None:
-    """How Triton serves this result: a TensorRT plan, ONNX Runtime, or (lower-only trt models) not at all."""
-    target = result.report["target"]
-    batch_range = result.report.get("batch_range")
-    args = {"max_batch_size": batch_range[2] if batch_range else 64}
-    if batch_range:
-        args["preferred_batch_sizes"] = [batch_range[1]]
+def triton_entry_args(result, backend: str = "default") -> dict | None:
+    """How Triton serves this result (``write_repository``'s arguments), or None where no backend can.
+
+    default: a TensorRT plan with the optimization profile it was built with (``max_batch_size``
+    and dims from that profile, the TensorRT version it needs as a parameter), ONNX Runtime for
+    ort-* targets, nothing for ``--lower-only`` trt-* models (their plugin nodes run nowhere but
+    in an engine). python: the ONNX model (trt-*: plugin ops as function bodies) on ONNX Runtime
+    in Triton's Python backend, for every target.
+    """
+    if backend not in TRITON_BACKENDS:
+        raise InputError(f"--triton-backend {backend!r} is unknown", f"use one of {', '.join(TRITON_BACKENDS)}")
+    report = result.report
+    target = report["target"]
+    batch_range = report.get("batch_range")
+    args = {"preferred_batch_sizes": [batch_range[1]] if batch_range else None}
+    if backend == "python":
+        from .triton_python import served_onnx
+
+        return {**args, "model": served_onnx(result.optimized, target), "backend": "python",
+                "max_batch_size": batch_range[2] if batch_range else None}
     if result.plan is not None:
-        return {**args, "artifact": result.plan}
+        engine = report.get("engine") or {}
+        profiles = engine.get("profiles") or []
+        params = {"tensorrt_version": engine["tensorrt_version"]} if engine.get("tensorrt_version") else {}
+        return {**args, "model": result.optimized, "artifact": result.plan, "backend": "tensorrt",
+                "profile": profiles[0] if profiles else [], "parameters": params}
     if target.startswith("trt-"):
         return None
-    return {**args, "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
+    return {**args, "model": result.optimized, "backend": "onnxruntime",
+            "max_batch_size": batch_range[2] if batch_range else None,
+            "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
 
 
-def _write_all(d: str, result, name: str) -> None:
+def _checked_summary(name: str, entry: dict) -> dict:
+    """The entry as report.json shows it; raises the one-line error for an entry Triton would refuse."""
+    keys = ("max_batch_size", "instance_kind", "profile", "preferred_batch_sizes", "parameters")
+    plan_args = {k: entry[k] for k in keys if k in entry}
+    if entry["backend"] == "python":
+        from .triton_python import entry_parameters
+
+        plan_args["parameters"] = entry_parameters()
+    try:
+        planned = plan_entry(entry["model"], name, entry["backend"], **plan_args)
+        check_entry(planned, entry["model"], entry.get("profile"))
+    except EntryError as e:
+        hint = ("serve it with --triton-backend default, or pass --io-dtype fp32" if "bfloat16" in str(e)
+                else "report it with the model; --triton-backend python serves the ONNX model instead")
+        raise UnsupportedError(f"cannot write a Triton entry the server would load: {e}", hint) from None
+    summary = planned.to_json()
+    if entry["backend"] == "tensorrt":
+        summary["tensorrt_version"] = entry["parameters"].get("tensorrt_version")
+        summary["engine_profile"] = entry.get("profile")
+    return summary
+
+
+def _write_all(d: str, result, name: str, entry: dict | None) -> None:
     save_model(result.original_model, os.path.join(d, "original.onnx"))
     save_model(result.optimized_model, os.path.join(d, "model.onnx"))
     if result.plan is not None:
@@ -94,10 +149,9 @@ def _write_all(d: str, result, name: str) -> None:
         from ..bench.plot import plot
 
         plot(result.bench, os.path.join(d, "latency.png"), f"{name}: original vs optimized vs floor ({report['target']})")
-    entry = _triton_entry_args(result)
     if entry is not None:
         os.makedirs(os.path.join(d, "triton"))
-        write_repository(os.path.join(d, "triton"), name, result.optimized, **entry)
+        write_repository(os.path.join(d, "triton"), name, **entry)
 
 
 def jsonable(x):
@@ -163,6 +217,14 @@ def render_markdown(r: dict) -> str:
         if pa:
             lines.append(f"against the fp32 lowering: max abs {_fmt(pa.get('max_abs_err'))}, max rel "
                          f"{_fmt(pa.get('max_rel_err'))}; largest error arises at `{(pa.get('origin') or {}).get('node')}`")
+    if r.get("triton"):
+        t = r["triton"]
+        lines += ["", "## Triton Inference Server entry", "",
+                  f"`triton/{t['name']}`: backend {t['backend']}, max_batch_size {t['max_batch_size']}, dynamic "
+                  f"batching {'on' if t['dynamic_batching'] else 'off'}"
+                  + (f" (preferred {t['preferred_batch_sizes']})" if t["preferred_batch_sizes"] else "")
+                  + ", inputs " + ", ".join(f"`{k}` {v}" for k, v in t["inputs"].items())
+                  + (f"; the engine needs TensorRT {t['tensorrt_version']}" if t.get("tensorrt_version") else "")]
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"

@@ -3,15 +3,31 @@
 Layout Triton loads::
 
     <repo>/<name>/config.pbtxt
-    <repo>/<name>/1/model.onnx      (backend "onnxruntime")
-    <repo>/<name>/1/model.plan      (backend "tensorrt")
+    <repo>/<name>/1/model.onnx               (backend "onnxruntime")
+    <repo>/<name>/1/model.plan               (backend "tensorrt")
+    <repo>/<name>/1/model.py + model.onnx    (backend "python": :mod:`.triton_python`)
 
-``config.pbtxt`` is text-format ``inference.ModelConfig``. With a dynamic first axis the
-model is batchable: ``max_batch_size`` > 0, dims exclude the batch axis, and dynamic
-batching is on. Otherwise ``max_batch_size: 0`` and dims are the full shape. Other
-dynamic axes are ``-1``. A TensorRT engine's ``max_batch_size`` must not exceed the MAX of
-its optimization profile (``--batch MIN:OPT:MAX``); :func:`write_repository` takes it
-from there.
+``config.pbtxt`` is text-format ``inference.ModelConfig``. Batching follows what the served
+artifact accepts:
+
+* ONNX (ONNX Runtime and Python backends): the model is batchable when every input and
+  output has a dynamic first axis; then ``max_batch_size`` > 0, dims exclude the batch axis
+  and dynamic batching is on. Otherwise ``max_batch_size: 0`` and dims are the full shape.
+  Other dynamic axes are ``-1``.
+* TensorRT: the engine accepts what its optimization profile (profile 0, the one Triton
+  uses by default) allows. Batching needs a dynamic first axis everywhere and a profile
+  whose batch starts at 1 (the dynamic batcher forms any batch from 1 up); then
+  ``max_batch_size`` is the profile's MAX batch (Triton's ``tensorrt_backend`` refuses a
+  larger one: "configuration specified max-batch X but TensorRT engine only supports
+  max-batch Y"). An axis the profile fixes (MIN == MAX) has that size in the dims, one it
+  leaves open is ``-1``. A fixed-batch profile (``--input`` batch B without ``--batch``,
+  B > 1) gives ``max_batch_size: 0`` and dims ``[B, ...]``.
+
+Dynamic batching is written only where ``max_batch_size`` > 1, preferred batch sizes only
+inside ``1..max_batch_size``. :func:`check_entry` holds every entry to what the server
+checks at load (names, types, ranks and sizes against the model or the engine profile,
+batching, instance kinds, scalars) and :func:`write_repository` refuses (:class:`EntryError`)
+what it would reject, before anything is written.
 
 The I/O signature is read from the ONNX model the artifact was built from (for a plan:
 the lowered, precision-converted ONNX, whose names and types the engine keeps).
@@ -21,18 +37,29 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 
 import onnx
+
+from .files import mkdtemp
 
 _TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
     onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32",
     onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
-#: backend -> default model file name in the version directory
-MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+#: backend -> the file Triton loads from the version directory (the Python backend's model.py
+#: loads model.onnx beside it)
+MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
+#: instance kinds each backend can run (TensorRT: "does not support KIND_CPU at all"; normdeploy's
+#: model.py runs ONNX Runtime's CPU provider)
+BACKEND_KINDS = {"onnxruntime": INSTANCE_KINDS, "tensorrt": ("KIND_GPU",), "python": ("KIND_CPU",)}
+DEFAULT_MAX_BATCH = 64
+
+
+class EntryError(ValueError):
+    """An entry Triton Inference Server would refuse to load; the message says why."""
 
 
 def model_name(text: str) -> str:
@@ -56,48 +83,226 @@ def is_batchable(model: onnx.ModelProto) -> bool:
     return all(_dims(v) and _dims(v)[0] == -1 for v in inputs + outputs)
 
 
-def config_pbtxt(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", max_batch_size: int = 64,
-                 instance_kind: str = "KIND_CPU", instances: int = 1, *, dynamic_batching: bool = True,
-                 preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
-                 gpus: list[int] | None = None) -> str:
-    """The text of ``config.pbtxt`` for ``model`` served by ``backend`` ("onnxruntime" | "tensorrt")."""
+def profile_shapes(profile) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """``{input: (min, opt, max)}`` of an engine profile: a :class:`normdeploy.build.trt.Profile`, its
+    JSON form (``BuildInfo.profiles[0]``, ``{input: {"min", "opt", "max"}}``), a list of those (the
+    first counts), or None / [] (no profile, a static engine: {})."""
+    if isinstance(profile, (list, tuple)):  # all the engine's profiles: Triton uses profile 0 unless told otherwise
+        profile = profile[0] if profile else None
+    if not profile:
+        return {}
+    shapes = getattr(profile, "shapes", profile)
+    out = {}
+    for name, s in shapes.items():
+        lo, opt, hi = (s["min"], s["opt"], s["max"]) if isinstance(s, dict) else s
+        out[name] = (list(lo), list(opt), list(hi))
+    return out
+
+
+# ----------------------------------------------------------------------------- the entry
+
+@dataclass
+class Tensor:
+    """One ``input``/``output`` of config.pbtxt."""
+
+    name: str
+    data_type: str
+    dims: list[int]
+    reshape: list[int] | None = None  # [] for a scalar per request of a batching model
+
+    def to_pbtxt(self) -> str:
+        reshape = "" if self.reshape is None else f"\n    reshape: {{ shape: [ {', '.join(map(str, self.reshape))} ] }}"
+        return (f'  {{\n    name: "{self.name}"\n    data_type: {self.data_type}\n'
+                f'    dims: [ {", ".join(map(str, self.dims))} ]{reshape}\n  }}')
+
+
+@dataclass
+class Entry:
+    """What ``config.pbtxt`` says; :meth:`to_pbtxt` is its text, :meth:`to_json` its summary in report.json."""
+
+    name: str
+    backend: str
+    max_batch_size: int
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    dynamic_batching: bool = False
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_delay_us: int | None = None
+    instance_kind: str = "KIND_CPU"
+    instances: int = 1
+    gpus: list[int] | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def to_pbtxt(self) -> str:
+        lines = [f'name: "{self.name}"', f'backend: "{self.backend}"', f"max_batch_size: {self.max_batch_size}",
+                 "input [\n" + ",\n".join(t.to_pbtxt() for t in self.inputs) + "\n]",
+                 "output [\n" + ",\n".join(t.to_pbtxt() for t in self.outputs) + "\n]"]
+        if self.dynamic_batching:
+            body = []
+            if self.preferred_batch_sizes:
+                body.append(f"  preferred_batch_size: [ {', '.join(map(str, self.preferred_batch_sizes))} ]")
+            if self.max_queue_delay_us is not None:
+                body.append(f"  max_queue_delay_microseconds: {int(self.max_queue_delay_us)}")
+            lines.append("dynamic_batching {\n" + "\n".join(body) + "\n}" if body else "dynamic_batching { }")
+        group = [f"    count: {self.instances}", f"    kind: {self.instance_kind}"]
+        if self.gpus and self.instance_kind == "KIND_GPU":
+            group.append(f"    gpus: [ {', '.join(map(str, self.gpus))} ]")
+        lines.append("instance_group [\n  {\n" + "\n".join(group) + "\n  }\n]")
+        lines += [f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}'
+                  for k, v in self.parameters.items()]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "max_batch_size": self.max_batch_size,
+                "dynamic_batching": self.dynamic_batching, "preferred_batch_sizes": list(self.preferred_batch_sizes),
+                "inputs": {t.name: t.dims for t in self.inputs}, "outputs": {t.name: t.dims for t in self.outputs},
+                "instance_kind": self.instance_kind, "instances": self.instances, "parameters": dict(self.parameters)}
+
+
+def plan_entry(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", max_batch_size: int | None = None,
+               instance_kind: str | None = None, instances: int = 1, *, profile=None, dynamic_batching: bool = True,
+               preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
+               gpus: list[int] | None = None, parameters: dict[str, str] | None = None) -> Entry:
+    """The entry serving ``model`` (or the engine built from it with ``profile``) with ``backend``.
+
+    ``max_batch_size`` None: 64 for ONNX, the profile's MAX batch for an engine; a model
+    that cannot batch gets 0 whatever is asked. Not checked here: see :func:`check_entry`.
+    """
     if backend not in MODEL_FILES:
         raise ValueError(f"unknown Triton backend {backend!r}; use one of {', '.join(MODEL_FILES)}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise ValueError(f"unknown instance kind {instance_kind!r}; use one of {', '.join(INSTANCE_KINDS)}")
+    kind = instance_kind or ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
+    if kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance kind {kind!r}; use one of {', '.join(INSTANCE_KINDS)}")
     inputs, outputs = _signature(model)
-    batchable = is_batchable(model) and max_batch_size > 0
-    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {max_batch_size if batchable else 0}"]
+    shapes = profile_shapes(profile) if backend == "tensorrt" else {}
+    batchable = is_batchable(model)
+    if shapes:
+        batchable = batchable and all(n.name in shapes and shapes[n.name][0][:1] == [1] for n in inputs)
+        default_max = min(shapes[n.name][2][0] for n in inputs) if batchable else 0
+    else:
+        default_max = DEFAULT_MAX_BATCH
+    mbs = (default_max if max_batch_size is None else int(max_batch_size)) if batchable else 0
+    batching = mbs > 0
 
-    def tensor(vi: onnx.ValueInfoProto) -> str:
-        dims = _dims(vi)[1:] if batchable else _dims(vi)
+    def tensor(vi: onnx.ValueInfoProto, is_input: bool) -> Tensor:
+        dims = _dims(vi)
+        if is_input and vi.name in shapes and len(shapes[vi.name][0]) == len(dims):
+            lo, _, hi = shapes[vi.name]
+            dims = [a if a == b else -1 for a, b in zip(lo, hi)]  # what the profile fixes, else open
+        dims = dims[1:] if batching else dims
         dtype = _TYPES.get(vi.type.tensor_type.elem_type)
         if dtype is None:
-            raise ValueError(f"tensor {vi.name} has a type Triton cannot serve")
-        if not dims:  # a scalar per request: Triton wants at least one dim
-            dims = [1]
-            reshape = "\n    reshape: { shape: [ ] }"
-        else:
-            reshape = ""
-        shown = ", ".join(map(str, dims))
-        return f'  {{\n    name: "{vi.name}"\n    data_type: {dtype}\n    dims: [ {shown} ]{reshape}\n  }}'
+            raise EntryError(f"tensor {vi.name} has ONNX type {vi.type.tensor_type.elem_type}, which Triton "
+                             "cannot serve")
+        if not dims:  # Triton wants at least one dim
+            # batching: a scalar per request is [1] reshaped to []; not batching: Triton's core refuses an
+            # empty reshape ("scalar tensors are not supported"), and the ONNX backends take [1] for a scalar
+            return Tensor(vi.name, dtype, [1], [] if batching else None)
+        return Tensor(vi.name, dtype, dims)
 
-    lines.append("input [\n" + ",\n".join(tensor(v) for v in inputs) + "\n]")
-    lines.append("output [\n" + ",\n".join(tensor(v) for v in outputs) + "\n]")
-    if batchable and dynamic_batching:
-        body = []
-        preferred = [b for b in (preferred_batch_sizes or []) if 0 < b <= max_batch_size]
-        if preferred:
-            body.append(f"  preferred_batch_size: [ {', '.join(map(str, sorted(set(preferred))))} ]")
-        if max_queue_delay_us is not None:
-            body.append(f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}")
-        lines.append("dynamic_batching {\n" + "\n".join(body) + ("\n" if body else "") + "}" if body
-                     else "dynamic_batching { }")
-    group = [f"    count: {instances}", f"    kind: {instance_kind}"]
-    if gpus and instance_kind == "KIND_GPU":
-        group.append(f"    gpus: [ {', '.join(map(str, gpus))} ]")
-    lines.append("instance_group [\n  {\n" + "\n".join(group) + "\n  }\n]")
-    return "\n".join(lines) + "\n"
+    dyn = bool(dynamic_batching and mbs > 1)
+    preferred = sorted({int(b) for b in (preferred_batch_sizes or []) if 0 < int(b) <= mbs}) if dyn else []
+    return Entry(name, backend, mbs, [tensor(v, True) for v in inputs], [tensor(v, False) for v in outputs],
+                 dyn, preferred, max_queue_delay_us if dyn else None, kind, int(instances), gpus,
+                 dict(parameters or {}))
+
+
+def check_entry(entry: Entry, model: onnx.ModelProto, profile=None) -> None:
+    """Raise :class:`EntryError` for what Triton Inference Server would refuse in ``entry``.
+
+    Mirrors the load-time checks of Triton's core (``model_config_utils.cc``: names,
+    dims, reshape, dynamic batching), its ONNX Runtime backend (exact inputs, types,
+    dims against the model, a dynamic first axis for batching) and its TensorRT backend
+    (KIND_GPU, ``max_batch_size`` within the profile's MAX batch, dims within the profile),
+    plus what normdeploy's Python-backend model.py needs (KIND_CPU, numpy types: no BF16).
+    """
+    def fail(why: str):
+        raise EntryError(f"Triton entry {entry.name!r} ({entry.backend}): {why}")
+
+    if entry.name != model_name(entry.name):
+        fail(f"the name is not Triton-safe; use {model_name(entry.name)!r}")
+    if entry.backend not in MODEL_FILES:
+        fail(f"unknown backend; use one of {', '.join(MODEL_FILES)}")
+    if entry.instance_kind not in BACKEND_KINDS[entry.backend]:
+        kinds = ", ".join(BACKEND_KINDS[entry.backend])
+        fail(f"instance kind {entry.instance_kind} is not one the backend runs ({kinds})")
+    if entry.instances < 1:
+        fail("an instance group needs count >= 1")
+    mbs = entry.max_batch_size
+    if mbs < 0:
+        fail(f"max_batch_size {mbs} is negative")
+    inputs, outputs = _signature(model)
+    if [t.name for t in entry.inputs] != [v.name for v in inputs]:
+        fail(f"inputs {[t.name for t in entry.inputs]} are not the model's inputs {[v.name for v in inputs]}")
+    model_outputs = {v.name: v for v in outputs}
+    unknown = [t.name for t in entry.outputs if t.name not in model_outputs]
+    if unknown or not entry.outputs:
+        fail(f"outputs {unknown or '[]'} are not outputs of the model ({', '.join(model_outputs)})")
+    shapes = profile_shapes(profile) if entry.backend == "tensorrt" else {}
+    by_name = {v.name: v for v in inputs + outputs}
+    for t in entry.inputs + entry.outputs:
+        vi = by_name[t.name]
+        want = _TYPES.get(vi.type.tensor_type.elem_type)
+        if t.data_type != want:
+            fail(f"tensor {t.name} is {t.data_type} in the config but {want} in the model")
+        if entry.backend == "python" and t.data_type == "TYPE_BF16":
+            fail(f"tensor {t.name} is bfloat16, which the Python backend's numpy cannot hold")
+        if not t.dims or any(d == 0 or d < -1 for d in t.dims):
+            fail(f"tensor {t.name} has dims {t.dims}: each dim must be positive or -1, and there must be one")
+        model_dims = _dims(vi)
+        if mbs > 0:
+            if not model_dims or model_dims[0] != -1:
+                fail(f"max_batch_size {mbs} but the first axis of {t.name} ({model_dims}) is not a dynamic batch axis")
+            model_dims = model_dims[1:]
+        if t.reshape is not None:
+            if mbs == 0 and not t.reshape:
+                fail(f"tensor {t.name}: an empty reshape on a model that does not batch (Triton: scalar tensors "
+                     "are not supported)")
+            shown = t.reshape
+        elif not model_dims and t.dims == [1] and entry.backend != "tensorrt":
+            continue  # an ONNX scalar, given as [1] (ONNX Runtime backend, model.py)
+        else:
+            shown = t.dims
+        if len(shown) != len(model_dims) or any(m != -1 and d != -1 and m != d for m, d in zip(model_dims, shown)):
+            fail(f"tensor {t.name} has dims {t.dims} in the config but the model expects "
+                 f"{model_dims} {'after the batch axis' if mbs > 0 else ''}".rstrip())
+        if t.name in shapes and t in entry.inputs:
+            lo, _, hi = shapes[t.name]
+            off = 1 if mbs > 0 else 0
+            if len(lo) != len(shown) + off:
+                fail(f"input {t.name}: the engine profile has rank {len(lo)}, the config {len(shown) + off}")
+            for axis, d in enumerate(shown):
+                if d != -1 and not lo[axis + off] <= d <= hi[axis + off]:
+                    fail(f"input {t.name}: dim {d} lies outside the engine profile's "
+                         f"{lo[axis + off]}..{hi[axis + off]} on axis {axis + off}")
+    if entry.backend == "tensorrt" and shapes:
+        missing = [v.name for v in inputs if v.name not in shapes]
+        if missing:
+            fail(f"the engine profile has no shapes for {', '.join(missing)}")
+        engine_max = min(shapes[v.name][2][0] for v in inputs)
+        if mbs > engine_max:
+            fail(f"configuration specified max-batch {mbs} but TensorRT engine only supports max-batch {engine_max} "
+                 "(its profile's MAX batch)")
+        if mbs > 0 and any(shapes[v.name][0][0] != 1 for v in inputs):
+            fail(f"the engine profile starts at batch {min(shapes[v.name][0][0] for v in inputs)}, but with "
+                 f"max_batch_size {mbs} Triton sends batches from 1")
+    elif entry.backend == "tensorrt" and mbs > 0 and profile is not None:
+        fail(f"max_batch_size {mbs} but the engine has fixed shapes (no optimization profile)")
+    if entry.dynamic_batching and mbs < 1:
+        fail("dynamic batching on a model that does not batch (max_batch_size 0)")
+    bad = [b for b in entry.preferred_batch_sizes if not 0 < b <= mbs]
+    if bad:
+        fail(f"preferred batch sizes {bad} lie outside 1..max_batch_size {mbs}")
+
+
+def config_pbtxt(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", max_batch_size: int | None = None,
+                 instance_kind: str = "KIND_CPU", instances: int = 1, *, profile=None, dynamic_batching: bool = True,
+                 preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
+                 gpus: list[int] | None = None, parameters: dict[str, str] | None = None) -> str:
+    """The text of ``config.pbtxt`` for ``model`` served by ``backend`` (see :func:`plan_entry`)."""
+    return plan_entry(model, name, backend, max_batch_size, instance_kind, instances, profile=profile,
+                      dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
+                      max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=parameters).to_pbtxt()
 
 
 def parse_config(text: str):
@@ -108,37 +313,84 @@ def parse_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+def _check_schema(text: str) -> None:
+    try:  # validate against Triton's schema when tritonclient is installed
+        parse_config(text)
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------- writing
+
+def save_onnx(model: onnx.ModelProto, path: str) -> None:
+    """``onnx.save``; models over 2 GB keep their weights in ``<file>.data`` beside it."""
+    if model.ByteSize() > 1_800_000_000:
+        onnx.save(model, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    else:
+        onnx.save(model, path)
+
+
 def write_repository(repo_dir: str, name: str, model: onnx.ModelProto, artifact: bytes | str | None = None,
-                     backend: str | None = None, *, max_batch_size: int = 64, instance_kind: str | None = None,
-                     instances: int = 1, version: int = 1, dynamic_batching: bool = True,
-                     preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
-                     gpus: list[int] | None = None, replace: bool = True) -> str:
-    """Write ``<repo_dir>/<name>/config.pbtxt`` and ``<repo_dir>/<name>/<version>/model.(onnx|plan)``.
+                     backend: str | None = None, *, max_batch_size: int | None = None, profile=None,
+                     instance_kind: str | None = None, instances: int = 1, version: int = 1,
+                     dynamic_batching: bool = True, preferred_batch_sizes: list[int] | None = None,
+                     max_queue_delay_us: int | None = None, gpus: list[int] | None = None,
+                     parameters: dict[str, str] | None = None, intra_op_threads: int = 1,
+                     replace: bool = True) -> str:
+    """Write ``<repo_dir>/<name>/config.pbtxt`` and ``<repo_dir>/<name>/<version>/model.*``.
 
     ``model`` gives the I/O signature and is itself the served file for the "onnxruntime"
-    backend; for "tensorrt", ``artifact`` is the serialized engine (bytes or a path to
-    ``model.plan``). ``backend`` defaults to "tensorrt" when an artifact is given.
-    Instances default to KIND_GPU for TensorRT and KIND_CPU for ONNX Runtime.
+    and "python" backends (the Python backend runs it with ONNX Runtime: :mod:`.triton_python`,
+    ``intra_op_threads`` per instance); for "tensorrt", ``artifact`` is the serialized
+    engine (bytes or a path to ``model.plan``) and ``profile`` the optimization profile it
+    was built with. ``backend`` defaults to "tensorrt" when an artifact is given.
 
-    All or nothing: the entry is assembled in a temporary directory beside ``repo_dir`` and
-    renamed into place; an existing entry of that name is replaced only when ``replace``.
+    The entry is checked (:func:`check_entry`) before anything is written; an entry the
+    server would refuse raises :class:`EntryError`. All or nothing: the entry is assembled
+    in a temporary directory beside ``repo_dir`` and renamed into place; an existing entry
+    of that name is replaced only when ``replace``. Directories get the umask's mode.
     Returns the entry's path.
     """
     backend = backend or ("tensorrt" if artifact is not None else "onnxruntime")
+    if backend not in MODEL_FILES:
+        raise ValueError(f"unknown Triton backend {backend!r}; use one of {', '.join(MODEL_FILES)}")
     if backend == "tensorrt" and artifact is None:
         raise ValueError("the tensorrt backend serves a plan: pass the engine as artifact")
     if name != model_name(name):
         raise ValueError(f"model name {name!r} is not Triton-safe; use {model_name(name)!r}")
     if version < 1:
         raise ValueError("Triton model versions start at 1")
-    kind = instance_kind or ("KIND_GPU" if backend == "tensorrt" else "KIND_CPU")
-    text = config_pbtxt(model, name, backend, max_batch_size, kind, instances, dynamic_batching=dynamic_batching,
-                        preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us, gpus=gpus)
-    try:  # validate against Triton's schema when tritonclient is installed
-        parse_config(text)
-    except ImportError:
-        pass
+    params = dict(parameters or {})
+    if backend == "python":
+        from .triton_python import entry_parameters
 
+        params = {**entry_parameters(intra_op_threads), **params}
+    entry = plan_entry(model, name, backend, max_batch_size, instance_kind, instances, profile=profile,
+                       dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
+                       max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=params)
+    check_entry(entry, model, profile)
+    text = entry.to_pbtxt()
+    _check_schema(text)
+
+    def fill(vdir: str) -> None:
+        if backend == "tensorrt":
+            target = os.path.join(vdir, MODEL_FILES[backend])
+            if isinstance(artifact, (bytes, bytearray, memoryview)):
+                with open(target, "wb") as f:
+                    f.write(bytes(artifact))
+            else:
+                shutil.copyfile(artifact, target)
+            return
+        save_onnx(model, os.path.join(vdir, "model.onnx"))
+        if backend == "python":
+            from .triton_python import write_model_py
+
+            write_model_py(vdir)
+
+    return _write_entry(repo_dir, name, version, text, fill, replace)
+
+
+def _write_entry(repo_dir: str, name: str, version: int, text: str, fill, replace: bool) -> str:
     repo_dir = os.path.abspath(repo_dir)
     os.makedirs(repo_dir, exist_ok=True)
     final = os.path.join(repo_dir, name)
@@ -146,28 +398,18 @@ def write_repository(repo_dir: str, name: str, model: onnx.ModelProto, artifact:
         raise FileExistsError(f"{final} exists")
     try:  # beside the repository, so Triton's repository poller never sees a half-written entry
         scratch = os.path.dirname(repo_dir)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
+        tmp = mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
     except OSError:  # parent not writable: a hidden directory inside the repository
         scratch = repo_dir
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
+        tmp = mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
     try:
         vdir = os.path.join(tmp, str(version))
         os.makedirs(vdir)
-        target = os.path.join(vdir, MODEL_FILES[backend])
-        if backend == "onnxruntime":
-            if model.ByteSize() > 1_800_000_000:
-                onnx.save(model, target, save_as_external_data=True, location="model.onnx.data")
-            else:
-                onnx.save(model, target)
-        elif isinstance(artifact, (bytes, bytearray, memoryview)):
-            with open(target, "wb") as f:
-                f.write(bytes(artifact))
-        else:
-            shutil.copyfile(artifact, target)
+        fill(vdir)
         with open(os.path.join(tmp, "config.pbtxt"), "w") as f:
             f.write(text)
         if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=scratch)
+            old = mkdtemp(prefix=f".{name}.old-", dir=scratch)
             os.rename(final, os.path.join(old, name))
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

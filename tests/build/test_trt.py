@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto as TP
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from normdeploy.build import trt as trt_build
 from normdeploy.build.trt import (
@@ -166,9 +166,19 @@ def test_build_without_tensorrt_fails_in_one_line(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- the builder's calls, recorded
 
-def _fake_tensorrt(version: str, calls: list, parse_ok: bool = True, cache_matches: bool = True):
+def _fake_tensorrt(version: str, calls: list, parse_ok: bool = True, cache_matches: bool = True,
+                   plan_is_onnx: bool = False, plan_is_path: bool = False):
+    """A stand-in for the tensorrt module that records the builder's calls in ``calls``.
+
+    ``plan_is_onnx``: the "engine" it builds is the ONNX bytes it parsed, so a stand-in
+    runner can execute it on ONNX Runtime (tests/package/test_triton.py). ``plan_is_path``:
+    the "engine" is ``b"PLAN:" + path + b"\\n" + bytes`` of the file it parsed (which may keep
+    its weights in external data beside it; tests/build/test_trt_pipeline.py).
+    """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    parsed: list[bytes] = []
+    paths: list[str] = []
 
     class Logger:
         WARNING, INFO = 2, 3
@@ -239,7 +249,9 @@ def _fake_tensorrt(version: str, calls: list, parse_ok: bool = True, cache_match
 
         def build_serialized_network(self, network, config):
             calls.append(("build", network))
-            return b"PLAN-BYTES"
+            if plan_is_path:
+                return b"PLAN:" + paths[-1].encode() + b"\n" + parsed[-1]
+            return parsed[-1] if plan_is_onnx else b"PLAN-BYTES"
 
     class Error:
         def desc(self):
@@ -257,6 +269,10 @@ def _fake_tensorrt(version: str, calls: list, parse_ok: bool = True, cache_match
 
         def parse(self, data, path=None):
             calls.append(("parse", len(data), path))
+            if path:
+                calls.append(("parse_dir", sorted(os.listdir(os.path.dirname(path)))))
+                paths.append(path)
+            parsed.append(bytes(data))
             if not parse_ok:
                 self.num_errors = 2
             return parse_ok
@@ -342,9 +358,133 @@ def test_ort_providers():
         ort_providers("ort-cpu")
 
 
-def test_percentiles():
-    stats = trt_build.percentiles([1.0] * 90 + [2.0] * 9 + [10.0])
-    assert stats["p50_ms"] == 1.0 and stats["p90_ms"] == pytest.approx(1.1, abs=0.2) and stats["runs"] == 100
+def test_percentiles_as_trtexec_reports_them():
+    stats = trt_build.percentiles([1.0] * 90 + [2.0] * 9 + [10.0], batch=8)
+    assert stats["p50_ms"] == 1.0 and stats["runs"] == 100 and stats["min_ms"] == 1.0 and stats["max_ms"] == 10.0
+    # nearest rank, as trtexec: of n sorted, index n - 1 - floor((1 - p/100) n)
+    assert stats["p90_ms"] == 1.0 and stats["p95_ms"] == 2.0 and stats["p99_ms"] == 10.0  # float32 arithmetic
+    assert stats["mean_ms"] == pytest.approx(1.18) and stats["throughput_per_s"] == 8000.0
+    assert trt_build.percentiles([3.0, 1.0])["p50_ms"] == 2.0  # the median of an even count: the middle two
+    assert trt_build.percentiles(list(range(1, 11)))["p99_ms"] == 10 and \
+        trt_build.percentiles(list(range(1, 11)))["p90_ms"] == 9
+    assert (trt_build.TRTEXEC_WARMUP_MS, trt_build.TRTEXEC_DURATION_S, trt_build.TRTEXEC_PERCENTILES) == \
+        (200.0, 3.0, (90, 95, 99))
+
+
+def test_batch_chunks():
+    assert trt_build.batch_chunks(4, 1, 8) == [(0, 4, 0)]
+    assert trt_build.batch_chunks(4, 1, 1) == [(0, 1, 0), (1, 2, 0), (2, 3, 0), (3, 4, 0)]
+    assert trt_build.batch_chunks(64, 1, 16)[-1] == (48, 64, 0)
+    assert trt_build.batch_chunks(10, 4, 4) == [(0, 4, 0), (4, 8, 0), (8, 10, 2)]  # padded to the profile's min
+    assert trt_build.batch_chunks(2, 4, 8) == [(0, 2, 2)]
+    with pytest.raises(ValueError):
+        trt_build.batch_chunks(3, 4, 2)
+
+
+class _Profiled:
+    """An EngineRunner's batch handling without an engine: a profile of 2..4, outputs = inputs * 2."""
+
+    input_names, output_names = ["x"], ["y"]
+
+    def __init__(self):
+        self.batches = []
+
+    def batch_range(self):
+        return 2, 4
+
+    def run(self, feed):
+        assert 2 <= feed["x"].shape[0] <= 4
+        self.batches.append(feed["x"].shape[0])
+        return [feed["x"] * 2]
+
+
+def test_run_in_profile_splits_and_pads():
+    r = _Profiled()
+    x = np.arange(9, dtype=np.float32).reshape(9, 1)
+    (y,) = trt_build.EngineRunner.run_in_profile(r, {"x": x})
+    assert np.array_equal(y, x * 2) and r.batches == [4, 4, 2]  # the last sample padded to the minimum of 2
+    (y,) = trt_build.in_profile(r).run({"x": x[:3]})
+    assert np.array_equal(y, x[:3] * 2) and r.batches[-1] == 3
+
+
+class _Timed:
+    def __init__(self, name, ms, order):
+        self.name, self.ms, self.order, self.bound = name, ms, order, None
+
+    def bind(self, feed):
+        self.bound = feed
+
+    def time_once(self):
+        self.order.append(self.name)
+        return self.ms
+
+
+def test_measure_interleaved_rotates_warms_up_and_times_each():
+    order: list = []
+    runners = {n: _Timed(n, ms, order) for n, ms in (("original", 2.0), ("optimized", 1.0), ("floor", 0.5))}
+    feed = {"x": np.zeros((1, 2), np.float32)}
+    times = trt_build.measure_interleaved(runners, feed, warmup_ms=10.0, duration_s=0.0, min_iterations=6)
+    assert all(r.bound is feed for r in runners.values())
+    assert {k: len(v) for k, v in times.items()} == {"original": 6, "optimized": 6, "floor": 6}
+    assert times["optimized"] == [1.0] * 6
+    warm = {"original": 5, "optimized": 10, "floor": 20}  # 10 ms of each one's GPU time first
+    timed = order[sum(warm.values()):]
+    assert order[:sum(warm.values())] == [n for n, k in warm.items() for _ in range(k)]
+    assert timed[:9] == ["original", "optimized", "floor", "optimized", "floor", "original", "floor", "original",
+                         "optimized"]  # A B C, B C A, C A B: each position shared equally
+
+
+def test_engine_tolerance():
+    assert trt_build.engine_tolerance("trt-fp16", 1e-4) == 2e-2
+    assert trt_build.engine_tolerance("trt-fp32", 1e-1) == 1e-1  # --tolerance wins when larger
+    assert trt_build.engine_tolerance("trt-bf16", 1e-4) > trt_build.engine_tolerance("trt-fp16", 1e-4)
+
+
+def test_save_onnx_uses_external_data_beyond_the_protobuf_limit(monkeypatch, tmp_path):
+    """Item 1: TensorRT's parser input is written the way package._save writes model.onnx: weights apart when
+    the protobuf would pass 2 GB (here the limit is lowered to 1 kB); the caller's model is left whole."""
+    w = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, [1, 64])], [w])
+    model = helper.make_model(g)
+    before = model.SerializeToString()
+    assert trt_build.save_onnx(model, str(tmp_path / "small.onnx")) == str(tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+    monkeypatch.setattr(trt_build, "EXTERNAL_DATA_BYTES", 1000)
+    trt_build.save_onnx(model, str(tmp_path / "big.onnx"))
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 4096 * 4
+    assert (tmp_path / "big.onnx").stat().st_size < 1000
+    assert model.SerializeToString() == before
+    back = onnx.load(str(tmp_path / "big.onnx"))
+    assert np.array_equal(numpy_helper.to_array(back.graph.initializer[0]), numpy_helper.to_array(w))
+
+
+def test_build_engine_asks_the_plugins_for_portable_kernels(monkeypatch, tmp_path):
+    """Item 4: --hardware-compat ampere+ reaches aot_impl (which cannot see the builder config) as portable
+    sm_80 PTX; what each aot_impl returned is in the build report."""
+    import contextlib
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.13.0", calls))
+    mod = _plugins_module(calls)
+
+    @contextlib.contextmanager
+    def aot_build_options(hardware_compat="none"):
+        calls.append(("aot_build_options", hardware_compat))
+        built: list = []
+        yield built
+        built.append({"plugin": "NormdeployRMSNorm", "target": "sm_80"})  # after the build: not reported
+
+    mod.aot_build_options = aot_build_options
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    info = build_engine(str(tmp_path / "m.onnx"), str(tmp_path / "m.plan"), hardware_compat="ampere+",
+                        plugins_module=mod)
+    names = [c[0] for c in calls]
+    assert ("aot_build_options", "ampere+") in calls and names.index("aot_build_options") < names.index("build")
+    assert info.hardware_compat == "ampere+" and info.plugin_kernels == []
+    info = build_engine(str(tmp_path / "m.onnx"), str(tmp_path / "m.plan"), plugins_module=mod)
+    assert calls[-2:] == [("aot_build_options", "none"), ("build", "network")]
 
 
 # ----------------------------------------------------------------------------- on a GPU host

@@ -6,8 +6,10 @@ skips and says why. What they check, on the GPU:
 * the plugin-lowered model parses (plugins found by op_type + plugin_namespace), builds as a
   strongly typed engine (fp32 and fp16), and matches ONNX Runtime on the original model
   (fp32 1e-5, fp16 1e-2 relative to the largest output);
-* the same with the PTX trimmed to TensorRT's exact parameter list, and with the 16-byte
-  alignment hints (vectorized loads), i.e. both launch-ABI choices of normdeploy.lower.plugins.trt_plugins;
+* the same with Triton's hidden scratch parameters kept in the PTX (the default deletes them), and
+  with portable sm_80 PTX (what ``--hardware-compat ampere+`` builds);
+* without TensorRT: the PTX aot_impl returns, JIT-compiled by the driver and launched with
+  ``cuLaunchKernel`` as TensorRT's AOT launch does, against the interpreter (scripts/gpu_check.sh runs this);
 * the serialized engine runs in a process that never imports normdeploy's plugins (the AOT
   kernels are inside the plan);
 * the kernels launched directly on CUDA tensors agree with the interpreter on CPU.
@@ -143,7 +145,7 @@ def test_engine_matches_onnxruntime(trt, canonical_model, dtype, tol):
         assert_matches(run_engine(trt, plan, x), ort_reference(model, x), tol, f"{dtype.__name__} batch {batch}")
 
 
-@pytest.mark.parametrize("env", ["NORMDEPLOY_TRT_TRIM_HIDDEN_PARAMS", "NORMDEPLOY_TRT_ASSUME_ALIGNED"])
+@pytest.mark.parametrize("env", ["NORMDEPLOY_TRT_KEEP_HIDDEN_PARAMS", "NORMDEPLOY_TRT_PORTABLE_PTX"])
 def test_engine_with_either_launch_abi_choice(trt, canonical_model, monkeypatch, env):
     monkeypatch.setenv(env, "1")
     model = canonical_model(np.float16)
@@ -200,3 +202,41 @@ def test_kernels_on_cuda_match_the_interpreter(cuda):
                 err = ((on_gpu - on_cpu).abs() / (on_cpu.abs() + 0.01 * on_cpu.abs().max())).max().item()
                 assert err <= tol, f"{name} {dtype} C={c}: GPU vs interpreter {err:.3g}"
 
+
+
+@pytest.mark.parametrize("trim,portable", [(True, False), (False, False), (True, True)],
+                         ids=["trimmed", "hidden-params-null", "portable-sm80"])
+def test_aot_ptx_runs_as_tensorrt_launches_it(cuda, trim, portable):
+    """No TensorRT needed: the PTX aot_impl returns for this GPU, JIT-compiled by the driver and launched with
+    cuLaunchKernel in TensorRT's argument order (inputs, int32 extras, outputs; untrimmed: null for each hidden
+    scratch pointer, as a padding TensorRT would), agrees with the same launch under the interpreter on CPU;
+    aligned and misaligned inputs, odd widths, negative float attributes, and the portable sm_80 form."""
+    torch = cuda
+    from normdeploy.lower.plugins import trt_plugins as T
+    from normdeploy.lower.plugins.cuda_launch import AotLauncher
+
+    major, minor = torch.cuda.get_device_capability()
+    arch, isa = T.aot_target(10 * major + minor, portable)
+    attrs = {"epsilon": 1e-5, "groups": 4, "scale": -5.0, "alpha": -0.7, "axis": -1}
+    tol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
+    gen = torch.Generator().manual_seed(0)
+    for plugin, spec in T.PLUGINS.items():
+        a = {k: attrs[k] for k in spec.attribute_names}
+        for dtype, tdt in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            for shape, offset in (((4, 5, 768), 0), ((3, 36), 0), ((6, 1024), 1)):
+                aot = T.build_aot_kernel(plugin, [dtype] * (len(spec.inputs) + 1), shape, a, 2, target=arch,
+                                         ptx_version=isa, trim_hidden=trim)
+                c = shape[-1]
+                x_cpu = torch.randn(shape, generator=gen).to(tdt)
+                params = [torch.randn(c, generator=gen).to(tdt) for _ in spec.inputs[1:]]
+                ref = torch.empty_like(x_cpu)
+                T.interpret_aot_launch(aot, [x_cpu, *params, ref])
+                buf = torch.empty(x_cpu.numel() + offset, dtype=tdt, device="cuda")
+                x = buf[offset:].view(shape)
+                x.copy_(x_cpu)
+                y = torch.empty_like(x)
+                AotLauncher(aot, hidden_nulls=not trim)(x, *(p.cuda() for p in params), y)
+                torch.cuda.synchronize()
+                got, want = y.cpu().double(), ref.double()
+                err = ((got - want).abs() / (want.abs() + 0.01 * want.abs().max())).max().item()
+                assert err <= tol[dtype], f"{plugin} {dtype} {shape} offset {offset}: GPU vs interpreter {err:.3g}"

@@ -3,7 +3,6 @@ import json
 import os
 
 import click
-import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner

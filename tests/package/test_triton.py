@@ -141,3 +141,223 @@ def test_pipeline_package_writes_a_parsable_triton_entry(tmp_path):
     assert cfg.name == name and os.path.exists(os.path.join(triton, name, "1", MODEL_FILES[cfg.backend]))
     x = np.zeros((2, 1, 8, 8), np.float32)
     assert cfg.max_batch_size > 0 and list(cfg.input[0].dims) == list(x.shape[1:])
+
+
+# ----------------------------------------------------------------------------- permissions (issue 14)
+
+def _modes(root: str) -> dict[str, int]:
+    out = {".": os.stat(root).st_mode & 0o777}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = os.stat(p).st_mode & 0o777
+    return out
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_entries_honour_the_umask(tmp_path, umask, dir_mode, file_mode):
+    """A server running as another user reads the entry (mkdtemp alone would leave 0700 directories)."""
+    old = os.umask(umask)
+    try:
+        entry = write_repository(str(tmp_path / "repo"), "m", _model(("N", 3), ("N", 3)), backend="python")
+    finally:
+        os.umask(old)
+    modes = _modes(entry)
+    assert set(modes) == {".", "config.pbtxt", "1", os.path.join("1", "model.onnx"), os.path.join("1", "model.py")}
+    for path, mode in modes.items():
+        want = dir_mode if os.path.isdir(os.path.join(entry, path)) else file_mode
+        assert mode == want, (path, oct(mode), oct(want))
+
+
+def test_output_directory_honours_the_umask(tmp_path):
+    from normdeploy import package, pipeline
+
+    result = pipeline.optimize(os.path.join(ROOT, "models", "digits_cnn_bn_un.pt"),
+                               pipeline.Options.from_flat(bench=False))
+    old = os.umask(0o022)
+    try:
+        out = package.write(str(tmp_path / "out"), result, triton_backend="python")
+    finally:
+        os.umask(old)
+    modes = _modes(out)
+    assert modes["."] == 0o755 and modes["triton"] == 0o755
+    assert {m for p, m in modes.items() if os.path.isdir(os.path.join(out, p))} == {0o755}
+    assert {m for p, m in modes.items() if os.path.isfile(os.path.join(out, p))} == {0o644}
+
+
+# ----------------------------------------------------------------------------- the check (issue 14)
+
+from normdeploy.package.triton import EntryError, check_entry, plan_entry  # noqa: E402
+
+PROFILE_1_8_32 = {"input": {"min": [1, 3, 8, 8], "opt": [8, 3, 8, 8], "max": [32, 3, 8, 8]}}
+
+
+def _image(batch="N"):
+    return _model((batch, 3, 8, 8), (batch, 10))
+
+
+def test_trt_entry_takes_the_profile():
+    e = plan_entry(_image(), "m", "tensorrt", profile=PROFILE_1_8_32, preferred_batch_sizes=[8, 64])
+    assert (e.max_batch_size, e.dynamic_batching, e.preferred_batch_sizes) == (32, True, [8])
+    assert e.inputs[0].dims == [3, 8, 8] and e.instance_kind == "KIND_GPU"
+    check_entry(e, _image(), PROFILE_1_8_32)
+    # the --input batch fixed (no --batch): profile 1:1:1 -> max_batch_size 1, nothing to batch dynamically
+    fixed1 = {"input": {"min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [1, 3, 8, 8]}}
+    e = plan_entry(_image(), "m", "tensorrt", profile=fixed1)
+    assert (e.max_batch_size, e.dynamic_batching, e.inputs[0].dims) == (1, False, [3, 8, 8])
+    check_entry(e, _image(), fixed1)
+    # a fixed batch of 4: not batching, the batch axis written as the profile fixes it
+    fixed4 = {"input": {"min": [4, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [4, 3, 8, 8]}}
+    e = plan_entry(_image(), "m", "tensorrt", profile=fixed4)
+    assert (e.max_batch_size, e.inputs[0].dims, e.outputs[0].dims) == (0, [4, 3, 8, 8], [-1, 10])
+    check_entry(e, _image(), fixed4)
+    # a profile starting above 1: Triton's batcher would send batch 1, so no batching; the batch axis stays open
+    from_2 = {"input": {"min": [2, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [8, 3, 8, 8]}}
+    e = plan_entry(_image(), "m", "tensorrt", profile=from_2)
+    assert (e.max_batch_size, e.inputs[0].dims) == (0, [-1, 3, 8, 8])
+    check_entry(e, _image(), from_2)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(max_batch_size=64), "configuration specified max-batch 64 but TensorRT engine only supports max-batch 32"),
+    (dict(instance_kind="KIND_CPU"), "instance kind KIND_CPU is not one the backend runs"),
+    (dict(preferred_batch_sizes=[0]), "preferred batch sizes [0] lie outside 1..max_batch_size 32"),
+    (dict(dims=[3, 9, 8]), "tensor input has dims [3, 9, 8] in the config but the model expects [3, 8, 8]"),
+    (dict(dims=[3, 8]), "tensor input has dims [3, 8] in the config but the model expects [3, 8, 8]"),
+    (dict(data_type="TYPE_FP16"), "tensor input is TYPE_FP16 in the config but TYPE_FP32 in the model"),
+    (dict(name="x y"), "the name is not Triton-safe"),
+])
+def test_check_refuses_what_triton_refuses(change, message):
+    e = plan_entry(_image(), "m", "tensorrt", profile=PROFILE_1_8_32)
+    for k, v in change.items():
+        if k in ("dims", "data_type"):
+            setattr(e.inputs[0], k, v)
+        else:
+            setattr(e, k, v)
+    with pytest.raises(EntryError) as err:
+        check_entry(e, _image(), PROFILE_1_8_32)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_refuses_batching_without_a_dynamic_first_axis_and_dims_outside_the_profile():
+    static = _image(batch=2)
+    e = plan_entry(static, "m")
+    assert e.max_batch_size == 0
+    e.max_batch_size = 8
+    with pytest.raises(EntryError, match=r"max_batch_size 8 but the first axis of input \(\[2, 3, 8, 8\]\) is not a "
+                                         "dynamic batch axis"):
+        check_entry(e, static)
+    seq = _model(("N", "seq"), ("N", "seq"))
+    profile = {"input": {"min": [1, 4], "opt": [4, 16], "max": [8, 32]}}
+    e = plan_entry(seq, "m", "tensorrt", profile=profile)
+    assert (e.max_batch_size, e.inputs[0].dims) == (8, [-1])  # the profile leaves the sequence open
+    check_entry(e, seq, profile)
+    e.inputs[0].dims = [64]
+    with pytest.raises(EntryError, match="dim 64 lies outside the engine profile's 4..32 on axis 1"):
+        check_entry(e, seq, profile)
+    # the profile starting at batch 2 with max_batch_size > 0: Triton would send batch 1
+    profile2 = {"input": {"min": [2, 4], "opt": [4, 16], "max": [8, 32]}}
+    e = plan_entry(seq, "m", "tensorrt", profile=profile)
+    with pytest.raises(EntryError, match="profile starts at batch 2"):
+        check_entry(e, seq, profile2)
+
+
+def test_scalars_and_python_backend_types():
+    scalar = _model((), ())
+    e = plan_entry(scalar, "s")
+    assert e.max_batch_size == 0 and e.inputs[0].dims == [1] and e.inputs[0].reshape is None
+    cfg = parse_config(e.to_pbtxt())
+    assert not cfg.input[0].HasField("reshape")  # Triton's core refuses an empty reshape without batching
+    check_entry(e, scalar)
+    e.inputs[0].reshape = []
+    with pytest.raises(EntryError, match="empty reshape on a model that does not batch"):
+        check_entry(e, scalar)
+    bf16 = _model(("N", 4), ("N", 4), TP.BFLOAT16, TP.BFLOAT16)
+    with pytest.raises(EntryError, match="bfloat16, which the Python backend's numpy cannot hold"):
+        check_entry(plan_entry(bf16, "b", "python"), bf16)
+    with pytest.raises(EntryError, match="instance kind KIND_GPU is not one the backend runs"):
+        check_entry(plan_entry(_image(), "p", "python", instance_kind="KIND_GPU"), _image())
+    with pytest.raises(EntryError):  # what write_repository checks before writing anything
+        write_repository("/nonexistent/never-written", "b", bf16, backend="python")
+    assert not os.path.exists("/nonexistent")
+
+
+def test_python_entry_layout_and_config(tmp_path):
+    m = _image()
+    entry = write_repository(str(tmp_path / "repo"), "digits", m, backend="python", max_batch_size=16,
+                             preferred_batch_sizes=[4], intra_op_threads=2)
+    assert _layout(entry) == {".": ["config.pbtxt"], "1": ["model.onnx", "model.py"]}
+    cfg = parse_config(open(os.path.join(entry, "config.pbtxt")).read())
+    assert cfg.backend == "python" and cfg.max_batch_size == 16
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4]
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {"onnx_file": "model.onnx",
+                                                                      "intra_op_num_threads": "2"}
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    from normdeploy.package.triton_python import MODEL_PY
+
+    assert open(os.path.join(entry, "1", "model.py")).read() == open(MODEL_PY).read()
+    assert onnx.load(os.path.join(entry, "1", "model.onnx")).graph == m.graph
+
+
+# ----------------------------------------------------------------------------- a trt-* build's entry (issue 14)
+
+@pytest.fixture
+def recorded_trt(monkeypatch):
+    """trt-* builds against the recording stand-in of tensorrt (tests/build/test_trt.py) on a pretend GPU.
+
+    The stand-in's "engine" is the ONNX it parsed; the engine runner runs it on ONNX Runtime
+    (plugin ops as their function bodies), so the pipeline verifies it as it would a real one.
+    """
+    from normdeploy.build import OrtRunner
+    from normdeploy.build import trt as trt_build
+    from normdeploy.verify.precision import plugins_as_functions
+    from tests.build.test_trt import _fake_tensorrt
+
+    calls: list = []
+    fake = _fake_tensorrt("10.13.0", calls, plan_is_onnx=True)
+    # handed to build_engine alone: a tensorrt module in sys.modules would change what torch.export does
+    monkeypatch.setattr(trt_build, "_import_trt", lambda: fake)
+    monkeypatch.setattr(trt_build, "tensorrt_status", lambda: (True, "TensorRT 10.13.0"))
+    monkeypatch.setattr(trt_build, "cuda_status", lambda: (True, "a pretend GPU"))
+    monkeypatch.setattr(trt_build, "_register_plugins", lambda module: [])
+
+    class EngineStandIn(OrtRunner):
+        def __init__(self, plan, *a, **k):
+            super().__init__(plugins_as_functions(onnx.load_from_string(plan)), "ort-cpu", 1)
+
+    monkeypatch.setattr(trt_build, "EngineRunner", EngineStandIn)
+    return calls
+
+
+@pytest.mark.parametrize("flags,batching", [((), False), (("--batch", "1:4:16"), True), (("--batch", "2:4:8"), False)])
+def test_trt_entry_agrees_with_the_profile_the_build_used(cli, tmp_path, recorded_trt, flags, batching):
+    """Without --batch the profile is fixed to the example batch: the entry must not say max_batch_size 64."""
+    import json
+
+    out = tmp_path / "out"
+    r = cli("optimize", os.path.join(ROOT, "models", "digits_cnn_bn_un.pt"), "--target", "trt-fp32", "--out", out,
+            "--no-bench", *flags)
+    assert r.exit_code == 0, r.stderr
+    (profile,) = [c[1] for c in recorded_trt if c[0] == "profile"]  # what the builder was given
+    (lo, opt, hi), = profile.values()
+    report = json.loads((out / "report.json").read_text())
+    cfg = parse_config((out / "triton" / "digits_cnn_bn_un" / "config.pbtxt").read_text())
+    assert cfg.backend == "tensorrt" and cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    if batching:  # the batcher may form any batch 1..max: the profile must start at 1 and end at max_batch_size
+        assert lo[0] == 1 and cfg.max_batch_size == hi[0] > 1
+        assert list(cfg.input[0].dims) == list(hi[1:])
+        assert list(cfg.dynamic_batching.preferred_batch_size) == [opt[0]]
+    else:
+        assert cfg.max_batch_size in (0, hi[0]) and not cfg.HasField("dynamic_batching")
+        if cfg.max_batch_size == 0:
+            assert [d if d != -1 else None for d in cfg.input[0].dims] == [a if a == b else None
+                                                                            for a, b in zip(lo, hi)]
+        else:
+            assert lo[0] == hi[0] == 1 and list(cfg.input[0].dims) == list(hi[1:])
+    if not flags:
+        assert (lo[0], hi[0]) == (1, 1) and cfg.max_batch_size == 1  # the example batch of 1
+    assert cfg.parameters["tensorrt_version"].string_value == "10.13.0"
+    assert report["engine"]["tensorrt_version"] == "10.13.0" and report["triton"]["tensorrt_version"] == "10.13.0"
+    assert report["triton"]["max_batch_size"] == cfg.max_batch_size
+    assert report["triton"]["engine_profile"] == report["engine"]["profiles"][0]
+    assert (out / "triton" / "digits_cnn_bn_un" / "1" / "model.plan").read_bytes() == (out / "model.plan").read_bytes()

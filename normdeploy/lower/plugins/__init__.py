@@ -8,6 +8,8 @@ a kernel is compiled or launched, tensorrt only by :func:`normdeploy.lower.plugi
 * :mod:`normdeploy.lower.plugins.kernels`      Triton kernels and launchers (interpreter on CPU, compiled on CUDA)
 * :mod:`normdeploy.lower.plugins.trt_plugins`  ``tensorrt.plugin`` registration; the ahead-of-time kernel builder
 * :mod:`normdeploy.lower.plugins.emulate`      ``onnx.reference`` implementations of the plugin ops (CPU, interpreter)
+* :mod:`normdeploy.lower.plugins.cuda_launch`  the AOT PTX launched through the CUDA driver as TensorRT launches it
+* :mod:`normdeploy.lower.plugins.gpu_bench`    every kernel timed against torch (``scripts/gpu_check.sh``)
 
 A plugin node in ONNX (what :mod:`normdeploy.lower.trt` writes and TensorRT's parser reads)::
 

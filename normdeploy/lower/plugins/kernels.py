@@ -2,11 +2,11 @@
 
 Math (DESIGN.md section 2; a *row* is the normalized slice of the input):
 
-* ``rmsnorm_fwd``        y = g * x * rsqrt(mean(x^2) + eps)                   rows of C
-* ``crmsnorm_fwd``       y = g * x * rsqrt((sum x^2 + (sum x)^2) / (C+1) + eps)  rows of C = d-1
-* ``group_scaling_fwd``  y = x * rsqrt(mean(x^2) + eps)                        rows of C/G (one group)
-* ``scalenorm_fwd``      y = x * scale / max(sqrt(sum x^2), eps)               rows of C
-* ``dyt_fwd``            y = w_c * tanh(alpha * x) + b_c  (w, b optional)      elementwise
+* ``row_norm_fwd`` KIND RMS        y = g * x * rsqrt(mean(x^2) + eps)                   rows of C
+* ``row_norm_fwd`` KIND CRMS       y = g * x * rsqrt((sum x^2 + (sum x)^2) / (C+1) + eps)  rows of C = d-1
+* ``row_norm_fwd`` KIND GROUP_RMS  y = x * rsqrt(mean(x^2) + eps)                        rows of C/G (one group)
+* ``row_norm_fwd`` KIND SCALE      y = x * scale / max(sqrt(sum x^2), eps)               rows of C
+* ``dyt_fwd``                      y = w_c * tanh(alpha * x) + b_c  (w, b optional)      elementwise
 
 Numerics: every input is loaded in its own dtype (fp32, fp16 or bf16) and upcast; all
 arithmetic and every reduction is fp32; the result is rounded once to the output dtype.
@@ -15,10 +15,15 @@ whole row (GroupScaling: its group; DynamicTanh: its element) NaN, as in the ref
 modules (the ScaleNorm clamp propagates NaN explicitly; Triton's default ``maximum``
 would drop it).
 
-Rows of any length: when a row fits one block (``ONE_BLOCK``) it is loaded once and
-kept in registers; otherwise the kernel makes two passes over it in blocks of
-``BLOCK`` (sum of squares, then normalize and store), so hidden sizes have no upper
-bound. One program normalizes one row; the launch grid is the number of rows.
+Tiles: a ``row_norm_fwd`` program normalizes ``ROWS`` consecutive rows (many when rows are
+short), loading the gain once for all of them; when a row fits one block (``ONE_BLOCK``,
+up to 16384 elements) it is loaded once and kept in registers, otherwise the kernel makes
+two passes over it in blocks of ``BLOCK`` (statistic, then normalize and store), so
+hidden sizes have no upper bound. ``dyt_fwd`` sees x as a 2-D grid of [BLOCK_R, BLOCK_C]
+tiles in which the channel is the column (channels last) or the row, so w and b are loaded
+once per tile and no element needs a division or modulo. Both take 16-byte vector
+accesses when a run-time test finds the pointers and rows aligned (the body is emitted
+twice with ``tl.static_range``: hinted and plain), scalar ones otherwise.
 
 Calling convention (the one TensorRT's AOT launch uses): non-constexpr parameters are
 declared as ``(input pointers..., int32 scalars..., output pointers...)``. TensorRT's
@@ -36,16 +41,19 @@ process can run a kernel under the interpreter and compile it to PTX, whatever t
 environment says (do not set ``TRITON_INTERPRET=1`` in a process that must compile: it
 turns Triton's own library functions into interpreter objects at import). The double
 wrapping is safe because the bodies call only ``triton.language`` *builtins*, which the
-interpreter patches while a kernel runs, and no ``@jit`` library function: ``tl.sum``
-and ``tl.zeros`` are ``@jit`` functions that cannot be called from interpreted code
-unless the interpreter was on at import, so the kernels spell them
-``tl.reduce(v, 0, tl.standard._sum_combine)`` (exactly what ``tl.sum`` expands to; the
-interpreter recognizes that combine function and reduces with ``np.sum``) and
-``tl.full([BLOCK], 0.0, tl.float32)``. (With ``TRITON_INTERPRET=1`` set, the same bodies
-also run under Triton's own interpreter mode; the tests check both.)
+interpreter patches while a kernel runs, and no ``@jit`` library function: ``tl.sum``,
+``tl.zeros`` and ``tl.cdiv`` are ``@jit`` functions that cannot be called from interpreted
+code unless the interpreter was on at import, so the kernels spell them
+``tl.reduce(v, axis, tl.standard._sum_combine)`` (exactly what ``tl.sum`` expands to; the
+interpreter recognizes that combine function and reduces with ``np.sum``; present in
+Triton 3.5 to 3.9), ``tl.full([ROWS, BLOCK], 0.0, tl.float32)`` and ``(a + b - 1) // b``.
+Loops over a run-time bound are ``while`` loops: Triton 3.5's interpreter cannot
+``range()`` over a scalar argument with numpy 2.4. (With ``TRITON_INTERPRET=1`` set, the
+same bodies also run under Triton's own interpreter mode; the tests check both.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -54,157 +62,185 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "KERNELS", "RowConfig", "row_config", "dyt_config", "f32_bits", "jit_kernel", "interpreted_kernel",
+    "KERNELS", "RowConfig", "DytConfig", "row_config", "dyt_config", "dyt_view", "vector_width", "f32_bits",
+    "float_args",
+    "jit_kernel", "interpreted_kernel",
     "rms_norm", "crms_norm", "group_scaling", "scale_norm", "dynamic_tanh",
 ]
 
 
 # ----------------------------------------------------------------------------- kernels
 
-def rmsnorm_fwd(x_ptr, g_ptr, n_cols, eps_bits, y_ptr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n_cols
-    y_row = y_ptr + row * n_cols
+#: what the row kernel's statistic is (its ``KIND`` constexpr; constexpr globals are what kernels may read)
+RMS, CRMS, GROUP_RMS, SCALE = (tl.constexpr(k) for k in range(4))
+
+
+def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
+                 KIND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
+                 ONE_BLOCK: tl.constexpr, SIGNS: tl.constexpr):
+    # a tile of ROWS consecutive rows of n_cols; KIND picks the statistic, g_ptr is None for GROUP_RMS/SCALE
+    # float attributes arrive as the bits of their magnitude; their signs are bits of SIGNS (scale 1, eps 2)
+    if KIND == SCALE:
+        scale = scale_bits.to(tl.float32, bitcast=True)
+        if SIGNS & 1:
+            scale = -scale
     eps = eps_bits.to(tl.float32, bitcast=True)
-    cols = tl.arange(0, BLOCK)
-    if ONE_BLOCK:
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.reduce(x * x, 0, tl.standard._sum_combine) / n_cols + eps)
-        g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, (x * inv * g).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            x = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-            acc += x * x
-        inv = tl.rsqrt(tl.reduce(acc, 0, tl.standard._sum_combine) / n_cols + eps)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, (x * inv * g).to(y_ptr.dtype.element_ty), mask=mask)
+    if SIGNS & 2:
+        eps = -eps
+    # 16-byte vector accesses where every pointer and every row start allow them, tested here at run time.
+    # The body is written once and emitted twice (static_range): path 1 with alignment hints and a mask that
+    # is constant over each vector, path 0 plain; each keeps its tensors to itself (no layout conversions).
+    addr = x_ptr.to(tl.int64) | y_ptr.to(tl.int64)
+    if KIND <= CRMS:
+        addr = addr | g_ptr.to(tl.int64)
+    vec = (addr % 16 == 0) & (n_cols % VEC == 0)
+    for path in tl.static_range(2):
+        if path == 1:
+            take = vec
+        else:
+            take = not vec
+        if take:
+            rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK)
+            row_in = (rows < n_rows)[:, None]
+            if ONE_BLOCK:
+                xp = x_ptr + rows[:, None] * n_cols + cols[None, :]
+                yp = y_ptr + rows[:, None] * n_cols + cols[None, :]
+                if path == 1:
+                    xp = tl.multiple_of(xp, [1, 16])
+                    yp = tl.multiple_of(yp, [1, 16])
+                    cm = (cols // VEC) < (n_cols // VEC)
+                else:
+                    cm = cols < n_cols
+                x = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32)
+                s2 = tl.reduce(x * x, 1, tl.standard._sum_combine)
+                if KIND == SCALE:
+                    factor = scale / tl.maximum(tl.sqrt_rn(s2), eps, propagate_nan=tl.PropagateNan.ALL)
+                elif KIND == CRMS:
+                    s1 = tl.reduce(x, 1, tl.standard._sum_combine)
+                    factor = tl.rsqrt((s2 + s1 * s1) / (n_cols + 1) + eps)
+                else:
+                    factor = tl.rsqrt(s2 / n_cols + eps)
+                y = x * factor[:, None]
+                if KIND <= CRMS:  # the gain: loaded once per tile, shared by its ROWS rows
+                    gp = g_ptr + cols
+                    if path == 1:
+                        gp = tl.multiple_of(gp, 16)
+                    y = y * tl.load(gp, mask=cm, other=0.0).to(tl.float32)[None, :]
+                tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=row_in & cm[None, :])
+            else:
+                # rows longer than a block: pass 1 accumulates the statistic, pass 2 normalizes (x read twice)
+                acc2 = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+                acc1 = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+                it = 0
+                while it * BLOCK < n_cols:  # while: Triton 3.5's interpreter cannot range() over a runtime bound
+                    c = it * BLOCK + cols
+                    xp = x_ptr + rows[:, None] * n_cols + c[None, :]
+                    if path == 1:
+                        xp = tl.multiple_of(xp, [1, 16])
+                        cm = (c // VEC) < (n_cols // VEC)
+                    else:
+                        cm = c < n_cols
+                    x = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32)
+                    acc2 += x * x
+                    if KIND == CRMS:
+                        acc1 += x
+                    it += 1
+                s2 = tl.reduce(acc2, 1, tl.standard._sum_combine)
+                if KIND == SCALE:
+                    factor = scale / tl.maximum(tl.sqrt_rn(s2), eps, propagate_nan=tl.PropagateNan.ALL)
+                elif KIND == CRMS:
+                    s1 = tl.reduce(acc1, 1, tl.standard._sum_combine)
+                    factor = tl.rsqrt((s2 + s1 * s1) / (n_cols + 1) + eps)
+                else:
+                    factor = tl.rsqrt(s2 / n_cols + eps)
+                it = 0
+                while it * BLOCK < n_cols:
+                    c = it * BLOCK + cols
+                    xp = x_ptr + rows[:, None] * n_cols + c[None, :]
+                    yp = y_ptr + rows[:, None] * n_cols + c[None, :]
+                    if path == 1:
+                        xp = tl.multiple_of(xp, [1, 16])
+                        yp = tl.multiple_of(yp, [1, 16])
+                        cm = (c // VEC) < (n_cols // VEC)
+                    else:
+                        cm = c < n_cols
+                    x = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32)
+                    y = x * factor[:, None]
+                    if KIND <= CRMS:
+                        gp = g_ptr + c
+                        if path == 1:
+                            gp = tl.multiple_of(gp, 16)
+                        y = y * tl.load(gp, mask=cm, other=0.0).to(tl.float32)[None, :]
+                    tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=row_in & cm[None, :])
+                    it += 1
 
 
-def crmsnorm_fwd(x_ptr, g_ptr, n_cols, eps_bits, y_ptr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n_cols
-    y_row = y_ptr + row * n_cols
-    eps = eps_bits.to(tl.float32, bitcast=True)
-    cols = tl.arange(0, BLOCK)
-    if ONE_BLOCK:
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.reduce(x, 0, tl.standard._sum_combine)
-        inv = tl.rsqrt((tl.reduce(x * x, 0, tl.standard._sum_combine) + s1 * s1) / (n_cols + 1) + eps)
-        g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, (x * inv * g).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc1 = tl.full([BLOCK], 0.0, tl.float32)
-        acc2 = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            x = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-            acc1 += x
-            acc2 += x * x
-        s1 = tl.reduce(acc1, 0, tl.standard._sum_combine)
-        inv = tl.rsqrt((tl.reduce(acc2, 0, tl.standard._sum_combine) + s1 * s1) / (n_cols + 1) + eps)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, (x * inv * g).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def group_scaling_fwd(x_ptr, n_cols, eps_bits, y_ptr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    # one program per (token, group): groups are contiguous, so a group is a row of C/G
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n_cols
-    y_row = y_ptr + row * n_cols
-    eps = eps_bits.to(tl.float32, bitcast=True)
-    cols = tl.arange(0, BLOCK)
-    if ONE_BLOCK:
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.reduce(x * x, 0, tl.standard._sum_combine) / n_cols + eps)
-        tl.store(y_row + cols, (x * inv).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            x = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-            acc += x * x
-        inv = tl.rsqrt(tl.reduce(acc, 0, tl.standard._sum_combine) / n_cols + eps)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, (x * inv).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def scalenorm_fwd(x_ptr, n_cols, scale_bits, eps_bits, y_ptr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n_cols
-    y_row = y_ptr + row * n_cols
-    scale = scale_bits.to(tl.float32, bitcast=True)
-    eps = eps_bits.to(tl.float32, bitcast=True)
-    cols = tl.arange(0, BLOCK)
-    if ONE_BLOCK:
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        norm = tl.sqrt_rn(tl.reduce(x * x, 0, tl.standard._sum_combine))
-        factor = scale / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(y_row + cols, (x * factor).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            x = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-            acc += x * x
-        norm = tl.sqrt_rn(tl.reduce(acc, 0, tl.standard._sum_combine))
-        factor = scale / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, (x * factor).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def dyt_fwd(x_ptr, w_ptr, b_ptr, n_elements, n_channels, inner, alpha_bits, y_ptr,
-            BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    # flat elementwise over x; the channel of flat index i is (i // inner) % n_channels,
-    # inner = product of the dims after the channel axis (1 for channels-last, then a
-    # compile-time constant so that the division disappears)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    alpha = alpha_bits.to(tl.float32, bitcast=True)
-    z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * alpha
-    # tanh in fp32 from exp (libdevice's tanh does not run under the interpreter):
-    # |z| < 0.3: odd Taylor series to z^9 (truncation < 6e-8 relative);
-    # else sign(z) (1 - e) / (1 + e), e = exp(-2|z|) (no cancellation there, saturates to +-1)
-    az = tl.abs(z)
-    zs = tl.where(az < 0.3, z, 0.0)  # keeps the unused branch free of overflow
-    z2 = zs * zs
-    small = zs * (1.0 + z2 * (-0.3333333333333333 + z2 * (0.13333333333333333 + z2 * (
-        -0.05396825396825397 + z2 * 0.021869488536155203))))
-    e = tl.exp(-2.0 * az)
-    large = (1.0 - e) / (1.0 + e)
-    large = tl.where(z < 0.0, -large, large)
-    t = tl.where(az < 0.3, small, large)
-    if HAS_W or HAS_B:
-        ch = (offs // inner) % n_channels
-        if HAS_W:
-            t = t * tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            t = t + tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, t.to(y_ptr.dtype.element_ty), mask=mask)
+def dyt_fwd(x_ptr, w_ptr, b_ptr, n_rows, n_cols, n_channels, alpha_bits, y_ptr,
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+            HAS_W: tl.constexpr, HAS_B: tl.constexpr, CH_ON_COLS: tl.constexpr, SIGNS: tl.constexpr):
+    # x seen as [n_rows, n_cols], one [BLOCK_R, BLOCK_C] tile per program (1-D grid, column tiles fastest).
+    # CH_ON_COLS (channels last): the channel is the column; else the row's channel is row % n_channels
+    # (x = [outer, C, inner] seen as [outer * C, inner]). w and b are loaded once per tile either way:
+    # no per-element division or modulo.
+    alpha = alpha_bits.to(tl.float32, bitcast=True)  # the bits of |alpha|; its sign is SIGNS
+    if SIGNS & 1:
+        alpha = -alpha
+    pid = tl.program_id(0)
+    col_tiles = (n_cols + (BLOCK_C - 1)) // BLOCK_C
+    pid_r = pid // col_tiles
+    pid_c = pid - pid_r * col_tiles
+    vec = ((x_ptr.to(tl.int64) | y_ptr.to(tl.int64)) % 16 == 0) & (n_cols % VEC == 0)
+    for path in tl.static_range(2):  # path 1: 16-byte vectors (as in row_norm_fwd); path 0: scalar accesses
+        if path == 1:
+            take = vec
+        else:
+            take = not vec
+        if take:
+            rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+            row_in = (rows < n_rows)[:, None]
+            xp = x_ptr + rows[:, None] * n_cols + cols[None, :]
+            yp = y_ptr + rows[:, None] * n_cols + cols[None, :]
+            if path == 1:
+                xp = tl.multiple_of(xp, [1, 16])
+                yp = tl.multiple_of(yp, [1, 16])
+                cm = (cols // VEC) < (n_cols // VEC)
+            else:
+                cm = cols < n_cols
+            z = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32) * alpha
+            # tanh in fp32 without libdevice (which the interpreter lacks) and without an IEEE division:
+            # |z| < 0.3: odd Taylor series to z^9 (truncation < 6e-8 relative);
+            # else sign(z) (1 - e) / (1 + e), e = exp(-2|z|) = 2^(-2 log2(e) |z|) (ex2.approx and div.full;
+            # no cancellation there, saturates to +-1, NaN stays NaN)
+            az = tl.abs(z)
+            e = tl.exp2(az * -2.8853900817779268)
+            large = (1.0 - e) / (1.0 + e)
+            large = tl.where(z < 0.0, -large, large)
+            zs = tl.where(az < 0.3, z, 0.0)  # keeps the unused branch free of overflow
+            z2 = zs * zs
+            small = zs * (1.0 + z2 * (-0.3333333333333333 + z2 * (0.13333333333333333 + z2 * (
+                -0.05396825396825397 + z2 * 0.021869488536155203))))
+            t = tl.where(az < 0.3, small, large)
+            if HAS_W or HAS_B:
+                if CH_ON_COLS:
+                    pm = cols < n_cols
+                    if HAS_W:
+                        t = t * tl.load(w_ptr + cols, mask=pm, other=0.0).to(tl.float32)[None, :]
+                    if HAS_B:
+                        t = t + tl.load(b_ptr + cols, mask=pm, other=0.0).to(tl.float32)[None, :]
+                else:
+                    ch = rows % n_channels
+                    rm = rows < n_rows
+                    if HAS_W:
+                        t = t * tl.load(w_ptr + ch, mask=rm, other=0.0).to(tl.float32)[:, None]
+                    if HAS_B:
+                        t = t + tl.load(b_ptr + ch, mask=rm, other=0.0).to(tl.float32)[:, None]
+            tl.store(yp, t.to(y_ptr.dtype.element_ty), mask=row_in & cm[None, :])
 
 
 #: kernel name (= PTX entry name) -> kernel body
-KERNELS = {fn.__name__: fn for fn in (rmsnorm_fwd, crmsnorm_fwd, group_scaling_fwd, scalenorm_fwd, dyt_fwd)}
+KERNELS = {fn.__name__: fn for fn in (row_norm_fwd, dyt_fwd)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,16 +259,28 @@ def interpreted_kernel(name: str):
 
 # ----------------------------------------------------------------------------- launch configuration
 
-#: rows up to this many elements are normalized from registers in one pass
-MAX_ONE_BLOCK = 8192
+#: rows up to this many elements are normalized from registers in one pass (16 warps, 32 elements a thread)
+MAX_ONE_BLOCK = 16384
 #: the tactics every plugin advertises to TensorRT's autotuner (TensorRT times them on the target GPU)
 TACTICS = (1, 2)
+#: elements one program handles in the one-pass row kernel and in DynamicTanh, per tactic
+TILE = {1: 4096, 2: 8192}
+#: most rows one program normalizes (short rows)
+MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
 class RowConfig:
-    block: int
-    one_block: bool
+    block: int          # columns per block (a power of two; >= the row in the one-pass kernel)
+    one_block: bool     # the whole row in registers (one pass) or blocks of ``block`` (two passes)
+    num_warps: int
+    rows: int = 1       # rows per program
+
+
+@dataclass(frozen=True)
+class DytConfig:
+    block_r: int
+    block_c: int
     num_warps: int
 
 
@@ -240,116 +288,215 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def row_config(n_cols: int | None, tactic: int = 1) -> RowConfig:
-    """Block size, single/two-pass choice and warps for rows of ``n_cols`` (None: unknown at build).
-
-    Tactic 1: one warp per 256 elements of the block, at most 8 warps (8 elements per
-    thread up to 2048, more beyond); tactic 2: one warp per 128, at most 16 (twice the
-    threads per row). Rows longer than :data:`MAX_ONE_BLOCK`, or of a length unknown when
-    the kernel is built, take the two-pass loop in blocks of 4096 with 8 warps (tactic 1)
-    or 8192 with 16 (tactic 2). TensorRT times both tactics on the target GPU.
-    """
+def _check_tactic(tactic: int) -> None:
     if tactic not in TACTICS:
         raise ValueError(f"unknown tactic {tactic}; expected one of {TACTICS}")
+
+
+def row_config(n_cols: int | None, tactic: int = 1) -> RowConfig:
+    """Tile, single/two-pass choice and warps for rows of ``n_cols`` (None: unknown at build).
+
+    One pass (rows of at most :data:`MAX_ONE_BLOCK`): ``block`` = the row rounded up to a
+    power of two; short rows are batched, ``rows`` = ``TILE[tactic] // block`` of them per
+    program (at most :data:`MAX_ROWS`), so that every program moves a few KiB however short
+    the row; one warp per 1024 elements of the tile (tactic 1: 32 elements a thread, eight
+    16-byte vectors of fp16) or per 512 (tactic 2), at most 16. Longer rows, or rows of a
+    length unknown when the kernel is built, take the two-pass loop, one row a program, in
+    blocks of 4096 with 8 warps (tactic 1) or 8192 with 16 (tactic 2).
+    """
+    _check_tactic(tactic)
     if n_cols is not None and n_cols <= MAX_ONE_BLOCK:
         block = _next_pow2(max(1, n_cols))
-        per_warp, cap = (256, 8) if tactic == 1 else (128, 16)
-        return RowConfig(block, True, min(cap, max(1, block // per_warp)))
+        rows = max(1, min(MAX_ROWS, TILE[tactic] // block))
+        per_warp = 1024 if tactic == 1 else 512
+        return RowConfig(block, True, max(1, min(16, rows * block // per_warp)), rows)
     return RowConfig(4096, False, 8) if tactic == 1 else RowConfig(8192, False, 16)
 
 
-def dyt_config(tactic: int = 1) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the elementwise DynamicTanh kernel: 8 elements per thread either way."""
-    if tactic not in TACTICS:
-        raise ValueError(f"unknown tactic {tactic}; expected one of {TACTICS}")
-    return (1024, 4) if tactic == 1 else (4096, 16)
+#: DynamicTanh's widest column tile: w and b are loaded once per tile, so a tile of 256 columns and
+#: TILE / 256 rows reads them once per 16 (tactic 1) or 32 rows, and holds few of them per thread
+DYT_MAX_BLOCK_C = 256
+
+
+def dyt_config(n_cols: int | None = None, tactic: int = 1, plain: bool = False) -> DytConfig:
+    """The DynamicTanh tile for rows of ``n_cols`` (None: unknown at build); ``plain``: no w/b, x seen flat.
+
+    Tiles of ``TILE[tactic]`` elements (4096 with 4 warps, 8192 with 8: 32 elements a thread):
+    the columns rounded up to a power of two, at most :data:`DYT_MAX_BLOCK_C` (which it is when
+    unknown), the rest of the tile in rows. Without w and b, one flat tile.
+    """
+    _check_tactic(tactic)
+    tile = TILE[tactic]
+    warps = 4 if tactic == 1 else 8
+    if plain:
+        return DytConfig(1, tile, warps)
+    block_c = min(DYT_MAX_BLOCK_C, _next_pow2(max(1, n_cols))) if n_cols is not None else DYT_MAX_BLOCK_C
+    return DytConfig(max(1, tile // block_c), block_c, warps)
+
+
+def vector_width(element_bytes: int) -> int:
+    """Elements in one 16-byte access (fp32 4, fp16/bf16 8)."""
+    return max(1, 16 // int(element_bytes))
 
 
 def f32_bits(value: float) -> int:
-    """The bit pattern of float32(``value``) as a signed int32 (how floats reach the kernels)."""
+    """The bit pattern of float32(``value``) as a signed int32."""
     return int(np.asarray(value, np.float32).view(np.int32))
 
 
+def float_args(*values: float) -> tuple[tuple[int, ...], int]:
+    """How float attributes reach the kernels: the int32 bits of each float32 magnitude, never negative,
+    and a sign mask (bit k set: value k is negative, -0.0 included), which the kernels take as ``SIGNS``.
+
+    TensorRT's AOT extra arguments are int32 ``SymInt32`` expressions, built as dimension
+    expressions (``IExprBuilder.constant``); keeping them non-negative keeps them in the range
+    dimensions live in, whatever TensorRT checks. The sign costs at most a second compiled variant.
+    """
+    bits = tuple(f32_bits(v) & 0x7FFFFFFF for v in values)  # the sign bit cleared: the magnitude's bits
+    signs = sum(1 << k for k, v in enumerate(values) if np.signbit(np.float32(v)))
+    return bits, signs
+
+
 # ----------------------------------------------------------------------------- launchers
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def restoring_triton_language():
+    """Leave ``triton.language`` as it was found after the interpreter ran.
+
+    Triton 3.5's interpreter patches the builtins of ``triton.language``, ``.core``, ``.math``
+    and ``tensor`` in place and never restores them (3.6+ scopes its patches), after which
+    ``triton.compile`` in the same process fails (``block_argument has no attribute dtype``):
+    every interpreted launch here runs inside this guard, so interpreting and compiling can
+    share a process on every supported Triton.
+    """
+    objs = [tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
+    saved = [(o, dict(vars(o))) for o in objs if o is not None]
+    try:
+        yield
+    finally:
+        for o, before in saved:
+            now = dict(vars(o))
+            for k in now.keys() - before.keys():
+                delattr(o, k)
+            for k, v in before.items():
+                if now.get(k, _MISSING) is not v:
+                    setattr(o, k, v)
+
 
 def _run(name: str, grid: int, args: tuple, constexprs: dict, num_warps: int, device_type: str) -> None:
     if grid == 0:
         return
     if device_type == "cpu":
-        interpreted_kernel(name)[(grid,)](*args, **constexprs)
+        with restoring_triton_language():
+            interpreted_kernel(name)[(grid,)](*args, **constexprs)
     else:
         jit_kernel(name)[(grid,)](*args, **constexprs, num_warps=num_warps)
 
 
-def _row_launch(name: str, x, n_cols: int, head: tuple, tail: tuple, tactic: int, block: int | None,
-                num_warps: int | None):
+def _row_launch(kind, x, n_cols: int, g, scale: float, eps: float, tactic: int, block: int | None,
+                num_warps: int | None, rows: int | None = None):
     import torch
 
     x = x.contiguous()
     y = torch.empty_like(x)
     cfg = row_config(n_cols, tactic)
     if block is not None:
-        cfg = RowConfig(block, n_cols <= block, num_warps or cfg.num_warps)
-    elif num_warps is not None:
-        cfg = RowConfig(cfg.block, cfg.one_block, num_warps)
-    rows = x.numel() // n_cols if n_cols else 0
-    _run(name, rows, (x, *head, n_cols, *tail, y), {"BLOCK": cfg.block, "ONE_BLOCK": cfg.one_block},
-         cfg.num_warps, x.device.type)
+        cfg = RowConfig(block, n_cols <= block, num_warps or cfg.num_warps, rows or (cfg.rows if n_cols <= block
+                                                                                     else 1))
+    else:
+        cfg = RowConfig(cfg.block, cfg.one_block, num_warps or cfg.num_warps, rows or cfg.rows)
+    n_rows = x.numel() // n_cols if n_cols else 0
+    grid = (n_rows + cfg.rows - 1) // cfg.rows
+    (scale_bits, eps_bits), signs = float_args(scale, eps)
+    _run("row_norm_fwd", grid, (x, g, n_rows, n_cols, scale_bits, eps_bits, y),
+         {"KIND": kind, "BLOCK": cfg.block, "ROWS": cfg.rows, "VEC": vector_width(x.element_size()),
+          "ONE_BLOCK": cfg.one_block, "SIGNS": signs}, cfg.num_warps, x.device.type)
     return y
 
 
-def rms_norm(x, weight, eps: float = 1e-6, *, tactic: int = 1, block: int | None = None,
-             num_warps: int | None = None):
-    """RMSNorm over the last axis of ``x`` with gain ``weight`` [C] (CPU: interpreter; CUDA: compiled)."""
+def _gain(weight, x, what: str):
     weight = weight.contiguous()
     if weight.numel() != x.shape[-1]:
-        raise ValueError(f"RMSNorm gain has {weight.numel()} elements for {x.shape[-1]} channels")
-    return _row_launch("rmsnorm_fwd", x, x.shape[-1], (weight,), (f32_bits(eps),), tactic, block, num_warps)
+        raise ValueError(f"{what} gain has {weight.numel()} elements for {x.shape[-1]} channels")
+    return weight
+
+
+def rms_norm(x, weight, eps: float = 1e-6, *, tactic: int = 1, block: int | None = None,
+             num_warps: int | None = None, rows: int | None = None):
+    """RMSNorm over the last axis of ``x`` with gain ``weight`` [C] (CPU: interpreter; CUDA: compiled)."""
+    return _row_launch(RMS.value, x, x.shape[-1], _gain(weight, x, "RMSNorm"), 0.0, eps, tactic, block, num_warps,
+                       rows)
 
 
 def crms_norm(x, weight, eps: float = 1e-6, *, tactic: int = 1, block: int | None = None,
-              num_warps: int | None = None):
+              num_warps: int | None = None, rows: int | None = None):
     """CRMSNorm over the last axis (d-1 stored coordinates) with gain ``weight`` [C]."""
-    weight = weight.contiguous()
-    if weight.numel() != x.shape[-1]:
-        raise ValueError(f"CRMSNorm gain has {weight.numel()} elements for {x.shape[-1]} channels")
-    return _row_launch("crmsnorm_fwd", x, x.shape[-1], (weight,), (f32_bits(eps),), tactic, block, num_warps)
+    return _row_launch(CRMS.value, x, x.shape[-1], _gain(weight, x, "CRMSNorm"), 0.0, eps, tactic, block, num_warps,
+                       rows)
 
 
 def group_scaling(x, groups: int = 1, eps: float = 1e-5, *, tactic: int = 1, block: int | None = None,
-                  num_warps: int | None = None):
+                  num_warps: int | None = None, rows: int | None = None):
     """PowerNorm's GroupScaling: each of ``groups`` contiguous channel groups of the last axis divided by its RMS."""
     c = x.shape[-1]
     if groups < 1 or c % groups:
         raise ValueError(f"GroupScaling: {c} channels are not divisible into {groups} groups")
-    return _row_launch("group_scaling_fwd", x, c // groups, (), (f32_bits(eps),), tactic, block, num_warps)
+    return _row_launch(GROUP_RMS.value, x, c // groups, None, 0.0, eps, tactic, block, num_warps, rows)
 
 
 def scale_norm(x, scale: float, eps: float = 1e-5, *, tactic: int = 1, block: int | None = None,
-               num_warps: int | None = None):
+               num_warps: int | None = None, rows: int | None = None):
     """ScaleNorm over the last axis: ``scale * x / max(||x||_2, eps)``."""
-    return _row_launch("scalenorm_fwd", x, x.shape[-1], (), (f32_bits(scale), f32_bits(eps)), tactic, block,
-                       num_warps)
+    return _row_launch(SCALE.value, x, x.shape[-1], None, scale, eps, tactic, block, num_warps, rows)
+
+
+def dyt_view(shape, axis: int, has_param: bool) -> tuple[int, int, int, bool]:
+    """(n_rows, n_cols, n_channels, channels on columns) of the 2-D view ``dyt_fwd`` takes of ``shape``.
+
+    Channels last (nothing after the channel axis): [numel / C, C], the channel is the
+    column. Otherwise [outer * C, inner], the channel of a row is ``row % C``. Without
+    weight and bias: x flat, [1, numel].
+    """
+    shape = tuple(int(s) for s in shape)
+    numel = int(np.prod(shape, dtype=np.int64))
+    if not has_param or not shape:
+        return 1, numel, 1, True
+    pos = axis % len(shape)
+    c = shape[pos]
+    inner = int(np.prod(shape[pos + 1:], dtype=np.int64))
+    if inner == 1:
+        return (numel // c if c else 0), c, c, True
+    return numel // inner, inner, c, False
 
 
 def dynamic_tanh(x, alpha: float, weight=None, bias=None, axis: int = -1, *, tactic: int = 1,
-                 block: int | None = None, num_warps: int | None = None):
-    """DynamicTanh ``weight_c * tanh(alpha * x) + bias_c`` with the channel on ``axis``; weight/bias optional."""
+                 block: int | None = None, num_warps: int | None = None, rows: int | None = None):
+    """DynamicTanh ``weight_c * tanh(alpha * x) + bias_c`` with the channel on ``axis``; weight/bias optional.
+
+    ``block`` / ``rows`` override the tile's columns / rows (tests: partial tiles).
+    """
     import torch
 
     x = x.contiguous()
     y = torch.empty_like(x)
-    pos = axis % x.dim()
-    c = x.shape[pos]
-    inner = int(np.prod(x.shape[pos + 1:], dtype=np.int64))
+    pos = axis % x.dim() if x.dim() else 0
+    c = x.shape[pos] if x.dim() else 1
     for v, what in ((weight, "weight"), (bias, "bias")):
         if v is not None and v.numel() != c:
             raise ValueError(f"DynamicTanh {what} has {v.numel()} elements for {c} channels")
-    blk, warps = dyt_config(tactic)
-    blk, warps = block or blk, num_warps or warps
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
-    grid = triton.cdiv(x.numel(), blk)
-    _run("dyt_fwd", grid, (x, w, b, x.numel(), c, inner, f32_bits(alpha), y),
-         {"BLOCK": blk, "HAS_W": w is not None, "HAS_B": b is not None}, warps, x.device.type)
+    has_param = w is not None or b is not None
+    n_rows, n_cols, n_channels, on_cols = dyt_view(tuple(x.shape), axis, has_param)
+    cfg = dyt_config(n_cols, tactic, plain=not has_param)
+    block_c = block or cfg.block_c
+    block_r = rows or (cfg.block_r if block is None else max(1, TILE[tactic] // block_c) if has_param else 1)
+    grid = ((n_rows + block_r - 1) // block_r) * ((n_cols + block_c - 1) // block_c) if n_rows and n_cols else 0
+    (alpha_bits,), signs = float_args(alpha)
+    _run("dyt_fwd", grid, (x, w, b, n_rows, n_cols, n_channels, alpha_bits, y),
+         {"BLOCK_R": block_r, "BLOCK_C": block_c, "VEC": vector_width(x.element_size()), "HAS_W": w is not None,
+          "HAS_B": b is not None, "CH_ON_COLS": on_cols, "SIGNS": signs}, num_warps or cfg.num_warps, x.device.type)
     return y

@@ -8,6 +8,9 @@ Two layers, so that everything but the last few lines is testable without Tensor
    returns an :class:`AotKernel`: kernel name, PTX, launch grid/block/shared memory and
    the int32 scalar arguments, after :func:`check_launch_abi` has checked the PTX entry
    against TensorRT's calling convention.
+   :func:`interpret_aot_launch` runs that kernel under the Triton interpreter with exactly
+   those arguments; :mod:`normdeploy.lower.plugins.cuda_launch` launches it on a GPU as
+   TensorRT does, without TensorRT.
 2. :func:`register_plugins` (needs ``tensorrt``, imported only there): ``register`` (output
    like the input), ``autotune`` (type combinations of :func:`autotune_combinations` and
    the block-size tactics of :data:`normdeploy.lower.plugins.kernels.TACTICS`) and ``aot_impl`` (a thin
@@ -15,26 +18,30 @@ Two layers, so that everything but the last few lines is testable without Tensor
 
 The launch ABI. TensorRT's AOT launch passes, in this order, one pointer per plugin input,
 the ``SymIntExprs`` extra arguments (int32 only), one pointer per output. The kernels
-declare exactly that (see :mod:`normdeploy.lower.plugins.kernels`). Triton >= 3.3 appends two hidden
-pointer parameters to every kernel (global scratch, profile scratch), so the PTX entry has
-two parameters more than TensorRT supplies; the PTX is returned unchanged, as in NVIDIA's
-own sample, and TensorRT's launch fills the parameters it was not given with null (as
-NVIDIA's Torch-TensorRT documents for its Triton AOT path; it is also what Triton's own
-launcher passes when no scratch is needed). That is only sound while the kernel never
-touches them, so :func:`check_launch_abi` proves it for every PTX it lets through: the
-compiled metadata says ``global_scratch_size == 0`` and ``profile_scratch_size == 0`` and
-no instruction of the entry reads those parameters; a kernel that needs scratch memory is
-refused (:class:`ScratchMemoryError`). ``build_aot_kernel(..., trim_hidden=True)`` (at
-engine build: ``NORMDEPLOY_TRT_TRIM_HIDDEN_PARAMS=1``) instead deletes the unused
-declarations so that the entry has exactly TensorRT's parameters, for a TensorRT whose
-launch would not pad (the edited PTX is assembled with ``ptxas`` in the tests).
+declare exactly that (see :mod:`normdeploy.lower.plugins.kernels`). Triton >= 3.3 appends
+hidden pointer parameters to every kernel (global scratch, and from 3.5 profile scratch),
+which TensorRT does not pass; TensorRT 10.9..10.13, which normdeploy accepts, is not
+documented to pad them (NVIDIA's sample used a Triton without them until 10.14). So
+:func:`build_aot_kernel` deletes their declarations by default (``trim_hidden``), after
+:func:`check_launch_abi` has proven it safe for that PTX: the compiled metadata says
+``global_scratch_size == 0`` and ``profile_scratch_size == 0`` and no instruction of the
+entry reads those parameters; a kernel that needs scratch memory is refused
+(:class:`ScratchMemoryError`). ``NORMDEPLOY_TRT_KEEP_HIDDEN_PARAMS=1`` keeps them.
 
-Float attributes (eps, alpha, scale) are passed as the int32 bit pattern of their float32
-value, the only scalar type TensorRT's AOT launch has; one kernel per (dtypes, block
-configuration, target) is compiled and cached, whatever the attribute values.
+Target and ISA (:func:`aot_target`): the GPU that builds the engine, from torch's device
+capability (:func:`current_target`); the oldest PTX ISA that architecture needs, because
+TensorRT has the PTX JIT-compiled by the driver of the host that *runs* the engine; and
+with ``--hardware-compat ampere+`` (:func:`aot_build_options`) portable sm_80 PTX instead
+of Triton's arch-specific ``sm_90a``.
+
+Float attributes (eps, alpha, scale) are passed as the int32 bits of their float32
+magnitude, never negative, with their signs in a ``SIGNS`` constexpr
+(:func:`normdeploy.lower.plugins.kernels.float_args`); one kernel per (dtypes, block
+configuration, signs, target) is compiled and cached, whatever the attribute values.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -53,6 +60,7 @@ __all__ = [
     "NAMESPACE", "PLUGIN_VERSION", "PluginSpec", "PLUGINS", "plugin_attributes",
     "AotKernel", "AbiReport", "KernelPlan", "LaunchAbiError", "ScratchMemoryError", "PtxParam",
     "plan_kernel", "build_aot_kernel", "check_launch_abi", "ptx_entry_params", "trim_hidden_params",
+    "interpret_aot_launch", "aot_target", "aot_build_options", "MIN_PTX_ISA", "current_target",
     "autotune_combinations", "resource_usage", "register_plugins", "tensorrt_available",
 ]
 
@@ -81,15 +89,15 @@ class PluginSpec:
         return tuple(a for a, _ in self.attributes)
 
 
-RMSNORM = PluginSpec("NormdeployRMSNorm", "RMSNorm", ("x", "g"), (("epsilon", float),), "rmsnorm_fwd",
+RMSNORM = PluginSpec("NormdeployRMSNorm", "RMSNorm", ("x", "g"), (("epsilon", float),), "row_norm_fwd",
                      "y = g * x / sqrt(mean(x^2) + epsilon), last axis, g [C]")
-CRMSNORM = PluginSpec("NormdeployCRMSNorm", "CRMSNorm", ("x", "g"), (("epsilon", float),), "crmsnorm_fwd",
+CRMSNORM = PluginSpec("NormdeployCRMSNorm", "CRMSNorm", ("x", "g"), (("epsilon", float),), "row_norm_fwd",
                       "y = g * x / sqrt((sum x^2 + (sum x)^2) / (C + 1) + epsilon), last axis, g [C]")
 GROUP_SCALING = PluginSpec("NormdeployGroupScaling", "GroupScaling", ("x",), (("groups", int), ("epsilon", float)),
-                           "group_scaling_fwd",
+                           "row_norm_fwd",
                            "y = x / sqrt(mean over its group of x^2 + epsilon), groups of C/groups contiguous channels")
 SCALENORM = PluginSpec("NormdeployScaleNorm", "ScaleNorm", ("x",), (("scale", float), ("epsilon", float)),
-                       "scalenorm_fwd", "y = scale * x / max(norm2(x), epsilon), last axis")
+                       "row_norm_fwd", "y = scale * x / max(norm2(x), epsilon), last axis")
 DYT = PluginSpec("NormdeployDynamicTanh", "DynamicTanh", ("x", "w", "b"), (("alpha", float), ("axis", int)),
                  "dyt_fwd", "y = w_c * tanh(alpha * x) + b_c, c on axis")
 DYT_GAIN = PluginSpec("NormdeployDynamicTanhGain", "DynamicTanh", ("x", "w"), (("alpha", float), ("axis", int)),
@@ -193,7 +201,17 @@ class KernelPlan:
         return (*self.inputs, *(n for n, _ in self.extras), *self.outputs)
 
 
-_ROW_KERNELS = ("rmsnorm_fwd", "crmsnorm_fwd", "group_scaling_fwd", "scalenorm_fwd")
+#: the row kernel's ``KIND`` per plugin (the numbering of :mod:`normdeploy.lower.plugins.kernels`: RMS, CRMS,
+#: GROUP_RMS, SCALE); kept here as ints so that planning imports no triton
+ROW_KIND = {"NormdeployRMSNorm": 0, "NormdeployCRMSNorm": 1, "NormdeployGroupScaling": 2, "NormdeployScaleNorm": 3}
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _cdiv(a, b: int):
+    """ceil(a / b) for an int or a shape expression ``a`` (ShapeExprs have +, *, //; no cdiv needed)."""
+    if isinstance(a, int):
+        return -(-a // b)
+    return a if b == 1 else (a + (b - 1)) // b
 
 
 def plan_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs: dict, tactic: int = 1) -> KernelPlan:
@@ -201,9 +219,11 @@ def plan_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs:
 
     ``io_dtypes`` holds one of ``fp32|fp16|bf16`` per plugin input, then the output;
     ``x_shape`` is the first input's shape (ints, or TensorRT shape expressions for
-    dynamic dimensions); ``attrs`` the plugin attributes.
+    dynamic dimensions); ``attrs`` the plugin attributes. Float attributes become the int32
+    bits of their magnitude (never negative) and a ``SIGNS`` constexpr
+    (:func:`normdeploy.lower.plugins.kernels.float_args`).
     """
-    from .kernels import dyt_config, f32_bits, row_config
+    from .kernels import dyt_config, float_args, row_config, vector_width
 
     spec = PLUGINS[plugin]
     io_dtypes = tuple(io_dtypes)
@@ -220,12 +240,14 @@ def plan_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs:
         raise ValueError(f"{plugin}: input must have at least one axis")
     pointers = tuple((_POINTER_PARAMS[n], dt) for n, dt in zip(spec.inputs, io_dtypes)) + (("y_ptr", io_dtypes[-1]),)
     inputs = tuple(_POINTER_PARAMS[n] for n in spec.inputs)
+    vec = vector_width(_ELEMENT_BYTES[io_dtypes[0]])
 
-    if spec.kernel in _ROW_KERNELS:
+    if spec.kernel == "row_norm_fwd":
+        kind = ROW_KIND[plugin]
         c = x_shape[-1]
         rows = _prod(x_shape[:-1])
         n_cols = c
-        if spec.kernel == "group_scaling_fwd":
+        if kind == ROW_KIND["NormdeployGroupScaling"]:
             groups = int(attrs["groups"])
             cc = const_dim(c)
             if groups < 1 or (cc is not None and cc % groups):
@@ -234,40 +256,56 @@ def plan_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs:
                 n_cols = c // groups
                 rows = _mul(rows, groups)
         cfg = row_config(const_dim(n_cols), tactic)
-        eps = f32_bits(float(attrs["epsilon"]))
-        if spec.kernel == "scalenorm_fwd":
-            extras = (("n_cols", n_cols), ("scale_bits", f32_bits(float(attrs["scale"]))), ("eps_bits", eps))
+        scale = float(attrs["scale"]) if kind == ROW_KIND["NormdeployScaleNorm"] else 1.0
+        (scale_bits, eps_bits), signs = float_args(scale, float(attrs["epsilon"]))
+        extras: list[tuple[str, Any]] = [("n_rows", rows), ("n_cols", n_cols)]
+        constexprs: list[tuple[str, Any]] = [("KIND", kind), ("BLOCK", cfg.block), ("ROWS", cfg.rows), ("VEC", vec),
+                                             ("ONE_BLOCK", cfg.one_block), ("SIGNS", signs)]
+        if kind == ROW_KIND["NormdeployScaleNorm"]:
+            extras.append(("scale_bits", scale_bits))
         else:
-            extras = (("n_cols", n_cols), ("eps_bits", eps))
-        constexprs = (("BLOCK", cfg.block), ("ONE_BLOCK", cfg.one_block))
-        return KernelPlan(spec.kernel, inputs, extras, ("y_ptr",), pointers, constexprs, rows, cfg.num_warps)
+            constexprs.append(("scale_bits", 0))
+        if "g" not in spec.inputs:
+            constexprs.append(("g_ptr", None))
+        extras.append(("eps_bits", eps_bits))
+        return KernelPlan(spec.kernel, inputs, tuple(extras), ("y_ptr",), pointers, tuple(constexprs),
+                          _cdiv(rows, cfg.rows), cfg.num_warps)
 
-    # DynamicTanh: flat elementwise
+    # DynamicTanh: a 2-D view of x (kernels.dyt_view), tiles of BLOCK_R x BLOCK_C
     axis = int(attrs.get("axis", -1))
     if not -rank <= axis < rank:
         raise ValueError(f"{plugin}: axis {axis} out of range for rank {rank}")
     pos = axis % rank
     has_w, has_b = "w" in spec.inputs, "b" in spec.inputs
-    block, warps = dyt_config(tactic)
     numel = _prod(x_shape)
     inner = _prod(x_shape[pos + 1:])
-    constexprs: list[tuple[str, Any]] = [("BLOCK", block), ("HAS_W", has_w), ("HAS_B", has_b)]
+    (alpha_bits,), signs = float_args(float(attrs["alpha"]))
+    constexprs = [("HAS_W", has_w), ("HAS_B", has_b), ("VEC", vec), ("SIGNS", signs)]
     if not has_w:
         constexprs.append(("w_ptr", None))
     if not has_b:
         constexprs.append(("b_ptr", None))
-    extras_l: list[tuple[str, Any]] = [("n_elements", numel)]
-    if has_w or has_b:
-        extras_l.append(("n_channels", x_shape[pos]))
-    else:
-        constexprs.append(("n_channels", 1))
-    if (has_w or has_b) and const_dim(inner) != 1:
-        extras_l.append(("inner", inner))
-    else:
-        constexprs.append(("inner", 1))
-    extras_l.append(("alpha_bits", f32_bits(float(attrs["alpha"]))))
-    grid = (numel + (block - 1)) // block
-    return KernelPlan("dyt_fwd", inputs, tuple(extras_l), ("y_ptr",), pointers, tuple(constexprs), grid, warps)
+    extras = []
+    if not (has_w or has_b):  # x flat: [1, numel]
+        cfg = dyt_config(None, tactic, plain=True)
+        n_rows, n_cols = 1, numel
+        constexprs += [("n_rows", 1), ("n_channels", 1), ("CH_ON_COLS", True)]
+        extras.append(("n_cols", numel))
+    elif const_dim(inner) == 1:  # channels last: [numel / C, C], the channel is the column
+        n_cols = x_shape[pos]
+        n_rows = _prod(x_shape[:pos])
+        cfg = dyt_config(const_dim(n_cols), tactic)
+        constexprs += [("n_channels", 1), ("CH_ON_COLS", True)]
+        extras += [("n_rows", n_rows), ("n_cols", n_cols)]
+    else:  # [outer * C, inner], the channel of a row is row % C
+        n_rows, n_cols = _prod(x_shape[:pos + 1]), inner
+        cfg = dyt_config(const_dim(n_cols), tactic)
+        constexprs.append(("CH_ON_COLS", False))
+        extras += [("n_rows", n_rows), ("n_cols", n_cols), ("n_channels", x_shape[pos])]
+    extras.append(("alpha_bits", alpha_bits))
+    constexprs += [("BLOCK_R", cfg.block_r), ("BLOCK_C", cfg.block_c)]
+    grid = _mul(_cdiv(n_rows, cfg.block_r), _cdiv(n_cols, cfg.block_c))
+    return KernelPlan("dyt_fwd", inputs, tuple(extras), ("y_ptr",), pointers, tuple(constexprs), grid, cfg.num_warps)
 
 
 # ----------------------------------------------------------------------------- compile
@@ -298,12 +336,11 @@ def _compile(kernel: str, signature: tuple, constexprs: tuple, attrs: tuple, arc
     return triton.compile(src, target=_gpu_target(arch), options=options)
 
 
-def compile_plan(plan: KernelPlan, target, *, ptx_version: int | None = None, aligned: bool = False):
+def compile_plan(plan: KernelPlan, target, *, ptx_version: int | None = None):
     """``triton.compile`` of ``plan`` for ``target`` (an sm number such as 90, or a GPUTarget); cached.
 
-    ``aligned`` tells the compiler that every pointer is 16-byte aligned and that a row
-    length known at build time is a multiple of 16 elements when it is, which enables
-    vectorized loads; only sound if the runtime guarantees that alignment.
+    No alignment is assumed at compile time: the kernels test their pointers and row length
+    at run time and take 16-byte vector accesses where they allow it (see ``kernels.py``).
     """
     from .kernels import jit_kernel
 
@@ -325,17 +362,8 @@ def compile_plan(plan: KernelPlan, target, *, ptx_version: int | None = None, al
     if tuple(runtime) != plan.trt_params:
         raise LaunchAbiError(f"{plan.kernel}: runtime parameters {runtime} are not TensorRT's launch order "
                              f"{list(plan.trt_params)} (inputs, extras, outputs)")
-    attrs = []
-    if aligned:
-        for i, (a, t) in enumerate(signature):
-            if t.startswith("*"):
-                attrs.append(((i,), (("tt.divisibility", 16),)))
-            elif a == "n_cols":
-                n = const_dim(dict(plan.extras)["n_cols"])
-                if n is not None and n % 16 == 0:
-                    attrs.append(((i,), (("tt.divisibility", 16),)))
     arch = _gpu_target(target).arch
-    return _compile(plan.kernel, tuple(signature), tuple(sorted(const.items())), tuple(attrs), arch,
+    return _compile(plan.kernel, tuple(signature), tuple(sorted(const.items(), key=lambda kv: kv[0])), (), arch,
                     plan.num_warps, ptx_version)
 
 
@@ -473,19 +501,44 @@ class AotKernel:
         return m.group(1) if m else None
 
 
+#: the oldest PTX ISA to emit per compute capability: the ISA the architecture first appeared in, but at
+#: least 7.8 (CUDA 11.8, the oldest driver TensorRT 10 runs on; Triton 3.8 writes ``::cta`` state-space
+#: qualifiers, which need 7.8). Triton names cc >= 9.0 with the arch-specific suffix ("sm_90a"), which
+#: needs ISA 8.0 (CUDA 12.0); sm_100a / 101a / 103a / 120a / 121a need 8.6 / 8.6 / 8.8 / 8.7 / 8.8.
+MIN_PTX_ISA = {80: 78, 86: 78, 87: 78, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 120: 87, 121: 88}
+#: the architecture of portable kernels (``--hardware-compat ampere+``): sm_80 PTX JITs on every later GPU
+PORTABLE_ARCH = 80
+
+
+def aot_target(build_arch: int, portable: bool = False) -> tuple[int, int | None]:
+    """(architecture, PTX ISA) to compile for, given the GPU the engine is built on.
+
+    ``portable`` (an engine for Ampere and later): plain sm_80 PTX, which the driver of any
+    later GPU JITs (Triton's sm_90 PTX is ``.target sm_90a``, arch-specific: it runs on cc 9.0
+    only). The ISA is the oldest the target needs (:data:`MIN_PTX_ISA`), not the newest the
+    build host's driver or Triton's ptxas knows: TensorRT JITs the PTX with the driver of the
+    host that *runs* the engine, which may be older than the build host's. None (an
+    architecture not in the table): Triton's default, capped by the local driver at build.
+    """
+    arch = PORTABLE_ARCH if portable else int(build_arch)
+    return arch, MIN_PTX_ISA.get(arch)
+
+
 def build_aot_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs: dict, tactic: int = 1, *,
-                     target, ptx_version: int | None = None, aligned: bool = False,
-                     trim_hidden: bool = False) -> AotKernel:
+                     target, ptx_version: int | None = None, trim_hidden: bool = True) -> AotKernel:
     """Compile ``plugin``'s kernel for ``target`` and return what its ``aot_impl`` returns to TensorRT.
 
     Arguments as for :func:`plan_kernel`; ``target`` is an sm number (80, 86, 89, 90...) or a
-    ``GPUTarget``; ``ptx_version`` caps the PTX ISA (e.g. 84 for a CUDA 12.4 driver, which
-    cannot load the ISA 9.x that Triton 3.9's bundled ptxas defaults to for sm_90).
-    Raises :class:`ScratchMemoryError` / :class:`LaunchAbiError` when the compiled kernel
-    does not fit TensorRT's launch.
+    ``GPUTarget``; ``ptx_version`` is the PTX ISA to emit (e.g. 80; see :func:`aot_target`).
+    ``trim_hidden`` (the default) deletes the declarations of Triton's hidden scratch
+    parameters, once :func:`check_launch_abi` has proven them unused, so that the PTX entry
+    declares exactly the parameters TensorRT's launch passes (TensorRT before 10.14, whose
+    sample used a Triton without hidden parameters, is not documented to pad missing
+    arguments). Raises :class:`ScratchMemoryError` / :class:`LaunchAbiError` when the compiled
+    kernel does not fit TensorRT's launch.
     """
     plan = plan_kernel(plugin, io_dtypes, x_shape, attrs, tactic)
-    compiled = compile_plan(plan, target, ptx_version=ptx_version, aligned=aligned)
+    compiled = compile_plan(plan, target, ptx_version=ptx_version)
     md = compiled.metadata
     name, ptx = md.name, compiled.asm["ptx"]
     abi = check_launch_abi(ptx, name, md, plan.trt_params, [n for n, _ in plan.extras])
@@ -504,6 +557,37 @@ def build_aot_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, a
         abi = check_launch_abi(ptx, name, md, plan.trt_params, [n for n, _ in plan.extras])
     return AotKernel(plugin, name, ptx, (plan.grid, 1, 1), (block, 1, 1), int(md.shared), plan.extras, plan,
                      _gpu_target(target).arch, abi, md, compiled.asm.get("cubin"))
+
+
+def interpret_aot_launch(aot: AotKernel | KernelPlan, tensors: Sequence) -> None:
+    """Run the kernel of ``aot`` under the Triton interpreter exactly as TensorRT's AOT launch would call it.
+
+    ``tensors``: one CPU torch tensor per plugin input, then the output (written in place).
+    The arguments are the plan's: the pointers in order, the int32 extras (their values as
+    TensorRT would evaluate them; shapes must be concrete here), the constexprs it was
+    compiled with, and its grid. So the argument encoding itself (row counts, float bits,
+    signs) is checked on CPU, not just the kernels' math.
+    """
+    from .kernels import interpreted_kernel, restoring_triton_language
+
+    plan = aot.plan if isinstance(aot, AotKernel) else aot
+    names = plan.inputs + plan.outputs
+    if len(tensors) != len(names):
+        raise ValueError(f"{plan.kernel}: {len(tensors)} tensors for {len(names)} pointers")
+    values = dict(zip(names, tensors))
+    for n, v in plan.extras:
+        v = const_dim(v)
+        if v is None:
+            raise ValueError(f"{plan.kernel}: extra {n} is not a concrete integer")
+        if not -(2**31) <= v < 2**31:
+            raise LaunchAbiError(f"{plan.kernel}: extra {n} = {v} does not fit an int32 SymInt32")
+        values[n] = v
+    grid = const_dim(plan.grid)
+    if grid is None:
+        raise ValueError(f"{plan.kernel}: grid {plan.grid!r} is not concrete")
+    if grid:
+        with restoring_triton_language():
+            interpreted_kernel(plan.kernel)[(grid,)](**values, **dict(plan.constexprs))
 
 
 # ----------------------------------------------------------------------------- autotune
@@ -536,11 +620,19 @@ def expand_combination(combo: str) -> list[tuple[str, ...]]:
 
 # ----------------------------------------------------------------------------- compiler-reported resources
 
+def _triton_ptxas(arch: int):
+    """The ptxas Triton itself assembles ``arch`` with (3.5/3.6: one ptxas; 3.7+: a newer one for sm_90 and up)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        return get_ptxas(arch)
+    except TypeError:  # Triton < 3.7: get_ptxas() takes no architecture
+        return get_ptxas()
+
+
 def _ptxas(arch: int) -> str | None:
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
+        return _triton_ptxas(arch).path
     except Exception:  # noqa: BLE001 - triton internals moved
         return shutil.which("ptxas")
 
@@ -628,10 +720,20 @@ def tensorrt_available() -> bool:
 
 
 def current_target():
-    """The GPUTarget of the current CUDA device (the engine is built for the GPU that builds it)."""
-    from triton.runtime import driver
+    """The GPUTarget of the current CUDA device, from torch's device capability.
 
-    return driver.active.get_current_target()
+    Not ``triton.runtime.driver.active``: that compiles a C helper module at run time (it needs
+    a C compiler and Python's headers on the host that builds engines); torch answers the same
+    question from the CUDA runtime it already loaded.
+    """
+    import torch
+    from triton.backends.compiler import GPUTarget
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("normdeploy's AOT plugins are compiled for the GPU that builds the engine, and torch "
+                           "sees no CUDA device")
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+    return GPUTarget("cuda", 10 * int(major) + int(minor), 32)
 
 
 def driver_ptx_version() -> int | None:
@@ -651,24 +753,52 @@ def driver_ptx_version() -> int | None:
 
 
 def _ptx_cap(arch: int) -> int | None:
-    """A PTX version no newer than the driver's: Triton's default ISA for ``arch`` capped by the driver."""
+    """Triton's default ISA for ``arch``, capped by the local driver (architectures :data:`MIN_PTX_ISA` lacks)."""
     drv = driver_ptx_version()
     if drv is None:
         return None
     try:
-        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+        from triton.backends.nvidia.compiler import ptx_get_version
 
-        default = int(ptx_get_version(get_ptxas(arch).version))
+        default = int(ptx_get_version(_triton_ptxas(arch).version))
     except Exception:  # noqa: BLE001
         return drv
     return min(default, drv)
 
 
-#: set to 1 to compile with 16-byte pointer alignment hints (vectorized loads); only if every
-#: buffer the plugins see is 16-byte aligned
-ENV_ASSUME_ALIGNED = "NORMDEPLOY_TRT_ASSUME_ALIGNED"
-#: set to 1 to return PTX whose entry declares exactly TensorRT's parameters (hidden scratch pointers deleted)
-ENV_TRIM_HIDDEN = "NORMDEPLOY_TRT_TRIM_HIDDEN_PARAMS"
+#: set to 1 to keep the declarations of Triton's unused hidden scratch parameters in the PTX entry
+#: (by default they are deleted, so that the entry declares exactly what TensorRT passes)
+ENV_KEEP_HIDDEN = "NORMDEPLOY_TRT_KEEP_HIDDEN_PARAMS"
+#: set to 1 to compile portable sm_80 kernels whatever the GPU (what --hardware-compat ampere+ does)
+ENV_PORTABLE = "NORMDEPLOY_TRT_PORTABLE_PTX"
+
+_BUILD_OPTIONS: dict[str, Any] = {"portable": None}
+#: every kernel ``aot_impl`` returned while :func:`aot_build_options` was active (for the build report)
+BUILT_KERNELS: list[dict] = []
+
+
+@contextlib.contextmanager
+def aot_build_options(hardware_compat: str = "none"):
+    """What the next engine build needs from ``aot_impl``, which cannot see the builder config.
+
+    ``hardware_compat="ampere+"``: portable sm_80 PTX (:func:`aot_target`). Records a summary
+    of each kernel returned in :data:`BUILT_KERNELS` (cleared on entry).
+    """
+    old = dict(_BUILD_OPTIONS)
+    _BUILD_OPTIONS["portable"] = hardware_compat == "ampere+"
+    BUILT_KERNELS.clear()
+    try:
+        yield BUILT_KERNELS
+    finally:
+        _BUILD_OPTIONS.clear()
+        _BUILD_OPTIONS.update(old)
+
+
+def _portable() -> bool:
+    if _BUILD_OPTIONS["portable"] is not None:
+        return bool(_BUILD_OPTIONS["portable"])
+    return os.environ.get(ENV_PORTABLE) == "1"
+
 
 _TRT_DTYPES: dict | None = None
 
@@ -690,12 +820,20 @@ def aot_impl_result(spec: PluginSpec, descs: Sequence, attrs: dict, outputs: Seq
     from .kernels import TACTICS
 
     dtypes = [_dtype_name(d.dtype) for d in (*descs, *outputs)]
-    target = current_target()
+    arch, isa = aot_target(current_target().arch, _portable())
+    if isa is None:
+        isa = _ptx_cap(arch)
+    drv = driver_ptx_version()
+    if isa is not None and drv is not None and drv < isa:
+        raise LaunchAbiError(f"the CUDA driver here JITs PTX ISA up to {drv / 10:.1f}, sm_{arch} kernels need "
+                             f"{isa / 10:.1f}; update the NVIDIA driver")
     aot = build_aot_kernel(spec.name, dtypes, tuple(descs[0].shape_expr), attrs,
-                           tactic if tactic in TACTICS else TACTICS[0], target=target,
-                           ptx_version=_ptx_cap(target.arch),
-                           aligned=os.environ.get(ENV_ASSUME_ALIGNED) == "1",
-                           trim_hidden=os.environ.get(ENV_TRIM_HIDDEN) == "1")
+                           tactic if tactic in TACTICS else TACTICS[0], target=arch, ptx_version=isa,
+                           trim_hidden=os.environ.get(ENV_KEEP_HIDDEN) != "1")
+    BUILT_KERNELS.append({"plugin": spec.name, "kernel": aot.kernel_name, "target": re.search(
+        r"^\s*\.target\s+(\S+)", aot.ptx, flags=re.M).group(1), "ptx_isa": aot.ptx_version,
+        "params": aot.abi.count, "trt_params": len(aot.plan.trt_params), "block": aot.block[0],
+        "shared_mem": aot.shared_mem, "tactic": tactic})
     launch = trtp.KernelLaunchParams()
     launch.grid_x = aot.grid[0] if isinstance(aot.grid[0], int) else trtp.SymInt32(aot.grid[0])
     launch.block_x = aot.block[0]

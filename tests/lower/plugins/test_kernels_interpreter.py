@@ -106,13 +106,55 @@ def test_one_row_and_one_dimensional_input(kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("c", [16384, 20001])
+@pytest.mark.parametrize("c", [16385, 20001])
 @pytest.mark.parametrize("kind", ROW_KINDS)
 def test_very_long_rows_take_the_block_loop(kind, c, dtype):
     assert not K.row_config(c).one_block
     x = _randn((2, c), dtype, seed=c)
     got, ref = run_case(kind, x)
     assert_close(got, ref, dtype, f"{kind} C={c}")
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_widest_one_pass_row(kind):
+    assert K.row_config(16384).one_block  # the widest rows real models use stay in registers: x read once
+    x = _randn((2, 16384), torch.bfloat16, seed=16)
+    got, ref = run_case(kind, x)
+    assert_close(got, ref, torch.bfloat16, f"{kind} C=16384")
+
+
+def _misaligned(x: torch.Tensor, elements: int = 1) -> torch.Tensor:
+    """``x`` copied into a buffer at an offset of ``elements``: its data pointer is not 16-byte aligned."""
+    buf = torch.empty(x.numel() + elements, dtype=x.dtype)
+    out = buf[elements:].view(x.shape)
+    out.copy_(x)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", KINDS)
+def test_vector_and_scalar_paths_agree(kind, dtype):
+    """Both branches of the run-time alignment test: 16-byte vectors (aligned pointers, rows a multiple of 16
+    bytes) and scalar accesses (a misaligned pointer, or rows of 33 elements), many rows to a tile."""
+    for c, misalign in ((64, False), (64, True), (33, False), (192, True)):
+        x = _randn((9, c), dtype, seed=c)
+        if misalign:
+            x = _misaligned(x)
+        aligned = x.data_ptr() % 16 == 0 and (c * x.element_size()) % 16 == 0
+        assert aligned == (not misalign and c != 33)
+        got, ref = run_case(kind, x)
+        assert_close(got, ref, dtype, f"{kind} C={c} misaligned={misalign}")
+        if kind in ROW_KINDS:
+            got2, _ = run_case(kind, x, rows=4)  # 9 rows in tiles of 4: a partial last tile
+            assert_close(got2, ref, dtype, f"{kind} C={c} rows=4")
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_two_pass_loop_misaligned(kind):
+    x = _misaligned(_randn((3, 1000), torch.float16, seed=4))
+    got, ref = run_case(kind, x, block=128)
+    assert_close(got, ref, torch.float16, f"{kind} two-pass misaligned")
 
 
 @pytest.mark.parametrize("kind", ROW_KINDS)
@@ -124,11 +166,38 @@ def test_two_pass_loop_with_a_partial_last_block(kind):
     assert_close(got2, ref, torch.float32, f"{kind} tactic 2")
 
 
-def test_dyt_block_loop_and_tactics():
+def test_dyt_partial_tiles_and_tactics():
     x = _randn((3, 1000), torch.float16, seed=6)
-    for launch in ({"block": 64}, {"tactic": 2}):
+    for launch in ({"block": 64}, {"block": 64, "rows": 2}, {"tactic": 2}):
         got, ref = run_case("dyt", x, **launch)
         assert_close(got, ref, torch.float16, f"dyt {launch}")
+
+
+@pytest.mark.parametrize("kind", ["scalenorm", "dyt"])
+def test_negative_float_attributes(kind):
+    """A negative DyT alpha or ScaleNorm gain: the kernels get |value| as bits and the sign as SIGNS."""
+    x = _randn((4, 40), torch.float32, seed=21)
+    if kind == "dyt":
+        w, b = _params(40, 22)
+        got = K.dynamic_tanh(x, -0.7, w, b)
+        ref = w.double() * torch.tanh(-0.7 * x.double()) + b.double()
+        assert_close(K.dynamic_tanh(x, -0.7), torch.tanh(-0.7 * x.double()), torch.float32, "plain")
+    else:
+        got = K.scale_norm(x, -3.0, 1e-5)
+        ref = -3.0 * x.double() / x.double().norm(dim=-1, keepdim=True)
+    assert_close(got, ref, torch.float32, f"{kind} negative")
+    assert K.float_args(-3.0, 1e-5) == ((K.f32_bits(3.0), K.f32_bits(1e-5)), 0b01)
+    assert K.float_args(-0.0)[1] == 1 and K.float_args(0.5, -2.0)[1] == 0b10
+    assert all(b >= 0 for b in K.float_args(-1e30, float("-inf"), -float("nan"))[0])
+
+
+def test_sum_combine_is_there():
+    """The kernels reduce with tl.standard._sum_combine (what tl.sum expands to, and what the interpreter
+    reduces with np.sum): a private Triton name, checked here for every Triton the tests run with."""
+    import triton
+    import triton.language as tl
+
+    assert isinstance(tl.standard._sum_combine, triton.runtime.JITFunction)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -232,11 +301,23 @@ def test_empty_input():
 
 
 def test_launch_config():
-    assert K.row_config(1) == K.RowConfig(1, True, 1)
-    assert K.row_config(768) == K.RowConfig(1024, True, 4)
-    assert K.row_config(768, 2) == K.RowConfig(1024, True, 8)
-    assert K.row_config(8192).one_block and not K.row_config(8193).one_block
+    # short rows share a program: 4096 elements a tile, one warp per 1024 of them (tactic 2: per 512)
+    assert K.row_config(64) == K.RowConfig(64, True, 4, 64)
+    assert K.row_config(192) == K.RowConfig(256, True, 4, 16)
+    assert K.row_config(768) == K.RowConfig(1024, True, 4, 4)
+    assert K.row_config(768, 2) == K.RowConfig(1024, True, 16, 8)
+    assert K.row_config(4096) == K.RowConfig(4096, True, 4, 1)
+    assert K.row_config(16384) == K.RowConfig(16384, True, 16, 1)
+    assert K.row_config(1).rows == K.MAX_ROWS
+    assert K.row_config(16384).one_block and not K.row_config(16385).one_block
     assert not K.row_config(None).one_block  # hidden size unknown when the engine is built
+    assert K.dyt_config(768) == K.DytConfig(16, 256, 4) and K.dyt_config(None, 2) == K.DytConfig(32, 256, 8)
+    assert K.dyt_config(64) == K.DytConfig(64, 64, 4)
+    assert K.dyt_config(None, plain=True) == K.DytConfig(1, 4096, 4)
+    assert K.dyt_view((2, 5, 48), -1, True) == (10, 48, 48, True)
+    assert K.dyt_view((2, 3, 4, 5), 1, True) == (6, 20, 3, False)
+    assert K.dyt_view((2, 3, 4, 5), 1, False) == (1, 120, 1, True)
+    assert K.vector_width(2) == 8 and K.vector_width(4) == 4
     assert K.f32_bits(1.0) == 0x3F800000 and K.f32_bits(-2.0) == -(2**31) + 0x40000000
     with pytest.raises(ValueError):
         K.row_config(10, tactic=3)
