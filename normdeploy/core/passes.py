@@ -35,8 +35,13 @@ class Skip:
 
 @dataclass
 class Rewrite:
+    """One change. ``spelling`` (recognizers): the ops of the subgraph that was matched, in graph
+    order, e.g. ``"ReduceMean Sub Pow ReduceMean Add Sqrt Div Mul Add"``, optionally with a label
+    naming its source (``"torch.var_mean: ..."``)."""
+
     node: str | None
     what: str
+    spelling: str | None = None
 
 
 @dataclass
@@ -50,9 +55,10 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def rewrote(self, what: str, node: str | None = None) -> None:
-        """Record one change; ``node`` names the normalization node it concerns, if any."""
-        self.rewrites.append(Rewrite(node, what))
+    def rewrote(self, what: str, node: str | None = None, spelling: str | None = None) -> None:
+        """Record one change; ``node`` names the normalization node it concerns, if any; ``spelling``
+        says what was matched (recognizers)."""
+        self.rewrites.append(Rewrite(node, what, spelling))
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append(Skip(node, reason))

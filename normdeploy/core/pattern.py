@@ -372,6 +372,16 @@ def outside_consumer(m: Match) -> str | None:
     return None
 
 
+def spelling_of(m: Match, graph: ir.Graph | None = None) -> str:
+    """The op types of the matched nodes in graph order (Casts looked through included), e.g.
+    ``"ReduceMean Sub Pow ReduceMean Add Sqrt Div Mul Add"``: the spelling a report names."""
+    nodes = m.unique_nodes()
+    if graph is not None:
+        order = {n: i for i, n in enumerate(graph)}
+        nodes.sort(key=lambda n: order.get(n, -1))
+    return " ".join(n.op_type for n in nodes)
+
+
 def take_over(root: ir.Node, new: ir.Value) -> None:
     """``new`` replaces ``root``'s (single) output: its readers, and its name where it is a graph output.
 
@@ -397,7 +407,9 @@ class Recognizer:
     * ``anchor`` names the bound node (a statistic) that identifies one normalization;
     * ``plan(graph, m)`` returns what to build, a skip reason (str), or None when the
       match is not this recognizer's business (it is then neither counted nor reported);
-    * ``rewrite(graph, m, plan, namer)`` edits the graph and returns ``(description, new node name)``;
+    * ``rewrite(graph, m, plan, namer)`` edits the graph and returns ``(description, new node name)``
+      or ``(description, new node name, label)``; the rewrite's spelling is ``label: `` (if given)
+      followed by the matched ops in graph order (:func:`spelling_of`);
     * ``candidate`` (a pattern tried on every node output) finds statistics that look
       like a normalization; one that no full spelling matched is reported with
       ``incomplete`` as the reason.
@@ -438,8 +450,9 @@ class Recognizer:
                 if isinstance(plan, str):
                     reasons[anchor] = plan  # the innermost failing match speaks last
                     continue
-                what, new_node = self.rewrite(graph, m, plan, namer)
-                result.rewrote(what, new_node)
+                spelling = spelling_of(m, graph)
+                what, new_node, *label = self.rewrite(graph, m, plan, namer)
+                result.rewrote(what, new_node, f"{label[0]}: {spelling}" if label and label[0] else spelling)
                 done.update(m.nodes)
                 reasons.pop(anchor, None)
                 break
