@@ -16,16 +16,18 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
-from .build import OrtRunner, TorchRunner
+from .build import OrtRunner, Recorded, TorchRunner
 from .canonicalize.layernorm import recognize_layernorm
 from .canonicalize.naming import name_norms_after_modules
 from .canonicalize.rmsnorm import recognize_rmsnorm
 from .core import norms
 from .core.errors import InputError
-from .core.graph import LARGE_MODEL_BYTES, infer_shapes, save_model, signature, to_proto, weight_bytes
+from .core.graph import LARGE_MODEL_BYTES, infer_shapes, signature, to_proto, weight_bytes
 from .core.inputs import InputSpec, example_arrays
 from .core.passes import ModelStep, Pass, PassContext, PassResult, Step, run_steps
+from .core import store
 from .core.profile import StageProfile, peak_rss_bytes
+from .core.store import TensorStore, release_mappings, spilling
 from .core.version import __version__
 from .export import to_onnx
 from .load import Loaded, load
@@ -192,24 +194,41 @@ def transform(original, ctx: PassContext, until: str = "lower", progress: Progre
     """Run the stages of :func:`pass_table` up to and including ``until`` on a copy of ``original``.
 
     ``original`` (an ``onnx_ir.Model`` or an ``onnx.ModelProto``) is left as it is; the copy
-    shares its weight tensors, and a rewrite makes new tensors for what it changes. Shapes
-    are re-inferred after each stage; a failed inference is a note of the stage's last step.
+    shares its weight tensors, and a rewrite makes new tensors for what it changes (for a
+    large model they are spilled to a file as they are made, and the memory maps of the
+    weights each step read are closed after it: :mod:`normdeploy.core.store`). Shapes are
+    re-inferred after each stage; a failed inference is a note of the stage's last step.
     """
     table = pass_table(ctx.target)
     model = ir.from_proto(original) if isinstance(original, onnx.ModelProto) else original.clone()
     results, canonical = [], None
-    for stage in STAGES:
-        progress(stage, None)
-        stage_results = run_steps(model, table[stage], ctx)
-        results.extend(stage_results)
-        failure = infer_shapes(model)
-        if failure and stage_results:
-            stage_results[-1].notes.append(f"after the {stage} stage: {failure}")
-        if stage == "canonicalize":
-            canonical = model.clone()
-        if stage == until:
-            break
-    return Transformed(canonical, model, floor_model(canonical), results)
+    spill = new_store(model)
+
+    def release() -> None:  # every model that may share a tensor the step read
+        for m in (original, canonical, model):
+            if isinstance(m, ir.Model):
+                release_mappings(m)
+
+    with spilling(spill):
+        for stage in STAGES:
+            progress(stage, None)
+            stage_results = run_steps(model, table[stage], ctx, release if spill is not None else None)
+            results.extend(stage_results)
+            failure = infer_shapes(model)
+            if failure and stage_results:
+                stage_results[-1].notes.append(f"after the {stage} stage: {failure}")
+            if stage == "canonicalize":
+                canonical = model.clone()
+            if stage == until:
+                break
+    floor = floor_model(canonical)
+    release()
+    return Transformed(canonical, model, floor, results)
+
+
+def new_store(model: ir.Model) -> TensorStore | None:
+    """A tensor store for the new weights of ``model``'s rewrites when it is large (:mod:`normdeploy.core.store`)."""
+    return TensorStore() if weight_bytes(model) > store.SPILL_MODEL_BYTES else None
 
 
 # ----------------------------------------------------------------------------- optimize
@@ -320,6 +339,7 @@ def _optimize(source, options: Options, progress: Progress) -> Result:
     prepared = prepare(source, options, progress)
     specs = prepared.specs
     notes = list(prepared.notes) + norms.validate_parameters(prepared.original)
+    release_mappings(prepared.original)  # the statistics it read
     tolerance = options.verify.tolerance
     if options.rewrite.allow_approx:
         if not options.rewrite.calib:
@@ -347,26 +367,35 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
     if options.ort.fp16:
         from .lower import precision
 
-        optimized = precision.convert_precision(optimized, "fp16")
+        with spilling(new_store(optimized)):
+            optimized = precision.convert_precision(optimized, "fp16")
+        release_mappings(optimized)
         run.tolerance = max(run.tolerance, 1e-2)
         run.notes.append("--fp16: the optimized model runs in fp16 with normalization statistics in fp32; the original "
                          f"stays fp32, so the speedup includes the precision change; accuracy tolerance {run.tolerance:g}")
-    progress("build", None)
     threads = options.bench.threads
-    run_orig = OrtRunner(run.prepared.original, target, threads, providers=providers)
-    run_opt = OrtRunner(optimized, target, threads, providers=providers)
+
+    def session(model: ir.Model) -> OrtRunner:  # timed sessions keep ONNX Runtime's defaults
+        return OrtRunner(model, target, threads, providers=providers, prepack=options.bench.bench)
+
+    progress("build", None)
+    run_orig = session(run.prepared.original)
     progress("verify", None)
-    accuracies, fidelity = verify(run_orig, run_opt, run)
+    # without a latency run one session at a time: the original's outputs are recorded, then it is freed
+    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized), run, keep_original=options.bench.bench)
     bench = None
     if options.bench.bench:
         from .bench.timing import interleaved
 
         progress("bench", 0.0)
-        runners = {"original": run_orig, "optimized": run_opt,
-                   "floor": OrtRunner(run.transformed.floor_model, target, threads, providers=providers)}
+        runners = {"original": run_orig, "optimized": run_opt, "floor": session(run.transformed.floor_model)}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
         bench = interleaved(runners, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
                             progress=lambda f: progress("bench", f))
+        for r in runners.values():
+            r.close()
+    else:
+        run_opt.close()
     report = build_report(run, optimized, accuracies, fidelity, bench_latency(bench, run.batch))
     return Result(run.prepared.original, optimized, run.transformed.floor_model, report, bench, run.prepared.loaded,
                   run.prepared.specs)
@@ -396,11 +425,16 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
     options, target, specs = run.options, run.target, run.prepared.specs
     lowered = run.transformed.optimized_model
     progress("verify", None)
-    run_orig = OrtRunner(run.prepared.original, "ort-cpu", options.bench.threads)
-    emulated = OrtRunner(plugins_as_functions(lowered), "ort-cpu", options.bench.threads)
-    accuracies, fidelity = verify(run_orig, emulated, run, label=" (fp32 trt lowering, plugins as function bodies)")
+    run_orig = OrtRunner(run.prepared.original, "ort-cpu", options.bench.threads, prepack=False)
+    accuracies, fidelity, emulated = verify(
+        run_orig, lambda: OrtRunner(plugins_as_functions(lowered), "ort-cpu", options.bench.threads, prepack=False),
+        run,
+        label=" (fp32 trt lowering, plugins as function bodies)", keep_original=not options.trt.lower_only)
+    emulated.close()
     progress("precision", None)
-    converted, prec = precision.convert_for_target(lowered, target, options.trt.io_dtype)
+    with spilling(new_store(lowered)):
+        converted, prec = precision.convert_for_target(lowered, target, options.trt.io_dtype)
+    release_mappings(converted)
     if converted is not lowered:
         if weight_bytes(lowered) <= LARGE_MODEL_BYTES:
             prec["accuracy"] = precision_error_report(lowered, converted, example_arrays(specs, seed=0, batch=run.batch))
@@ -418,8 +452,7 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
                       trt_build.check_opt_level(options.trt.opt_level), options.trt.hardware_compat)
 
         def build(model: ir.Model, d: str, name: str):
-            onnx_path = f"{d}/{name}.onnx"
-            save_model(model, onnx_path)  # past 2 GB with external data, which TensorRT's parser reads by path
+            onnx_path = trt_build.save_onnx(model, f"{d}/{name}.onnx")  # external data past 2 GB, read by path
             info = trt_build.build_engine(onnx_path, f"{d}/{name}.plan", *build_args)
             with open(f"{d}/{name}.plan", "rb") as f:
                 return f.read(), info
@@ -449,7 +482,8 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
                 for name, model in (("original", run.prepared.original), ("floor", run.transformed.floor_model)):
                     try:
                         # canonical nodes keep their function bodies: TensorRT's parser imports local functions
-                        low, _ = precision.convert_for_target(model, target, options.trt.io_dtype)
+                        with spilling(new_store(model)):
+                            low, _ = precision.convert_for_target(model, target, options.trt.io_dtype)
                         runners[name] = trt_build.EngineRunner(build(low, d, name)[0])
                     except errors.NormdeployError as e:
                         run.notes.append(f"no TensorRT engine of {baselines[name]}: {e}")
@@ -478,11 +512,15 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
                   plan)
 
 
-def verify(run_orig, run_opt, run: _Run, label: str = "") -> tuple[dict[str, Accuracy], Accuracy | None]:
+def verify(run_orig, run_opt, run: _Run, label: str = "", keep_original: bool = True):
     """Compare two runners on random inputs, calibration inputs and ``--data``; refuse above the tolerance.
 
+    ``run_opt`` is a runner or a function making one: it is made only after the original's
+    outputs on every input set are recorded, and with ``keep_original=False`` the original's
+    session is closed first, so that only one copy of the weights is in a session at a time.
     Also measures export fidelity (torch eager against the exported ONNX) for torch inputs.
     Approximate rewrites are judged on real inputs (calibration, data), not on random ones.
+    Returns the accuracies per input set, the export fidelity and the optimized runner.
     """
     specs, options = run.prepared.specs, run.options
     approx = options.rewrite.allow_approx
@@ -491,19 +529,23 @@ def verify(run_orig, run_opt, run: _Run, label: str = "") -> tuple[dict[str, Acc
     sets = input_sets(specs, run.batch, options.verify.data, calib, label)
     if "data" in sets:
         run_orig.check_feed(sets["data"][0][0])
-    accuracies = {key: compare(run_orig, run_opt, feeds, what) for key, (feeds, what) in sets.items()}
     fidelity = None
     loaded = run.prepared.loaded
     if loaded.kind in ("module", "torchscript", "exported_program"):
         module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
         torch_runner = TorchRunner(module, run_orig.input_names, run_orig.output_names)
         fidelity = compare(torch_runner, run_orig, sets["random"][0][:1], "torch eager vs exported ONNX, random")
+    reference = Recorded(run_orig, [f for feeds, _ in sets.values() for f in feeds])
+    if not keep_original:
+        run_orig.close()
+    run_opt = run_opt() if callable(run_opt) else run_opt
+    accuracies = {key: compare(reference, run_opt, feeds, what) for key, (feeds, what) in sets.items()}
     gated = {k: a for k, a in accuracies.items() if not (approx and k == "random")}
     check_tolerance(gated.values(), run.tolerance,
                     "approximate rewrites: raise --max-error or drop --allow-approx" if approx
                     else "report this with the model; pass --tolerance to accept it")
     run.worst = worst(gated.values())
-    return accuracies, fidelity
+    return accuracies, fidelity, run_opt
 
 
 def bench_latency(bench, batch: int) -> dict | None:
@@ -577,7 +619,7 @@ def inspect(source, options: Options | None = None, progress: Progress = _noop) 
     loaded = prepared.loaded
     return {"model": loaded.path, "kind": loaded.kind, "target": options.target,
             "inputs": [s.to_json() for s in loaded.inputs], "normalizations": entries,
-            "counts": norms.count_by_kind(transformed.canonical), "notes": prepared.notes}
+            "counts": norms.count_by_kind(transformed.canonical_model), "notes": prepared.notes}
 
 
 # ----------------------------------------------------------------------------- bench and gate

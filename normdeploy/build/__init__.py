@@ -6,16 +6,27 @@ Every runner has the same face: ``input_names``, ``output_names`` and
 * :class:`OrtRunner`: an ONNX Runtime session (``ort-cpu`` here; ``ort-cuda``/``ort-trt``
   pick those execution providers), sequential execution, a fixed thread count.
 * :class:`TorchRunner`: the original torch module in eval mode (export fidelity).
+* :class:`Recorded`: the outputs another runner gave for a list of feeds, replayed, so that
+  verification needs only one session alive at a time.
+
+Sessions of in-memory models past :data:`SESSION_FILE_BYTES` of weights are made from a file
+(``onnx_ir.save`` with external data: memory-mapped weights are copied file to file with
+``copy_file_range``, never read into this process), which ONNX Runtime reads once; a
+serialized protobuf would hold the weights twice more in memory before the session has them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import onnx
 
 from ..core.errors import InputError, UnsupportedError
-from ..core.graph import LARGE_MODEL_BYTES, to_proto, weight_bytes
+from ..core.graph import to_proto, weight_bytes
+
+#: in-memory models with more weight bytes than this get their session from a file
+SESSION_FILE_BYTES = 32 << 20
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -37,14 +48,24 @@ def default_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
+@dataclass(frozen=True)
+class _InputMeta:
+    name: str
+    shape: list
+
+
 class OrtRunner:
     def __init__(self, model, target: str = "ort-cpu", threads: int | None = None,
-                 graph_optimization: str = "all", providers: list | None = None):
+                 graph_optimization: str = "all", providers: list | None = None, prepack: bool = True):
         """``model``: an ``onnx_ir.Model``, an ``onnx.ModelProto``, serialized bytes, or a path to an .onnx file.
 
-        An in-memory model larger than :data:`normdeploy.core.graph.LARGE_MODEL_BYTES` is written to a temporary
-        directory with external data and the session is created from the file (a protobuf
-        cannot hold it); smaller ones are serialized in memory.
+        An in-memory model with more than :data:`SESSION_FILE_BYTES` of weights is written to a
+        temporary directory with external data and the session is created from the file (see the
+        module docstring); smaller ones are serialized in memory. :meth:`close` frees the session.
+
+        ``prepack=False`` turns off ONNX Runtime's weight prepacking (``session.disable_prepacking``):
+        the session then never holds a packed and an unpacked copy of a weight at once, at the cost
+        of packing per call; verification without a latency run uses it, timing never does.
         """
         import onnxruntime as ort
 
@@ -59,6 +80,8 @@ class OrtRunner:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[graph_optimization]
         so.log_severity_level = 3
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         missing = [p for p in PROVIDERS[target][:-1] if p not in ort.get_available_providers()]
         if missing:
             raise UnsupportedError(f"target {target} needs ONNX Runtime's {missing[0]}, which this install lacks",
@@ -74,7 +97,8 @@ class OrtRunner:
         self.threads = so.intra_op_num_threads
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._input_meta = {i.name: i for i in self.session.get_inputs()}
+        # plain copies: ORT's NodeArg objects keep the whole session (and its weights) alive after close()
+        self._input_meta = {i.name: _InputMeta(i.name, list(i.shape)) for i in self.session.get_inputs()}
 
     def _session_source(self, model):
         import onnx_ir as ir
@@ -84,7 +108,7 @@ class OrtRunner:
         if isinstance(model, onnx.ModelProto):
             return model.SerializeToString()
         if isinstance(model, ir.Model):
-            if weight_bytes(model) <= LARGE_MODEL_BYTES:
+            if weight_bytes(model) <= SESSION_FILE_BYTES:
                 return to_proto(model).SerializeToString()
             import tempfile
 
@@ -109,6 +133,48 @@ class OrtRunner:
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {k: v for k, v in feed.items() if k in self._input_meta})
+
+    def close(self) -> None:
+        """Free the session (and its copy of the weights) and the file it was made from."""
+        self.session = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed on the C heap back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc raises its mmap threshold after large frees (up to 32 MB), so the weights of a closed
+    session often sit in free heap chunks that still count as resident until trimmed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Recorded:
+    """``runner``'s outputs for each of ``feeds``, computed now; :meth:`run` replays them for those feeds.
+
+    A feed is known by identity (the same dict object), as :func:`normdeploy.verify.compare` passes it.
+    """
+
+    def __init__(self, runner: Runner, feeds: list[dict[str, np.ndarray]]):
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self._outputs = {id(f): runner.run(f) for f in feeds}
+        self._feeds = feeds  # keeps the ids valid
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._outputs[id(feed)]
+        except KeyError:
+            raise KeyError("Recorded.run: a feed it was not recorded on") from None
 
 
 class TorchRunner:

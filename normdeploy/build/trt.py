@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import InputError, UnsupportedError
+from ..core.graph import save_model
 
 MIN_TENSORRT = (10, 9)
 TRT_TARGETS = ("trt-fp32", "trt-fp16", "trt-bf16")
@@ -278,11 +279,17 @@ def _aot_options(plugins_module, hardware_compat: str):
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def save_onnx(model: onnx.ModelProto, path: str) -> str:
+def save_onnx(model, path: str) -> str:
     """Write ``model`` for TensorRT's parser: its weights in ``<name>.data`` next to it when it is too large
     for one protobuf (> :data:`EXTERNAL_DATA_BYTES`), which ``OnnxParser.parse(bytes, path=...)`` reads
     relative to ``path``. ``model`` itself is left untouched (saving with external data empties the
-    tensors of the proto it writes, so a copy is written). Returns ``path``."""
+    tensors of the proto it writes, so a copy is written). An ``onnx_ir.Model`` is streamed
+    (:func:`normdeploy.core.graph.save_model`). Returns ``path``."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        save_model(model, path, external_above=EXTERNAL_DATA_BYTES)
+        return path
     if model.ByteSize() <= EXTERNAL_DATA_BYTES:
         onnx.save(model, path)
         return path

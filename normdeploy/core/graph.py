@@ -128,10 +128,13 @@ class Namer:
 
 
 def constant(namer: Namer, base: str, suffix: str, value: np.ndarray) -> ir.Value:
-    """A new initializer of ``namer``'s graph holding ``value`` (never an edit of an existing one)."""
+    """A new initializer of ``namer``'s graph holding ``value`` (never an edit of an existing one); spilled to
+    the run's tensor store when large and one is active (:mod:`normdeploy.core.store`)."""
+    from .store import tensor
+
     name = namer(base, suffix)
     arr = np.ascontiguousarray(value)
-    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+    v = ir.Value(name=name, const_value=tensor(arr, name), shape=ir.Shape(arr.shape),
                  type=ir.TensorType(ir_dtype(arr.dtype)))
     namer.graph.register_initializer(v)
     return v
@@ -260,9 +263,12 @@ def channel_vector(value: np.ndarray, channels: int | None = None) -> np.ndarray
     return None
 
 
-#: a model with more initializer bytes than this is "large": written with its weights in ``<file>.data``
-#: and handed to ONNX Runtime as a file (well below the 2 GB a protobuf can hold)
+#: a model with more initializer bytes than this is "large": some reports that run every tensor on CPU
+#: skip it (the fp16 error report), and its proto forms (``.optimized``) are not built implicitly
 LARGE_MODEL_BYTES = 1 << 30
+#: a model with more initializer bytes than this is written with its weights in ``<file>.data``
+#: (:func:`save_model`): streamed file to file, never all in memory
+EXTERNAL_DATA_BYTES = 256 << 20
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -270,11 +276,14 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model, path: str) -> None:
-    """Write an ``onnx_ir.Model`` (or ``onnx.ModelProto``) to ``path``; large weights go to ``<name>.data``.
+def save_model(model, path: str, external_above: int | None = None) -> None:
+    """Write an ``onnx_ir.Model`` (or ``onnx.ModelProto``) to ``path``, self-contained.
 
-    An ``onnx_ir.Model`` is streamed tensor by tensor (memory-mapped weights are never all in
-    memory at once), so models past the 2 GB protobuf limit are written too.
+    Past ``external_above`` bytes of weights (default :data:`EXTERNAL_DATA_BYTES`) every
+    initializer goes to ``<name>.data`` beside it, streamed tensor by tensor (memory-mapped
+    weights are copied file to file), so models past the 2 GB protobuf limit are written too.
+    Below it, one file: weights that live in external files (the input's own external data,
+    a run's spilled tensors) are read into the file, never referenced from where they are.
     """
     import os
 
@@ -282,10 +291,26 @@ def save_model(model, path: str) -> None:
 
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    if weight_bytes(model) > LARGE_MODEL_BYTES:
+    limit = EXTERNAL_DATA_BYTES if external_above is None else external_above
+    if weight_bytes(model) > limit:
         ir.save(model, path, external_data=os.path.basename(path) + ".data")
     else:
-        ir.save(model, path)
+        ir.save(_in_memory(model), path)
+
+
+def _in_memory(model: ir.Model) -> ir.Model:
+    """``model``, or a clone whose external tensors are in-memory tensors over the same bytes.
+
+    (onnx_ir's ``external_data.load_to_model`` would close the memory maps the original shares.)
+    """
+    if not any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        return model
+    model = model.clone()
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            v.const_value = ir.Tensor(t.numpy(), name=t.name)
+    return model
 
 
 def to_proto(model):
@@ -295,20 +320,17 @@ def to_proto(model):
 
     if isinstance(model, onnx.ModelProto):
         return model
-    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
-        model = model.clone()  # its values are new: give them in-memory tensors over the same bytes
-        for v in model.graph.initializers.values():  # (onnx_ir's load_to_model would close the shared mapping)
-            t = v.const_value
-            if isinstance(t, ir.ExternalTensor):
-                v.const_value = ir.Tensor(t.numpy(), name=t.name)
-    return ir.to_proto(model)
+    return ir.to_proto(_in_memory(model))
 
 
-def signature(model: ir.Model):
+def signature(model):
     """An ``onnx.ModelProto`` holding only ``model``'s graph inputs and outputs (names, types, shapes):
-    what a server configuration or an optimization profile reads, without the weights."""
+    what a server configuration or an optimization profile reads, without the weights (a ModelProto
+    passes through)."""
     import onnx
 
+    if isinstance(model, onnx.ModelProto):
+        return model
     stub = ir.Model(ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports=dict(model.opset_imports)),
                     ir_version=model.ir_version)
     proto = ir.to_proto(stub)

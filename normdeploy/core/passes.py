@@ -142,9 +142,11 @@ class ModelStep:
 Step = Pass | ModelStep
 
 
-def run_steps(model: ir.Model, steps: tuple[Step, ...], ctx: PassContext) -> list[PassResult]:
+def run_steps(model: ir.Model, steps: tuple[Step, ...], ctx: PassContext,
+              after_step: Callable[[], None] | None = None) -> list[PassResult]:
     """Run every step whose ``when`` holds, in order, on ``model`` in place; approximate steps only with
-    ``ctx.allow_approx``."""
+    ``ctx.allow_approx``; ``after_step`` is called after each step that ran (``pipeline.transform``
+    closes the memory maps of the weights it read there, for large models)."""
     results = []
     for step in steps:
         if not step.when(ctx) or not (step.exact or ctx.allow_approx):
@@ -152,4 +154,6 @@ def run_steps(model: ir.Model, steps: tuple[Step, ...], ctx: PassContext) -> lis
         result = step.run(model, ctx)
         if result is not None:
             results.append(result)
+        if after_step is not None:
+            after_step()
     return results

@@ -75,6 +75,7 @@ from onnx import TensorProto
 
 from ..core.errors import UnsupportedError
 from ..core.graph import DEFAULT_DOMAINS, opset_of, to_proto
+from ..core.store import tensor as spilled_tensor
 
 FLOAT = TensorProto.FLOAT
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -564,7 +565,7 @@ class _Converter:
                 if key not in const_cache:
                     arr = self.convert_constant(self.const_array(v), to)
                     name = self.fresh(f"{v.name}_{_SHORT[to]}")
-                    new = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(arr.shape),
+                    new = ir.Value(name=name, const_value=spilled_tensor(arr, name), shape=ir.Shape(arr.shape),
                                    type=ir.TensorType(ir.DataType(to)))
                     g.register_initializer(new)
                     self.conv.constants_converted += 1

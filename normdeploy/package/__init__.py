@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 from ..core.errors import InputError, UnsupportedError
-from ..core.graph import save_model
+from ..core.graph import save_model, signature
 from .files import mkdtemp
 from .triton import EntryError, check_entry, model_name, plan_entry, write_repository
 
@@ -96,17 +96,17 @@ def triton_entry_args(result, backend: str = "default") -> dict | None:
     if backend == "python":
         from .triton_python import served_onnx
 
-        return {**args, "model": served_onnx(result.optimized, target), "backend": "python",
+        return {**args, "model": served_onnx(result.optimized_model, target), "backend": "python",
                 "max_batch_size": batch_range[2] if batch_range else None}
     if result.plan is not None:
         engine = report.get("engine") or {}
         profiles = engine.get("profiles") or []
         params = {"tensorrt_version": engine["tensorrt_version"]} if engine.get("tensorrt_version") else {}
-        return {**args, "model": result.optimized, "artifact": result.plan, "backend": "tensorrt",
+        return {**args, "model": result.optimized_model, "artifact": result.plan, "backend": "tensorrt",
                 "profile": profiles[0] if profiles else [], "parameters": params}
     if target.startswith("trt-"):
         return None
-    return {**args, "model": result.optimized, "backend": "onnxruntime",
+    return {**args, "model": result.optimized_model, "backend": "onnxruntime",
             "max_batch_size": batch_range[2] if batch_range else None,
             "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
 
@@ -120,8 +120,9 @@ def _checked_summary(name: str, entry: dict) -> dict:
 
         plan_args["parameters"] = entry_parameters()
     try:
-        planned = plan_entry(entry["model"], name, entry["backend"], **plan_args)
-        check_entry(planned, entry["model"], entry.get("profile"))
+        sig = signature(entry["model"])
+        planned = plan_entry(sig, name, entry["backend"], **plan_args)
+        check_entry(planned, sig, entry.get("profile"))
     except EntryError as e:
         hint = ("serve it with --triton-backend default, or pass --io-dtype fp32" if "bfloat16" in str(e)
                 else "report it with the model; --triton-backend python serves the ONNX model instead")

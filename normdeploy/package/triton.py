@@ -40,7 +40,9 @@ import shutil
 from dataclasses import dataclass, field
 
 import onnx
+import onnx_ir as ir
 
+from ..core.graph import save_model, signature
 from .files import mkdtemp
 
 _TYPES = {
@@ -322,15 +324,18 @@ def _check_schema(text: str) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
-def save_onnx(model: onnx.ModelProto, path: str) -> None:
-    """``onnx.save``; models over 2 GB keep their weights in ``<file>.data`` beside it."""
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save(model, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
-    else:
-        onnx.save(model, path)
+def save_onnx(model, path: str) -> None:
+    """Write an ``onnx.ModelProto`` or ``onnx_ir.Model``; large models keep their weights in ``<file>.data``
+    beside it (:func:`normdeploy.core.graph.save_model`)."""
+    save_model(model, path)
 
 
-def write_repository(repo_dir: str, name: str, model: onnx.ModelProto, artifact: bytes | str | None = None,
+def _as_signature(model) -> onnx.ModelProto:
+    """What an entry reads of ``model`` (inputs and outputs) as an ``onnx.ModelProto``, weights left out."""
+    return signature(model) if isinstance(model, ir.Model) else model
+
+
+def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | None = None,
                      backend: str | None = None, *, max_batch_size: int | None = None, profile=None,
                      instance_kind: str | None = None, instances: int = 1, version: int = 1,
                      dynamic_batching: bool = True, preferred_batch_sizes: list[int] | None = None,
@@ -339,7 +344,8 @@ def write_repository(repo_dir: str, name: str, model: onnx.ModelProto, artifact:
                      replace: bool = True) -> str:
     """Write ``<repo_dir>/<name>/config.pbtxt`` and ``<repo_dir>/<name>/<version>/model.*``.
 
-    ``model`` gives the I/O signature and is itself the served file for the "onnxruntime"
+    ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``) gives the I/O signature and is itself the served
+    file for the "onnxruntime"
     and "python" backends (the Python backend runs it with ONNX Runtime: :mod:`.triton_python`,
     ``intra_op_threads`` per instance); for "tensorrt", ``artifact`` is the serialized
     engine (bytes or a path to ``model.plan``) and ``profile`` the optimization profile it
@@ -365,10 +371,11 @@ def write_repository(repo_dir: str, name: str, model: onnx.ModelProto, artifact:
         from .triton_python import entry_parameters
 
         params = {**entry_parameters(intra_op_threads), **params}
-    entry = plan_entry(model, name, backend, max_batch_size, instance_kind, instances, profile=profile,
+    sig = _as_signature(model)
+    entry = plan_entry(sig, name, backend, max_batch_size, instance_kind, instances, profile=profile,
                        dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
                        max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=params)
-    check_entry(entry, model, profile)
+    check_entry(entry, sig, profile)
     text = entry.to_pbtxt()
     _check_schema(text)
 

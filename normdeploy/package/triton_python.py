@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import onnx
 
 MODEL_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_python_model.py")
 
@@ -34,8 +33,9 @@ def write_model_py(version_dir: str) -> None:
     shutil.copyfile(MODEL_PY, os.path.join(version_dir, "model.py"))
 
 
-def served_onnx(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    """The ONNX model the Python backend runs for a result of ``target``: plugin ops as function bodies on trt-*."""
+def served_onnx(model, target: str):
+    """The ONNX model the Python backend runs for a result of ``target``: plugin ops as function bodies on trt-*
+    (an ``onnx.ModelProto`` or ``onnx_ir.Model``, as given)."""
     if not target.startswith("trt-"):
         return model
     from ..verify.precision import plugins_as_functions

@@ -63,50 +63,73 @@ class Accuracy:
                 "top1_agreement": self.top1_agreement, "outputs": [o.__dict__ for o in self.outputs]}
 
 
+@dataclass
+class _Tally:
+    """The parts of :class:`OutputComparison` that combine over batches of samples (max, min, sums), so that
+    a comparison never holds more than one feed's outputs in float64 (an LM's logits are large)."""
+
+    name: str
+    max_abs: float = 0.0
+    scale: float = 0.0
+    same_nonfinite: bool = True
+    nonfinite: int = 0
+    cosine_min: float = 1.0
+    top1_hits: int = 0
+    top1_rows: int = 0
+    top1_applies: bool = False
+    chunks: int = 0
+
+    def add(self, ref: np.ndarray, opt: np.ndarray) -> None:
+        ref64, opt64 = np.asarray(ref, np.float64), np.asarray(opt, np.float64)
+        if ref64.shape != opt64.shape:
+            raise ValueError(f"output {self.name}: shape {opt64.shape} differs from the original's {ref64.shape}")
+        self.chunks += 1
+        ref_finite, opt_finite = np.isfinite(ref64), np.isfinite(opt64)
+        self.nonfinite += int(np.sum(~opt_finite) - np.sum(~ref_finite))
+        both = ref_finite & opt_finite
+        del ref_finite, opt_finite
+        self.same_nonfinite &= bool(np.array_equal(np.isnan(ref64), np.isnan(opt64)) and np.array_equal(
+            np.where(np.isinf(ref64), ref64, 0), np.where(np.isinf(opt64), opt64, 0)))
+        r = np.where(both, ref64, 0.0)
+        o = np.where(both, opt64, 0.0)
+        if r.size:
+            self.max_abs = max(self.max_abs, float(np.abs(o - r).max()))
+            self.scale = max(self.scale, float(np.abs(r).max()))
+        if r.ndim >= 1 and r.shape[0] > 0:
+            r2, o2 = r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1)
+            nr, no = np.linalg.norm(r2, axis=1), np.linalg.norm(o2, axis=1)
+            cos = np.where((nr == 0) & (no == 0), 1.0, (r2 * o2).sum(1) / np.maximum(nr * no, 1e-300))
+            self.cosine_min = min(self.cosine_min, float(cos.min()))
+        if ref64.ndim == 2 and ref64.shape[1] > 1 and np.issubdtype(np.asarray(ref).dtype, np.floating):
+            self.top1_applies = True
+            self.top1_hits += int(np.sum(ref64.argmax(1) == opt64.argmax(1)))
+            self.top1_rows += ref64.shape[0]
+
+    def result(self) -> OutputComparison:
+        max_abs = self.max_abs if self.same_nonfinite else float("inf")
+        max_rel = max_abs / self.scale if self.scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        top1 = self.top1_hits / self.top1_rows if self.top1_applies and self.top1_rows else None
+        return OutputComparison(self.name, max_abs, max_rel, self.cosine_min, top1, max(self.nonfinite, 0))
+
+
 def compare_arrays(name: str, ref: np.ndarray, opt: np.ndarray) -> OutputComparison:
-    ref64, opt64 = np.asarray(ref, np.float64), np.asarray(opt, np.float64)
-    if ref64.shape != opt64.shape:
-        raise ValueError(f"output {name}: shape {opt64.shape} differs from the original's {ref64.shape}")
-    nonfinite = int(np.sum(~np.isfinite(opt64)) - np.sum(~np.isfinite(ref64)))
-    both = np.isfinite(ref64) & np.isfinite(opt64)
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite entries are handled apart, below
-        diff = np.where(both, np.abs(opt64 - ref64), 0.0)
-    same_nonfinite = np.array_equal(np.isnan(ref64), np.isnan(opt64)) and np.array_equal(
-        np.where(np.isinf(ref64), ref64, 0), np.where(np.isinf(opt64), opt64, 0))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    if not same_nonfinite:
-        max_abs = float("inf")
-    scale = float(np.abs(np.where(both, ref64, 0)).max()) if diff.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    if ref64.ndim >= 1 and ref64.shape[0] > 0:
-        r = np.where(both, ref64, 0).reshape(ref64.shape[0], -1)
-        o = np.where(both, opt64, 0).reshape(opt64.shape[0], -1)
-        nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
-        cos = np.where((nr == 0) & (no == 0), 1.0, (r * o).sum(1) / np.maximum(nr * no, 1e-300))
-        cosine_min = float(cos.min())
-    else:
-        cosine_min = 1.0
-    top1 = None
-    if ref64.ndim == 2 and ref64.shape[1] > 1 and np.issubdtype(np.asarray(ref).dtype, np.floating):
-        top1 = float(np.mean(ref64.argmax(1) == opt64.argmax(1)))
-    return OutputComparison(name, max_abs, max_rel, cosine_min, top1, max(nonfinite, 0))
+    """Every metric of the module docstring for one output (``ref`` the original's, ``opt`` the optimized's)."""
+    tally = _Tally(name)
+    tally.add(ref, opt)
+    return tally.result()
 
 
 def compare(original: Runner, optimized: Runner, feeds: list[dict[str, np.ndarray]], label: str) -> Accuracy:
-    """Run both models on every feed; compare output by output (outputs matched by position)."""
-    per_output: dict[int, tuple[list, list]] = {}
+    """Run both models on every feed; compare output by output (outputs matched by position), feed by feed."""
+    tallies: dict[int, _Tally] = {}
     samples = 0
     for feed in feeds:
         ref, opt = original.run(feed), optimized.run(feed)
         samples += next(iter(feed.values())).shape[0] if feed else 1
         for i, (r, o) in enumerate(zip(ref, opt)):
-            per_output.setdefault(i, ([], []))
-            per_output[i][0].append(r)
-            per_output[i][1].append(o)
+            tallies.setdefault(i, _Tally(original.output_names[i])).add(r, o)
     acc = Accuracy(label, samples)
-    for i, (refs, opts) in per_output.items():
-        name = original.output_names[i]
-        acc.outputs.append(compare_arrays(name, np.concatenate(refs), np.concatenate(opts)))
+    acc.outputs.extend(t.result() for t in tallies.values())
     return acc
 
 

@@ -1,0 +1,136 @@
+"""The tensor store (normdeploy.core.store): spilled weights read back bit for bit, files removed,
+mappings released, and a spilling run writing the same model as one that keeps everything in memory."""
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from normdeploy.build import OrtRunner, Recorded
+from normdeploy.core import store
+from normdeploy.core.graph import Namer, constant, save_model
+from normdeploy.core.store import StoredTensor, TensorStore, release_mappings, spilling
+
+
+@pytest.mark.parametrize("array", [
+    np.float32(3.5) * np.ones((), np.float32),                      # 0-d
+    np.arange(12, dtype=np.float16).reshape(3, 4),
+    np.arange(24, dtype=np.int64).reshape(2, 3, 4)[:, ::2],        # not contiguous
+    np.array([1.0, -2.0], dtype=">f4"),                             # big-endian
+    np.zeros((0, 3), np.float32),                                   # empty
+    np.array([True, False, True]),
+])
+def test_put_reads_back_the_same_dtype_shape_and_values(array):
+    s = TensorStore()
+    t = s.put(array, "w")
+    back = t.numpy()
+    assert back.shape == array.shape
+    assert back.dtype == array.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(back, array)
+    assert t.offset % store.ALIGNMENT == 0
+
+
+def test_directory_removed_when_the_last_tensor_dies():
+    s = TensorStore()
+    directory = s.directory
+    t = s.put(np.ones(1000, np.float32), "w")
+    del s
+    gc.collect()
+    assert os.path.isdir(directory), "a live tensor still reads the file"
+    np.testing.assert_array_equal(t.numpy(), np.ones(1000, np.float32))
+    t.release()
+    del t
+    gc.collect()
+    assert not os.path.exists(directory)
+
+
+def test_constant_spills_only_large_tensors_while_spilling(monkeypatch):
+    monkeypatch.setattr(store, "SPILL_BYTES", 64)
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 20})
+    namer = Namer(graph)
+    small = constant(namer, "w", "small", np.ones(4, np.float32))
+    assert not isinstance(small.const_value, StoredTensor)  # no store active
+    with spilling(TensorStore()):
+        big = constant(namer, "w", "big", np.arange(64, dtype=np.float32))
+        tiny = constant(namer, "w", "tiny", np.ones(4, np.float32))
+    assert isinstance(big.const_value, StoredTensor)
+    assert not isinstance(tiny.const_value, StoredTensor)
+    np.testing.assert_array_equal(big.const_value.numpy(), np.arange(64, dtype=np.float32))
+
+
+def test_release_mappings_closes_maps_and_they_reopen():
+    s = TensorStore()
+    v = ir.Value(name="w", const_value=s.put(np.arange(1000, dtype=np.float32), "w"))
+    graph = ir.Graph(inputs=[], outputs=[], nodes=[], initializers=[v], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    v.const_value.numpy()  # maps it
+    assert v.const_value.raw is not None
+    assert release_mappings(model) == 1
+    assert v.const_value.raw is None
+    np.testing.assert_array_equal(v.const_value.numpy(), np.arange(1000, dtype=np.float32))
+
+
+def test_small_model_with_spilled_tensors_saves_self_contained(tmp_path):
+    s = TensorStore()
+    w = ir.Value(name="w", const_value=s.put(np.arange(6, dtype=np.float32).reshape(2, 3), "w"),
+                 shape=ir.Shape([2, 3]), type=ir.TensorType(ir.DataType.FLOAT))
+    x = ir.Value(name="x", shape=ir.Shape([1, 2]), type=ir.TensorType(ir.DataType.FLOAT))
+    node = ir.node("MatMul", [x, w])
+    node.outputs[0].name = "y"
+    node.outputs[0].shape, node.outputs[0].type = ir.Shape([1, 3]), ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph(inputs=[x], outputs=[node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 20},
+                     name="g")
+    path = tmp_path / "m.onnx"
+    save_model(ir.Model(graph, ir_version=10), str(path))
+    s.close()  # the store's file is gone: the saved model must not need it
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    out = OrtRunner(proto).run({"x": np.ones((1, 2), np.float32)})[0]
+    np.testing.assert_array_equal(out, np.array([[3.0, 5.0, 7.0]], np.float32))
+
+
+def test_optimize_spilling_everything_writes_the_same_model(monkeypatch, tmp_path):
+    """With every new tensor spilled (thresholds 0) the optimized model is the same as in memory."""
+    import normdeploy
+
+    model = "models/digits_cnn_bn_un.pt"  # its BatchNorm and UnifiedNorm fold into new Conv/Gemm weights
+    plain = normdeploy.optimize(model, bench=False)
+    monkeypatch.setattr(store, "SPILL_BYTES", 0)
+    monkeypatch.setattr(store, "SPILL_MODEL_BYTES", -1)
+    spilled_runs = []
+    real_put = TensorStore.put
+
+    def counting_put(self, array, name):
+        spilled_runs.append(name)
+        return real_put(self, array, name)
+
+    monkeypatch.setattr(TensorStore, "put", counting_put)
+    spilled = normdeploy.optimize(model, bench=False)
+    assert spilled_runs, "nothing was spilled: the test would prove nothing"
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    save_model(plain.optimized_model, str(a))
+    save_model(spilled.optimized_model, str(b))
+    assert onnx.load(str(a)).SerializeToString() == onnx.load(str(b)).SerializeToString()
+
+
+def test_recorded_replays_outputs_by_feed_identity():
+    class Counting:
+        input_names, output_names = ["x"], ["y"]
+        calls = 0
+
+        def run(self, feed):
+            Counting.calls += 1
+            return [feed["x"] * 2]
+
+    feeds = [{"x": np.ones(2)}, {"x": np.full(2, 3.0)}]
+    rec = Recorded(Counting(), feeds)
+    assert Counting.calls == 2
+    np.testing.assert_array_equal(rec.run(feeds[1])[0], np.full(2, 6.0))
+    assert Counting.calls == 2
+    with pytest.raises(KeyError):
+        rec.run({"x": np.ones(2)})
