@@ -14,6 +14,7 @@ issue bounds: at most 2 with ``--no-bench``, at most 4 with the latency run.
 
     .venv/bin/python benchmarks/scale.py                       # every size (about 40 min here)
     .venv/bin/python benchmarks/scale.py --only tiny,gpt2-small --out /tmp/scale.md
+    .venv/bin/python benchmarks/scale.py --only llama-1b-fp16 --update   # re-measure one row
 
 Writes ``benchmarks/results/scale.md`` and ``scale.json``.
 """
@@ -23,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 MIB = 1 << 20
+GNU_TIME = "/usr/bin/time"  # Debian's `time` package
 
 
 def _gpt2(n_embd, n_layer, n_head, vocab=50257):
@@ -100,42 +101,59 @@ def build_onnx(name: str, directory: str) -> tuple[str, int]:
 
 
 def run_optimize(path: str, args: list[str], out: str, seq: int) -> dict:
-    """``normdeploy optimize`` in a fresh process; its report's resources and the child's peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """``normdeploy optimize`` in a fresh process; its report's resources and that process's own peak RSS.
+
+    The peak is taken by GNU time (``/usr/bin/time -f %M``) around the child: a child forked
+    straight from this process would inherit its high-water mark (Linux keeps the larger of
+    the forked image's and the new program's peak across ``exec``), and this process holds
+    torch and the model it exported.
+    """
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "normdeploy.cli", "optimize", path, "--input", f"input_ids:1x{seq}:int64", "--out", out,
            "--force", "--json", "--threads", "1", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as maxrss:
+        p = subprocess.run([GNU_TIME, "-f", "%M", "-o", maxrss.name, *cmd], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak_kb = int(maxrss.read().strip().splitlines()[-1])
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300], "wall_s": wall}
     report = json.loads(p.stdout)
-    return {"wall_s": wall, "resources": report.get("resources", {}),
-            "child_peak_rss_mb": (peak * 1024 / MIB) if peak > before else None,
+    return {"wall_s": wall, "resources": report.get("resources", {}), "load_before": load,
+            "child_peak_rss_mb": peak_kb / 1024,
             "accuracy": report["accuracy"]["max_rel_err"], "norm_nodes": report["norm_nodes"]}
 
 
 def render(rows: list[dict], meta: dict) -> str:
-    lines = [f"# normdeploy at real sizes: time and memory per stage", "",
+    lines = ["# normdeploy at real sizes: time and memory per stage", "",
              f"Produced by `{meta['command']}` on {meta['started']} ({meta['machine']}); every run in a fresh process, "
-             "1 intra-op thread. Peak RSS is the operating system's count for the process (`ru_maxrss`); "
-             "stage figures are normdeploy's own samples (report.json `resources`).", "",
-             "| model | weights | run | wall s | peak RSS | peak / weights | max rel err | stages (s, peak GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "1 intra-op thread. Peak RSS is the operating system's count for that process (`ru_maxrss`, which "
+             "also counts the file-backed pages of memory-mapped weights it read); *start* is what the process "
+             "held when the run began (interpreter, torch, ONNX Runtime: a fixed cost that dominates small "
+             "models), so *(peak - start) / weights* is what the pipeline itself adds per weight byte. Pipeline s "
+             "is the sum of the stages other than bench (the latency run). Stage figures are normdeploy's own "
+             "samples (report.json `resources`).", "",
+             "| model | weights | run | wall s | pipeline s | peak RSS | start | peak / weights "
+             "| (peak - start) / weights | max rel err | stages (s / peak GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r["weights_bytes"]
         for run_name, res in r["runs"].items():
             if "error" in res:
-                lines.append(f"| {r['name']} | {w / 1e9:.2f} GB | {run_name} | {res['wall_s']:.0f} | | | | "
+                lines.append(f"| {r['name']} | {w / 1e9:.2f} GB | {run_name} | {res['wall_s']:.0f} | | | | | | | "
                              f"error: {res['error']} |")
                 continue
             stages = res["resources"].get("stages", [])
-            peak = res["child_peak_rss_mb"] or res["resources"].get("peak_rss_mb")
-            cells = ", ".join(f"{s['stage']} {s['seconds']:.1f} / {s['rss_mb_peak'] / 1024:.1f}" for s in stages)
-            lines.append(f"| {r['name']} | {w / 1e9:.2f} GB | {run_name} | {res['wall_s']:.0f} | {peak / 1024:.2f} GB | "
-                         f"{peak * MIB / w:.2f} | {res['accuracy']:.1e} | {cells} |")
+            peak = res["child_peak_rss_mb"]
+            start = res["resources"].get("start_rss_mb", 0.0)
+            pipeline_s = sum(s["seconds"] for s in stages if s["stage"] != "bench")
+            cells = ", ".join(f"{s['stage']} {s['seconds']:.1f} / {s['rss_mb_peak'] / 1024:.2f}" for s in stages)
+            lines.append(f"| {r['name']} | {w / 1e9:.2f} GB | {run_name} | {res['wall_s']:.0f} | {pipeline_s:.0f} | "
+                         f"{peak / 1024:.2f} GB | {start / 1024:.2f} GB | {peak * MIB / w:.2f} | "
+                         f"{(peak - start) * MIB / w:.2f} | {res['accuracy']:.1e} | {cells} |")
     lines += ["", "Models: " + "; ".join(f"**{r['name']}**: {r['what']}" for r in rows) + ".", ""]
+    if meta.get("load"):
+        lines += [f"Machine load while measuring: {meta['load']}.", ""]
     return "\n".join(lines)
 
 
@@ -144,8 +162,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated model names: " + ", ".join(MODELS))
     ap.add_argument("--seconds", type=float, default=3.0, help="latency budget of the full run (default 3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.md"))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of the models run in the existing results (with --only)")
     ap.add_argument("--keep", default=None, help="directory to keep the exported models in (default: a temp dir)")
     args = ap.parse_args(argv)
+    if not os.access(GNU_TIME, os.X_OK):
+        ap.error(f"{GNU_TIME} (GNU time) is needed to read each run's peak memory: apt-get install time")
     names = args.only.split(",") if args.only else list(MODELS)
     work = args.keep or tempfile.mkdtemp(prefix="normdeploy-scale-")
     os.makedirs(work, exist_ok=True)
@@ -175,13 +197,24 @@ def main(argv=None) -> int:
         rows.append({"name": name, "what": MODELS[name][0], "weights_bytes": weights, "runs": runs})
     import platform
 
-    meta = {"started": started, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "command": "python benchmarks/scale.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                      " " + " ".join(argv if argv is not None else sys.argv[1:]))}
+    command = "python benchmarks/scale.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                             " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    for r in rows:
+        r["measured"], r["command"] = started, command
+    json_out = os.path.splitext(args.out)[0] + ".json"
+    if args.update and os.path.exists(json_out):  # keep the other models' rows of an earlier run
+        new = {r["name"]: r for r in rows}
+        old = {r["name"]: r for r in json.load(open(json_out))["rows"]}
+        rows = [new.get(n) or old[n] for n in MODELS if n in new or n in old]
+    loads = [v["load_before"] for r in rows for v in r["runs"].values() if "load_before" in v]
+    meta = {"started": ", ".join(sorted({r.get("measured", started) for r in rows})),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load": f"1-minute load average before each run {min(loads):.1f} to {max(loads):.1f}" if loads else "",
+            "command": "`, then `".join(dict.fromkeys(r.get("command", command) for r in rows))}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(render(rows, meta))
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(json_out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
     if not args.keep:

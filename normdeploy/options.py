@@ -70,9 +70,10 @@ class VerifyOptions:
 
     data: str | None = field(default=None, metadata=flag(
         "--data", metavar="FILE.npz", help="Real inputs for the accuracy check: an .npz with one array per model input."))
-    tolerance: float = field(default=1e-4, metadata=flag(
+    tolerance: float | None = field(default=None, metadata=flag(
         "--tolerance", help="Largest accepted max relative error of the optimized model against the original "
-                            "(exact rewrites)."))
+                            "(exact rewrites; default by the float type the model computes in: 1e-4 for float32, "
+                            "1e-2 for float16, 8e-2 for bfloat16)."))
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ def option(group: str | None, name: str, **overrides):
         kw["type"] = type(default)
     elif name in ("threads", "opt_level", "warmup"):
         kw["type"] = int
+    elif name == "tolerance":
+        kw["type"] = float
     decorators = [click.option(*meta["decls"], name, default=default, **kw)]
     for alias in meta.get("aliases", ()):
         decorators.append(click.option(alias, f"alias__{name}", default=None, hidden=True, type=kw.get("type")))

@@ -53,6 +53,7 @@ class StageProfile:
     stages: list[Stage] = field(default_factory=list)
 
     def __post_init__(self):
+        self.start_rss = rss_bytes()  # what the process held before the run (interpreter, libraries)
         self._current: Stage | None = None
         self._t0 = 0.0
         self._peak = 0
