@@ -40,7 +40,6 @@ import shutil
 from dataclasses import dataclass, field
 
 import onnx
-import onnx_ir as ir
 
 from ..core.graph import save_model, signature
 from .files import mkdtemp
@@ -324,17 +323,6 @@ def _check_schema(text: str) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
-def save_onnx(model, path: str) -> None:
-    """Write an ``onnx.ModelProto`` or ``onnx_ir.Model``; large models keep their weights in ``<file>.data``
-    beside it (:func:`normdeploy.core.graph.save_model`)."""
-    save_model(model, path)
-
-
-def _as_signature(model) -> onnx.ModelProto:
-    """What an entry reads of ``model`` (inputs and outputs) as an ``onnx.ModelProto``, weights left out."""
-    return signature(model) if isinstance(model, ir.Model) else model
-
-
 def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | None = None,
                      backend: str | None = None, *, max_batch_size: int | None = None, profile=None,
                      instance_kind: str | None = None, instances: int = 1, version: int = 1,
@@ -371,7 +359,7 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
         from .triton_python import entry_parameters
 
         params = {**entry_parameters(intra_op_threads), **params}
-    sig = _as_signature(model)
+    sig = signature(model)  # inputs and outputs only, weights left out
     entry = plan_entry(sig, name, backend, max_batch_size, instance_kind, instances, profile=profile,
                        dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
                        max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=params)
@@ -388,7 +376,7 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
             else:
                 shutil.copyfile(artifact, target)
             return
-        save_onnx(model, os.path.join(vdir, "model.onnx"))
+        save_model(model, os.path.join(vdir, "model.onnx"))  # external data for large models
         if backend == "python":
             from .triton_python import write_model_py
 

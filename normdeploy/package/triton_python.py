@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 
-
 MODEL_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_python_model.py")
 
 

@@ -76,14 +76,11 @@ class _Tally:
     cosine_min: float = 1.0
     top1_hits: int = 0
     top1_rows: int = 0
-    top1_applies: bool = False
-    chunks: int = 0
 
     def add(self, ref: np.ndarray, opt: np.ndarray) -> None:
         ref64, opt64 = np.asarray(ref, np.float64), np.asarray(opt, np.float64)
         if ref64.shape != opt64.shape:
             raise ValueError(f"output {self.name}: shape {opt64.shape} differs from the original's {ref64.shape}")
-        self.chunks += 1
         ref_finite, opt_finite = np.isfinite(ref64), np.isfinite(opt64)
         self.nonfinite += int(np.sum(~opt_finite) - np.sum(~ref_finite))
         both = ref_finite & opt_finite
@@ -93,7 +90,8 @@ class _Tally:
         r = np.where(both, ref64, 0.0)
         o = np.where(both, opt64, 0.0)
         if r.size:
-            self.max_abs = max(self.max_abs, float(np.abs(o - r).max()))
+            with np.errstate(over="ignore"):  # a difference of two large finite values may overflow: inf, as it is
+                self.max_abs = max(self.max_abs, float(np.abs(o - r).max()))
             self.scale = max(self.scale, float(np.abs(r).max()))
         if r.ndim >= 1 and r.shape[0] > 0:
             r2, o2 = r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1)
@@ -101,14 +99,13 @@ class _Tally:
             cos = np.where((nr == 0) & (no == 0), 1.0, (r2 * o2).sum(1) / np.maximum(nr * no, 1e-300))
             self.cosine_min = min(self.cosine_min, float(cos.min()))
         if ref64.ndim == 2 and ref64.shape[1] > 1 and np.issubdtype(np.asarray(ref).dtype, np.floating):
-            self.top1_applies = True
             self.top1_hits += int(np.sum(ref64.argmax(1) == opt64.argmax(1)))
             self.top1_rows += ref64.shape[0]
 
     def result(self) -> OutputComparison:
         max_abs = self.max_abs if self.same_nonfinite else float("inf")
         max_rel = max_abs / self.scale if self.scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        top1 = self.top1_hits / self.top1_rows if self.top1_applies and self.top1_rows else None
+        top1 = self.top1_hits / self.top1_rows if self.top1_rows else None
         return OutputComparison(self.name, max_abs, max_rel, self.cosine_min, top1, max(self.nonfinite, 0))
 
 
