@@ -6,18 +6,30 @@
   single ``normdeploy::*`` nodes (:mod:`normdeploy.nn`); their function bodies are attached.
   Constants are folded and dead nodes removed with onnxscript's constant folder, which
   evaluates only nodes whose inputs are all constant (it folds no normalization).
-* TorchScript: only the TorchScript exporter reads it (``dynamo=False``); that exporter
-  folds Conv + BatchNorm on its own in eval mode and sees normdeploy modules decomposed
-  (the canonicalize stage recognizes what it can).
+* TorchScript: only the TorchScript exporter reads it (``torch.onnx.export(dynamo=False)``),
+  run with ``training=PRESERVE`` on the module in eval mode: that exporter's eval-mode
+  peephole would fold Conv + BatchNorm on its own, and the report must account for every
+  fold. It sees normdeploy's modules decomposed (the canonicalize stage recognizes what it can).
+* Fallback: where the dynamo exporter fails on a module or ExportedProgram (Hugging Face T5
+  and Swin fail in torch's own decomposition: a ``view`` of a transposed tensor), the
+  TorchScript exporter exports it instead, with the same input names and dynamic axes, and
+  the report's notes say so with the dynamo error's one-line cause.
 
-The first axis of every input is exported as a dynamic ``batch`` axis; where the model
-fixes it (a Reshape with a literal batch, say) the export falls back to static shapes
-and says so.
+Axes: every input's dynamic axes (``InputSpec.dynamic``, ``{axis: name}``; the first axis,
+``batch``, by default) are exported as named dynamic dimensions, one ``torch.export.Dim`` per
+name (a Hugging Face folder's ``batch_size`` and ``sequence_length``, bounded by
+``Loaded.dim_max``). Where the model fixes them (a Reshape with a literal batch, say) the
+dynamo export falls back to static shapes and says so. Outputs are named as
+``Loaded.outputs`` says (a Hugging Face folder: Optimum's names); otherwise dynamo names
+them, and the TorchScript fallback names them after the model's output structure
+(``last_hidden_state`` for a ``ModelOutput`` field, ``output`` / ``output_<i>`` otherwise),
+with axis 0 named as the batch where the output carries it.
 """
 from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 import onnx
@@ -26,10 +38,13 @@ import onnx_ir as ir
 from .core import ops
 from .core.errors import UnsupportedError
 from .core.graph import infer_shapes
-from .core.inputs import example_arrays
+from .core.inputs import InputSpec, example_arrays
 from .load import Loaded
 
 DEFAULT_OPSET = 20
+DEFAULT_DIM_MAX = 65536
+#: dtypes torch takes that numpy (and so :func:`example_arrays`) has no native type for
+_TORCH_ONLY_DTYPES = ("bfloat16",)
 
 
 def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[ir.Model, list[str]]:
@@ -38,55 +53,191 @@ def to_onnx(loaded: Loaded, opset: int = DEFAULT_OPSET) -> tuple[ir.Model, list[
     A torch module's export holds the module's own parameter tensors (no copy); an ONNX
     file's external data stays memory-mapped until a stage reads it.
     """
+    notes: list[str] = list(loaded.notes)
     if loaded.kind == "onnx":
-        notes: list[str] = []
         return finalize(loaded.obj, notes), notes
-    import torch
-
-    arrays = example_arrays(loaded.inputs, batch=max(2, loaded.inputs[0].shape[0]) if loaded.inputs else None)
-    args = tuple(torch.from_numpy(a) for a in arrays.values())
-    notes: list[str] = []
+    args = example_tensors(loaded.inputs, batch=max(2, loaded.inputs[0].shape[0]) if loaded.inputs else None)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if loaded.kind == "torchscript":
             model = _export_torchscript(loaded, args, opset)
-            notes.append("TorchScript input: exported with the TorchScript exporter, which folds Conv+BatchNorm itself")
+            notes.append("TorchScript input: exported with the TorchScript exporter (training=PRESERVE, so that "
+                         "normdeploy, not the exporter, folds Conv+BatchNorm)")
         else:
-            model, dynamic = _export_dynamo(loaded, args, opset)
-            if not dynamic:
-                notes.append("batch axis exported static: the model fixes it (dynamic export failed)")
+            try:
+                model, dynamic = _export_dynamo(loaded, args, opset)
+                if not dynamic:
+                    notes.append("batch axis exported static: the model fixes it (dynamic export failed)")
+            except _DynamoFailed as failed:
+                try:
+                    model = _export_torchscript(loaded, args, opset)
+                except UnsupportedError as e:
+                    raise UnsupportedError(f"torch.onnx.export failed with both exporters: dynamo: {failed.cause}; "
+                                           f"{e.message}"[:400], failed.hint) from None
+                notes.append(f"the dynamo exporter failed ({failed.cause}); exported with the TorchScript exporter "
+                             "(torch.onnx.export(dynamo=False)) instead, with the same input names and dynamic axes")
+                if loaded.kind == "exported_program" and not any(ep_dynamic_axes(loaded.obj).values()):
+                    notes.append("batch axis exported static: the .pt2 was saved with static shapes")
     return finalize(model, notes), notes
 
 
-def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[ir.Model, bool]:
+def example_tensors(specs: list[InputSpec], batch: int | None = None) -> tuple:
+    """Torch tensors for ``specs`` (:func:`normdeploy.core.inputs.example_arrays`); bfloat16 from float32 draws."""
     import torch
 
-    dyn = tuple({0: torch.export.Dim("batch", min=1, max=65536)} for _ in args)
+    plain = [InputSpec(s.name, s.shape, "float32" if s.dtype in _TORCH_ONLY_DTYPES else s.dtype, s.dynamic)
+             for s in specs]
+    arrays = example_arrays(plain, batch=batch)
+    return tuple(torch.from_numpy(a).to(getattr(torch, s.dtype)) if s.dtype in _TORCH_ONLY_DTYPES
+                 else torch.from_numpy(a) for s, a in zip(specs, arrays.values()))
+
+
+class _DynamoFailed(Exception):
+    def __init__(self, cause: str, hint: str):
+        super().__init__(cause)
+        self.cause, self.hint = cause, hint
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEPS = {"1": "in torch.export", "2": "in torch's decomposition", "3": "translating to ONNX"}
+
+
+def exporter_cause(e: BaseException) -> str:
+    """The one-line cause of a ``torch.onnx.export`` failure, e.g. ``ValueError: Cannot view a tensor ...
+    (in torch's decomposition)``: the dynamo exporter's "Exception summary" when it has one."""
+    text = _ANSI.sub("", str(e))
+    cause = None
+    summary = text.split("## Exception summary", 1)
+    if len(summary) == 2:
+        lines = [ln.strip() for ln in summary[1].splitlines() if ln.strip()]
+        if lines:
+            cause = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:", r"\1:", lines[0])
+    if cause is None:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        cause = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    step = re.search(r"This is step (\d)/3", text)
+    if step and step.group(1) in _STEPS:
+        cause += f" ({_STEPS[step.group(1)]})"
+    return cause[:300]
+
+
+def _dim_name(name: str) -> str:
+    ident = re.sub(r"\W", "_", name)
+    return ident if ident and not ident[0].isdigit() else f"d_{ident}"
+
+
+def _dynamic_shapes(loaded: Loaded) -> tuple:
+    """One ``{axis: Dim}`` per input (None where none is dynamic); inputs sharing an axis name share the Dim."""
+    import torch
+
+    dims: dict = {}
+    shapes = []
+    for spec in loaded.inputs:
+        axes = {}
+        for axis, name in sorted(spec.dynamic.items()):
+            if name not in dims:
+                dims[name] = torch.export.Dim(_dim_name(name), min=1, max=loaded.dim_max.get(name, DEFAULT_DIM_MAX))
+            axes[axis] = dims[name]
+        shapes.append(axes or None)
+    return tuple(shapes)
+
+
+def _export_dynamo(loaded: Loaded, args, opset: int) -> tuple[ir.Model, bool]:
+    """The dynamo exporter, with dynamic axes, else static; raises :class:`_DynamoFailed` when both fail."""
+    import torch
+
+    names = [s.name for s in loaded.inputs]
+    output_names = [n for n, _ in loaded.outputs] if loaded.outputs else None
     errors = []
-    for dynamic_shapes in (dyn, None):
+    for dynamic_shapes in (_dynamic_shapes(loaded), None):
         try:
             prog = torch.onnx.export(loaded.obj, args, dynamo=True, optimize=False, opset_version=opset,
-                                     dynamic_shapes=dynamic_shapes, verbose=False,
-                                     input_names=[s.name for s in loaded.inputs])
+                                     dynamic_shapes=dynamic_shapes, verbose=False, input_names=names,
+                                     output_names=output_names)
             return prog.model, dynamic_shapes is not None
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             errors.append(e)
-    msg = str(errors[-1]).strip().splitlines()
-    raise UnsupportedError(f"torch.onnx.export failed: {type(errors[-1]).__name__}: {msg[0] if msg else ''}"[:300],
-                           "run with --debug for the exporter's trace, or export to ONNX yourself and pass the .onnx")
+    raise _DynamoFailed(exporter_cause(errors[-1]),
+                        "run with --debug for the exporter's trace, or export to ONNX yourself and pass the .onnx")
+
+
+def _output_layout(loaded: Loaded, module, args) -> tuple[list[str] | None, dict]:
+    """Output names and dynamic axes for the TorchScript exporter, as the dynamo path would give them.
+
+    ``Loaded.outputs`` when given; otherwise from one eager run: a ``ModelOutput`` / dict field
+    keeps its key (``last_hidden_state``, ``hidden_states.0``), other outputs are ``output`` /
+    ``output_<i>``, and axis 0 of an output is the batch axis where its size is the example batch.
+    """
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if loaded.outputs:
+        return [n for n, _ in loaded.outputs], {n: dict(axes) for n, axes in loaded.outputs if axes}
+    batch_axis = loaded.inputs[0].dynamic.get(0) if loaded.inputs else None
+    try:
+        with torch.no_grad():
+            out = module(*args)
+        leaves = pytree.tree_flatten_with_path(out)[0]
+    except Exception:  # noqa: BLE001 - the exporter will say what is wrong
+        return None, {}
+    if not leaves or not all(isinstance(v, torch.Tensor) for _, v in leaves):
+        return None, {}
+    names = []
+    for path, _ in leaves:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif isinstance(path[0], pytree.SequenceKey):
+            names.append("output_" + ".".join(parts))
+        else:
+            names.append(".".join(parts))
+    if len(set(names)) != len(names):
+        return None, {}
+    batch = args[0].shape[0] if args and args[0].ndim else None
+    axes = {n: {0: batch_axis} for n, (_, v) in zip(names, leaves)
+            if batch_axis and batch is not None and v.ndim and v.shape[0] == batch}
+    return names, axes
+
+
+def ep_dynamic_axes(ep) -> dict[int, set[int]]:
+    """``{user input index: axes}`` that an ExportedProgram keeps symbolic (the others its guards fix)."""
+    import torch
+
+    user = set(ep.graph_signature.user_inputs)
+    out, i = {}, 0
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", ())
+        out[i] = {a for a, d in enumerate(shape) if isinstance(d, torch.SymInt)}
+        i += 1
+    return out
 
 
 def _export_torchscript(loaded: Loaded, args, opset: int) -> ir.Model:
     import torch
 
+    module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
     names = [s.name for s in loaded.inputs]
+    axes = {s.name: dict(s.dynamic) for s in loaded.inputs if s.dynamic}
+    if loaded.kind == "exported_program":  # its guards hold the axes it was saved with: only those stay dynamic
+        kept = ep_dynamic_axes(loaded.obj)
+        axes = {n: {a: d for a, d in ax.items() if a in kept.get(i, set())} for i, (n, ax) in enumerate(axes.items())}
+        axes = {n: ax for n, ax in axes.items() if ax}
+        if not axes:
+            args = example_tensors(loaded.inputs)  # its example shapes exactly
+    output_names, output_axes = _output_layout(loaded, module, args)
+    if loaded.kind == "exported_program" and not axes:
+        output_axes = {}
     f = io.BytesIO()
     try:
-        torch.onnx.export(loaded.obj, args, f, dynamo=False, opset_version=opset, input_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in names})
+        torch.onnx.export(module, args, f, dynamo=False, opset_version=opset, input_names=names,
+                          output_names=output_names, dynamic_axes={**axes, **output_axes},
+                          training=torch.onnx.TrainingMode.PRESERVE)
     except Exception as e:  # noqa: BLE001
-        raise UnsupportedError(f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        raise UnsupportedError(f"TorchScript export failed: {exporter_cause(e)}"[:300],
                                "export to ONNX yourself and pass the .onnx") from e
     return ir.from_proto(onnx.load_from_string(f.getvalue()))
 

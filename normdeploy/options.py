@@ -29,6 +29,34 @@ TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
 CLI_TARGETS = TARGETS + ("auto",)
 
 
+def _number(value, flag: str, *, low: float, low_ok: bool, integer: bool = False, high: float | None = None,
+            example: str = "", inf_ok: bool = False) -> None:
+    """Refuse (InputError naming the flag) a value that is not a number in range: NaN never, +inf only
+    where ``inf_ok`` (a limit that accepts anything)."""
+    import math
+
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or (not integer and not (math.isfinite(value) or (inf_ok and value > 0))):
+        raise InputError(f"{flag} {value!r} is not {kind}", f"give {kind}{example}")
+    if value < low or (value == low and not low_ok) or (high is not None and value > high):
+        rng = (f"from {low:g} to {high:g}" if high is not None else f"{'at least' if low_ok else 'above'} {low:g}")
+        raise InputError(f"{flag} {value:g} is out of range: it must be {rng}", f"give {kind} {rng}{example}")
+
+
+def check_input_text(text) -> None:
+    """Refuse an ``--input`` that is not ``[NAME:]SHAPE[:DTYPE]`` (``::::``, an empty name, ...)."""
+    from .core.inputs import parse_input_spec
+
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"--input {text!r} is empty", "write it as name:1x3x224x224 (dtype optional: name:1x16:int64)")
+    parts = text.split(":")
+    if len(parts) > 3 or any(not p.strip() for p in parts):
+        raise InputError(f"--input {text!r} is not NAME:SHAPE[:DTYPE]",
+                         "write it as name:1x3x224x224 (dtype optional: name:1x16:int64)")
+    parse_input_spec(text)
+
+
 def flag(*decls: str, help: str, metavar: str | None = None, choices: tuple | None = None,
          is_flag: bool = False, hidden_aliases: tuple[str, ...] = ()) -> dict:
     """Field metadata: how the field appears on the command line."""
@@ -49,6 +77,11 @@ class ExportOptions:
         help="Unpickle torch files that reference classes outside torch.nn and normdeploy "
              "(unpickling runs code: only for files you trust)."))
 
+    def __post_init__(self):
+        for text in self.inputs:
+            check_input_text(text)
+        _number(self.opset, "--opset", low=7, low_ok=True, integer=True, example=", such as 17 or 20")
+
 
 @dataclass(frozen=True)
 class RewriteOptions:
@@ -63,6 +96,9 @@ class RewriteOptions:
     preln_form: str = field(default="rmsnorm", metadata=flag(
         "--preln-form", choices=PRELN_FORMS, help="What the LayerNorms of a pre-LN residual stream become (both exact)."))
 
+    def __post_init__(self):
+        _number(self.max_error, "--max-error", low=0, low_ok=True, example=", such as 1e-2", inf_ok=True)
+
 
 @dataclass(frozen=True)
 class VerifyOptions:
@@ -74,6 +110,10 @@ class VerifyOptions:
         "--tolerance", help="Largest accepted max relative error of the optimized model against the original "
                             "(exact rewrites; default by the float type the model computes in: 1e-4 for float32, "
                             "1e-2 for float16, 8e-2 for bfloat16)."))
+
+    def __post_init__(self):
+        if self.tolerance is not None:  # None: by the model's compute dtype (pipeline.DEFAULT_TOLERANCE)
+            _number(self.tolerance, "--tolerance", low=0, low_ok=True, example=", such as 1e-4", inf_ok=True)
 
 
 @dataclass(frozen=True)
@@ -87,6 +127,12 @@ class BenchOptions:
     warmup: int = field(default=10, metadata=flag("--warmup", help="Untimed calls of every variant first."))
     threads: int | None = field(default=None, metadata=flag(
         "--threads", help="Intra-op threads of every session (default: available cores, at most 8)."))
+
+    def __post_init__(self):
+        _number(self.seconds, "--seconds (--bench-seconds)", low=0, low_ok=False, example=", such as 3 (seconds)")
+        _number(self.warmup, "--warmup", low=0, low_ok=True, integer=True, example=", such as 10")
+        if self.threads is not None:
+            _number(self.threads, "--threads", low=1, low_ok=True, integer=True, example=", such as 1")
 
 
 @dataclass(frozen=True)
@@ -120,6 +166,10 @@ class TrtOptions:
         "--hardware-compat", metavar="none|ampere+|same-cc", help="TensorRT hardware compatibility of the engine."))
     timing_cache: str | None = field(default=None, metadata=flag(
         "--timing-cache", metavar="FILE", help="TensorRT timing cache file, read if present and written back."))
+
+    def __post_init__(self):
+        if self.opt_level is not None:
+            _number(self.opt_level, "--opt-level", low=0, low_ok=True, high=5, integer=True)
 
 
 GROUPS = {"export": ExportOptions, "rewrite": RewriteOptions, "verify": VerifyOptions, "bench": BenchOptions,

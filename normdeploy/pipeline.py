@@ -17,9 +17,16 @@ import onnx_ir as ir
 
 from .bench.floor import floor_model
 from .build import OrtRunner, Recorded, TorchRunner
+from .canonicalize.dyt import recognize_dyt
+from .canonicalize.groupnorm import recognize_groupnorm
+from .canonicalize.crmsnorm import recognize_crmsnorm
 from .canonicalize.layernorm import recognize_layernorm
+from .canonicalize.leftovers import describe_normalizations, find_leftovers
 from .canonicalize.naming import name_norms_after_modules
+from .canonicalize.powernorm import recognize_powernorm
 from .canonicalize.rmsnorm import recognize_rmsnorm
+from .canonicalize.scalenorm import recognize_scalenorm
+from .canonicalize.unified_norm import recognize_unified_norm
 from .core import norms
 from .core.errors import InputError
 from .core.graph import LARGE_MODEL_BYTES, infer_shapes, signature, to_proto, weight_bytes
@@ -31,6 +38,7 @@ from .core.store import TensorStore, release_mappings, spilling
 from .core.version import __version__
 from .export import to_onnx
 from .load import Loaded, load
+from .lower.groupnorm import lower_groupnorm_to_instance_norm
 from .lower.ort import lower_canonical_to_standard_ops, raise_opset_for_rmsnormalization
 from .lower.trt import lower_to_trt_plugins
 from .options import CLI_TARGETS, TARGETS, Options
@@ -50,7 +58,13 @@ STAGES = ("canonicalize", "rewrite", "lower")
 
 CANONICALIZE: tuple[Step, ...] = (
     Pass("recognize_layernorm", recognize_layernorm),
+    Pass("recognize_scalenorm", recognize_scalenorm),  # before RMSNorm: sqrt(mean(x^2)) clamped is ScaleNorm's
+    Pass("recognize_unified_norm", recognize_unified_norm),  # before PowerNorm, which joins its running-phi affine
+    Pass("recognize_powernorm", recognize_powernorm),  # before RMSNorm: the group mean of squares is GroupScaling's
     Pass("recognize_rmsnorm", recognize_rmsnorm),
+    Pass("recognize_crmsnorm", recognize_crmsnorm),
+    Pass("recognize_dyt", recognize_dyt),
+    Pass("recognize_groupnorm", recognize_groupnorm),  # reports GroupNorm / EvoNorm; rewrites nothing
     ModelStep("name_norms_after_modules", name_norms_after_modules),
 )
 REWRITE: tuple[Step, ...] = (
@@ -65,6 +79,7 @@ REWRITE: tuple[Step, ...] = (
 LOWER_ORT: tuple[Step, ...] = (
     ModelStep("raise_opset_for_rmsnormalization", raise_opset_for_rmsnormalization,
               when=lambda ctx: ctx.ort_rms_op == "standard"),
+    Pass("lower_groupnorm_to_instance_norm", lower_groupnorm_to_instance_norm),
     Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
 )
 LOWER_TRT: tuple[Step, ...] = (
@@ -606,6 +621,10 @@ def build_report(run: _Run, optimized: onnx.ModelProto, accuracies: dict[str, Ac
         "passes": [r.to_json() for r in results],
         "norm_nodes": {"before": norms.count_by_kind(run.transformed.canonical_model),
                        "after": norms.count_by_kind(optimized)},
+        "normalizations": describe_normalizations(run.transformed.canonical_model, results,
+                                                  {s.name for s in CANONICALIZE}),
+        "left_alone": [x.to_json() for x in find_leftovers(run.transformed.canonical_model, results,
+                                                           {s.name for s in CANONICALIZE})],
         "accuracy": {**run.worst, "tolerance": run.tolerance,
                      "exact_only": all(r.exact for r in results if r.rewrites),
                      **{k: a.to_json() for k, a in accuracies.items()}},
@@ -630,22 +649,12 @@ def inspect(source, options: Options | None = None, progress: Progress = _noop) 
     target = options.target if options.target != "auto" else resolve_target(options)
     ctx = context(target, options, prepared.specs)
     transformed = transform(prepared.original, ctx, progress=progress)
-    canon_results = [r for r in transformed.results if r.name in {s.name for s in CANONICALIZE}]
-    later = [r for r in transformed.results if r not in canon_results]
-    entries = []
-    for n in norms.find_norms(transformed.canonical_model):
-        applied, reasons = [], []
-        for r in later:
-            applied += [f"{r.name}: {w.what}" for w in r.rewrites if w.node == n.name]
-            reasons += [f"{r.name}: {s.reason}" for s in r.skipped if s.node == n.name]
-        recognized = [f"{r.name}: {w.what}" for r in canon_results for w in r.rewrites
-                      if w.node in (n.name,) or (w.node or "").split("/", 1)[0] == n.name]
-        entries.append({"node": n.name, "kind": n.kind, "op": f"{n.domain + '::' if n.domain else ''}{n.op_type}",
-                        "recognized": recognized, "rewrites": applied,
-                        "kept_because": [] if applied else (reasons or ["no pass applies to this kind on this target"])})
+    canon_names = {s.name for s in CANONICALIZE}
+    entries = describe_normalizations(transformed.canonical_model, transformed.results, canon_names)
+    left = [x.to_json() for x in find_leftovers(transformed.canonical_model, transformed.results, canon_names)]
     loaded = prepared.loaded
     return {"model": loaded.path, "kind": loaded.kind, "target": options.target,
-            "inputs": [s.to_json() for s in loaded.inputs], "normalizations": entries,
+            "inputs": [s.to_json() for s in loaded.inputs], "normalizations": entries, "left_alone": left,
             "counts": norms.count_by_kind(transformed.canonical_model), "notes": prepared.notes}
 
 

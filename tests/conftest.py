@@ -34,6 +34,10 @@ def ort_run(model, *arrays: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
     if isinstance(model, ir.Model):
+        model = model.clone()
+        for v in model.graph.initializers.values():  # weights still in an exported file's external data: copy them in
+            if isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value = ir.tensor(np.array(v.const_value.numpy()), name=v.name)
         model = ir.to_proto(model)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

@@ -31,7 +31,8 @@ def test_readme_snippet_runs_and_prints_what_its_comments_say(tmp_path, monkeypa
     expected = [line.split("# ", 1)[1].strip() for line in _readme_snippet().splitlines()
                 if line.startswith("print(") and "# " in line]
     assert [p.strip() for p in printed] == expected
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.onnx", "original.onnx", "report.json", "report.md", "triton"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".normdeploy-output", "model.onnx", "original.onnx", "report.json",
+                                                    "report.md", "triton"]
 
 
 @pytest.mark.slow

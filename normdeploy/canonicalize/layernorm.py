@@ -17,8 +17,22 @@ trailing axes ``axis .. rank-1``. Spellings recognized (``d = x - mean``, ``s = 
           s ──> Pow(., -0.5) ──> Mul(d, .) ──────┤
                                                  └──> [Mul(g)] ──> [Add(b)] ──> y
 
-torch's exporter may emit ``x - mean`` twice (one Sub for the numerator, one for the
-variance); both are accepted when they compute the same value. Casts whose source and
+Each mean (and the variance) may be written in any spelling of
+:func:`normdeploy.canonicalize.statistics.mean_over`: ``ReduceMean(keepdims=1)``;
+``ReduceMean(keepdims=0)`` put back by ``Unsqueeze`` (``x.mean(-1)[..., None]``) or by a
+``Reshape`` [+ ``Expand``] of its symbolic shape (``torch.var`` / ``var_mean`` under the dynamo
+exporter and ``torch.export``); ``ReduceSum`` divided by N (``var_mean``'s mean). torch's
+exporters may emit ``x - mean`` twice (one Sub for the numerator, one for the variance), even
+with two ReduceMeans whose axes read ``[2]`` and ``[-1]``: both are accepted when they reduce
+the same axes of the same x. Two more variances are recognized::
+
+    clamp(mean(x^2) - mean(x)^2, 0)          timm ``_layer_norm_cf_sqm`` (Clip, Max or Relu):
+                                             the same function (a variance is >= 0); the
+                                             canonical node computes it in two passes, which
+                                             rounds no worse than the one-pass original
+    mean((x - mean)^2) * N / (N - 1)         ``torch.var`` unbiased (the default): with c = N/(N-1),
+                                             1 / sqrt(c var + eps) = c^-1/2 / sqrt(var + eps / c),
+                                             so epsilon = eps / c and the gain g c^-1/2 (float64) Casts whose source and
 target types are equal (``x.to(torch.float32)`` on a float32 x) are looked through. A
 mixed-precision spelling keeps its real Casts: ``Cast(x, float32)`` feeds the match as x,
 and a Cast between the normalized product and the gain keeps the gain outside
@@ -31,14 +45,19 @@ bias shaped [C, 1, 1]) becomes::
       ──> Transpose(0, r-1, 1, .., r-2) ──> y
 
 Exact: the replacement computes the same expression (up to float rounding: the
-statistics are computed by one kernel, in float32 for float16 inputs, stash_type 1).
+statistics are computed by one kernel). On a float16 / bfloat16 x the LayerNormalization
+runs on ``Cast(x, float32)`` with float32 parameters and is cast back (ONNX Runtime's
+float16 CPU kernel computes the variance in one pass; see :func:`_rewrite_layernorm`).
 
 Conditions (each failure is a skip reason): the model's opset is at least 17; epsilon,
-gain and bias are constants; mean and variance reduce over the same axes, with
-keepdims; those axes are the trailing ones (or axis 1 of a tensor of rank >= 3); the
+gain and bias are known before run time (constants, constant expressions such as
+``Add(Cast(w), 1)``, or shape arithmetic of static dimensions); mean and variance reduce
+over the same axes, kept as unit axes (a Reshape / Unsqueeze back puts back exactly those);
+a sum is divided by exactly the number of elements it adds; a Bessel factor is a known
+positive number; a Clip of the one-pass variance has no finite upper bound; those axes are the trailing ones (or axis 1 of a tensor of rank >= 3); the
 gain and bias vary only along the normalized axes, whose sizes are static; no
 intermediate tensor (mean, d, variance, ...) is a graph output or is read by a node
-outside the match. The output tensor keeps its name.
+outside the match (a ``Shape`` that only computes the match's own Reshape target is not). The output tensor keeps its name.
 
 Patterns are written in the small pattern language of :mod:`normdeploy.core.pattern`.
 """
@@ -48,11 +67,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx import TensorProto
 
 from ..core.graph import Namer, add_node, constant, opset_of, rank_of
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import (
-    Const,
     Lit,
     Match,
     Recognizer,
@@ -61,28 +80,54 @@ from ..core.pattern import (
     divided_by_sqrt,
     dtype_of,
     op,
-    outside_consumer,
-    reduce_axes,
-    scalar,
     static_shape,
+    strip_noop,
     take_over,
+)
+from .statistics import (
+    known_value,
+    mean_axes,
+    mean_over,
+    number_of,
+    outside_reader,
+    restored,
+    scalar_value,
+    statistics_label,
 )
 
 # ----------------------------------------------------------------------------- LayerNorm
 
 X = Var("x")
-MEAN = op("ReduceMean", X, name="mean", extra_inputs=True)
+#: the mean of the numerator's ``x - mean`` and the one inside the variance may be two nodes (the dynamo
+#: exporter writes ``x.mean(-1)`` and ``torch.var``'s own mean with axes [-1] and [2]): bound apart, checked equal
+MEAN = mean_over(X, "mean")
 CENTRED = op("Sub", X, MEAN)
-VARIANCE = op("ReduceMean", any_of(op("Pow", CENTRED, Lit(2.0)), op("Mul", CENTRED, CENTRED)),
-              name="var", extra_inputs=True)
+VAR_CENTRED = op("Sub", X, mean_over(X, "vmean"))
+SQUARED = any_of(op("Pow", VAR_CENTRED, Lit(2.0)), op("Mul", VAR_CENTRED, VAR_CENTRED))
+#: the one-pass variance of timm's ``_layer_norm_cf_sqm``: ``clamp(E[x^2] - E[x]^2, 0)``
+ONE_PASS = op("Sub", mean_over(any_of(op("Pow", X, Lit(2.0)), op("Mul", X, X)), "var"),
+              any_of(op("Mul", mean_over(X, "vmean"), mean_over(X, "vmean")), op("Pow", mean_over(X, "vmean"), Lit(2.0))))
+#: torch.var's default, the unbiased variance: ``mean * N / (N - 1)`` (N from ``Shape`` at run time)
+UNBIASED = op("Div", op("Mul", op("ReduceMean", SQUARED, name="var", extra_inputs=True), Var("bessel_n")),
+              Var("bessel_d"), name="bessel")
+VARIANCE = any_of(
+    mean_over(SQUARED, "var"),
+    restored(UNBIASED, "var"),
+    op("Clip", ONE_PASS, Lit(0.0), name="clamp", extra_inputs=True),
+    op("Max", ONE_PASS, Lit(0.0), name="clamp"),
+    op("Relu", ONE_PASS, name="clamp"),
+)
 VAR_EPS = op("Add", VARIANCE, Var("eps"))
 NORMALIZED = divided_by_sqrt(CENTRED, VAR_EPS)
 LAYERNORM = any_of(
-    op("Add", op("Mul", NORMALIZED, Const("g")), Const("b")),
-    op("Mul", NORMALIZED, Const("g")),
-    op("Add", NORMALIZED, Const("b")),
+    op("Add", op("Mul", NORMALIZED, Var("g")), Var("b")),
+    op("Mul", NORMALIZED, Var("g")),
+    op("Add", NORMALIZED, Var("b")),
     NORMALIZED,
 )
+#: what counts as a LayerNorm candidate: a mean (or sum) of squares of x - mean(x)
+CANDIDATE = any_of(op("ReduceMean", SQUARED, name="var", extra_inputs=True),
+                   op("ReduceSum", SQUARED, name="var", extra_inputs=True))
 
 
 @dataclass
@@ -120,35 +165,73 @@ def _channel_param(v: np.ndarray, channels: int, rank: int, what: str) -> np.nda
     return np.broadcast_to(v.reshape(-1), (channels,))
 
 
+def _param(m: Match, name: str, what: str) -> np.ndarray | str | None:
+    """The value of the gain or bias bound as ``name`` (None if the spelling has none), or why it is not known."""
+    if name not in m.bound:
+        return None
+    v = known_value(m.bound[name])
+    if v is None:
+        return f"{what} {m.bound[name].name} is not a constant"
+    if v.dtype.kind != "f":
+        return f"{what} {m.bound[name].name} is not a float tensor"
+    return v
+
+
+def _statistic_axes(m: Match, x: ir.Value) -> list[int] | str:
+    """The axes of the mean and of the variance (one list: they must agree), or why they do not."""
+    axes = {}
+    for name in ("mean", "vmean", "var"):
+        a = mean_axes(m, name, x)
+        if isinstance(a, str):
+            return a
+        axes[name] = a
+    mean, inner, var = axes.values()
+    if mean != var:
+        return f"mean and variance reduce over different axes ({mean} vs {var})"
+    if inner != mean:
+        return f"the variance centres x with a mean over axes {inner}, not the normalized axes {mean}"
+    clamp = m.bound.get("clamp")
+    if clamp is not None and clamp.op_type == "Clip" and len(clamp.inputs) > 2 and clamp.inputs[2] is not None:
+        hi = known_value(clamp.inputs[2])
+        if hi is None or hi.size != 1 or not np.isposinf(hi.reshape(-1)[0]):
+            return f"Clip {clamp.name} bounds the one-pass variance from above: not a variance"
+    return mean
+
+
 def _plan_layernorm(graph: ir.Graph, m: Match) -> LayerNormPlan | str:
     opset = opset_of(graph)
     if opset is not None and opset < 17:
         return f"model opset {opset} has no LayerNormalization (needs opset 17)"
-    eps = scalar(m.bound["eps"], "epsilon")
+    eps = scalar_value(m.bound["eps"], "epsilon")
     if isinstance(eps, str):
         return eps
-    x = m.bound["x"]
+    x = strip_noop(m.bound["x"])  # a no-op Cast (x.float() on float32) is not the norm's input
     rank = rank_of(x)
-    mean_axes = reduce_axes(m.bound["mean"], rank)
-    if isinstance(mean_axes, str):
-        return mean_axes
-    var_axes = reduce_axes(m.bound["var"], rank)
-    if isinstance(var_axes, str):
-        return var_axes
-    if mean_axes != var_axes:
-        return f"mean and variance reduce over different axes ({mean_axes} vs {var_axes})"
-    k = len(mean_axes)
-    shape = static_shape(x)
-    g, b = m.values.get("g"), m.values.get("b")
+    axes = _statistic_axes(m, x)
+    if isinstance(axes, str):
+        return axes
+    g, b = _param(m, "g", "gain"), _param(m, "b", "bias")
+    for p in (g, b):
+        if isinstance(p, str):
+            return p
     dtype = dtype_of(x) or (g.dtype if g is not None else np.dtype(np.float32))
-    if mean_axes == list(range(-k, 0)):
+    if "bessel" in m.bound:  # var' = c var: 1 / sqrt(c var + eps) = c^-1/2 / sqrt(var + eps / c)
+        n, d = number_of(m.bound["bessel_n"]), number_of(m.bound["bessel_d"])
+        if n is None or d is None or not n / d > 0:
+            return f"variance {m.bound['var'].name} is scaled by a factor that is not a known positive number"
+        var_scale = n / d
+        eps = float(np.float32(np.float64(eps) / var_scale))
+        g = (np.float64(1.0) if g is None else g.astype(np.float64)) / np.sqrt(var_scale)
+    k = len(axes)
+    shape = static_shape(x)
+    if axes == list(range(-k, 0)):
         norm_shape = shape[-k:] if shape is not None else None
         if norm_shape is None or None in norm_shape:
             return f"normalized dimensions of {x.name} are not static (LayerNormalization needs a full scale)"
         scale = np.ones(norm_shape, dtype) if g is None else _trailing_param(g, norm_shape, rank, "gain")
         bias = None if b is None else _trailing_param(b, norm_shape, rank, "bias")
         cf_rank = None
-    elif rank is not None and rank >= 3 and mean_axes == [1 - rank]:
+    elif rank is not None and rank >= 3 and axes == [1 - rank]:
         channels = shape[1]
         if channels is None:
             sizes = [v.size for v in (g, b) if v is not None and v.size > 1]
@@ -159,38 +242,79 @@ def _plan_layernorm(graph: ir.Graph, m: Match) -> LayerNormPlan | str:
         bias = None if b is None else _channel_param(b, channels, rank, "bias")
         k, cf_rank = 1, rank
     else:
-        return (f"mean and variance reduce over axes {mean_axes}, neither the trailing axes nor axis 1 "
+        return (f"mean and variance reduce over axes {axes}, neither the trailing axes nor axis 1 "
                 f"(channels-first) of a rank-{rank} tensor")
     for p in (scale, bias):
         if isinstance(p, str):
             return p
-    reason = outside_consumer(m)
+    reason = outside_reader(m)
     if reason:
         return reason
     return LayerNormPlan(x, -k, eps, np.ascontiguousarray(scale, dtype),
                          None if bias is None else np.ascontiguousarray(bias, dtype), cf_rank)
 
 
-def _rewrite_layernorm(graph: ir.Graph, m: Match, plan: LayerNormPlan, namer: Namer) -> tuple[str, str]:
+def _label(m: Match, plan: LayerNormPlan) -> str:
+    forms = ["channels-first"] if plan.channels_first_rank is not None else []
+    if "clamp" in m.bound:
+        forms.append("one-pass variance clamp(E[x^2] - E[x]^2, 0)")
+    if "bessel" in m.bound:
+        forms.append("unbiased variance (x N/(N-1), folded into eps and gain)")
+    stats = statistics_label(m, ("mean", "vmean", "var"))
+    return ", ".join(forms + ([stats] if stats else []))
+
+
+#: element types whose LayerNormalization runs on a float32 copy (see :func:`_rewrite_layernorm`)
+_HALF = {np.dtype(np.float16): TensorProto.FLOAT16}
+try:  # bfloat16 where numpy knows it (ml_dtypes)
+    import ml_dtypes
+
+    _HALF[np.dtype(ml_dtypes.bfloat16)] = TensorProto.BFLOAT16
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _rewrite_layernorm(graph: ir.Graph, m: Match, plan: LayerNormPlan, namer: Namer) -> tuple[str, str, str]:
+    """The canonical LayerNormalization (through Transposes for channels-first).
+
+    On a float16 / bfloat16 x it runs on ``Cast(x, float32)`` with float32 parameters (the half values,
+    exactly) and its output is cast back: ONNX Runtime's float16 CPU kernel computes the variance in one
+    pass, E[x^2] - E[x]^2, which loses the digits of a small std against a large mean (the fuzzer's
+    fp16_layernorm_recognized_one_pass_variance: 0.5 % off, up to 10 %); in float32 it rounds no worse
+    than the float16 original.
+    """
     root = m.nodes[0]
     base = root.name or "layernorm"
-    params = [constant(namer, base, "ln_scale", plan.scale)]
-    if plan.bias is not None:
-        params.append(constant(namer, base, "ln_bias", plan.bias))
+    half = _HALF.get(dtype_of(plan.x))
+    scale, bias = plan.scale, plan.bias
+    if half is not None:
+        scale, bias = scale.astype(np.float32), None if bias is None else bias.astype(np.float32)
+    params = [constant(namer, base, "ln_scale", scale)]
+    if bias is not None:
+        params.append(constant(namer, base, "ln_bias", bias))
     attrs = {"axis": plan.axis, "epsilon": plan.epsilon}
-    if plan.channels_first_rank is None:
-        ln = add_node(namer, "LayerNormalization", [plan.x, *params], base=base, attrs=attrs)
-        take_over(root, ln.outputs[0])
-        return f"decomposed LayerNorm ending at {root.name} -> LayerNormalization {ln.name} (axis {plan.axis})", ln.name
+    x = plan.x
+    if half is not None:
+        x = add_node(namer, "Cast", [x], base=base, suffix="to_float32", attrs={"to": int(TensorProto.FLOAT)}).outputs[0]
     r = plan.channels_first_rank
-    to_last, to_first = [0, *range(2, r), 1], [0, r - 1, *range(1, r - 1)]
-    t_in = add_node(namer, "Transpose", [plan.x], base=base, suffix="to_channels_last", attrs={"perm": to_last})
-    ln = add_node(namer, "LayerNormalization", [t_in.outputs[0], *params], base=base, attrs=attrs)
-    t_out = add_node(namer, "Transpose", [ln.outputs[0]], base=base, suffix="to_channels_first",
-                     attrs={"perm": to_first})
-    take_over(root, t_out.outputs[0])
-    return (f"channels-first LayerNorm ending at {root.name} -> Transpose, LayerNormalization {ln.name} "
-            f"(axis -1), Transpose"), ln.name
+    if r is not None:
+        to_last = [0, *range(2, r), 1]
+        x = add_node(namer, "Transpose", [x], base=base, suffix="to_channels_last", attrs={"perm": to_last}).outputs[0]
+    ln = add_node(namer, "LayerNormalization", [x, *params], base=base, attrs=attrs)
+    y = ln.outputs[0]
+    if r is not None:
+        to_first = [0, r - 1, *range(1, r - 1)]
+        y = add_node(namer, "Transpose", [y], base=base, suffix="to_channels_first", attrs={"perm": to_first}).outputs[0]
+    if half is not None:
+        y = add_node(namer, "Cast", [y], base=base, suffix="from_float32", attrs={"to": int(half)}).outputs[0]
+    take_over(root, y)
+    in32 = " on a float32 copy" if half is not None else ""
+    if r is None:
+        what = f"decomposed LayerNorm ending at {root.name} -> LayerNormalization {ln.name} (axis {plan.axis}){in32}"
+    else:
+        what = (f"channels-first LayerNorm ending at {root.name} -> Transpose, LayerNormalization {ln.name} "
+                f"(axis -1){in32}, Transpose")
+    return what, ln.name, _label(m, plan)
 
 
 LAYERNORM_RECOGNIZER = Recognizer(
@@ -199,7 +323,8 @@ LAYERNORM_RECOGNIZER = Recognizer(
     root_ops=frozenset({"Add", "Mul", "Div"}),
     plan=_plan_layernorm,
     rewrite=_rewrite_layernorm,
-    candidate=VARIANCE,
+    candidate=CANDIDATE,
+    candidate_ops=frozenset({"ReduceMean", "ReduceSum"}),
     incomplete="variance of x - mean(x) is not followed by a recognized LayerNorm spelling "
                "(Add eps, Sqrt, Div / Reciprocal+Mul, or Pow -0.5)",
 )

@@ -11,8 +11,17 @@ Decomposed spellings recognized (``s = mean(x^2) + eps``)::
           s ──> Pow(., -0.5) ──> Mul(x, .) ─────────┤
                                                     └──> [Mul(g)] ──> y
 
-with the gain either after the product (``Mul(Mul(x, r), g)``, either operand order) or
-before it (``Mul(Mul(x, g), r)``, ``Div(Mul(g, x), sqrt)``). ONNX Runtime fuses none of
+where the mean of squares is any spelling of :func:`normdeploy.canonicalize.statistics.mean_over`
+(``keepdims=0`` and an ``Unsqueeze`` back: bzhangGo/rmsnorm's Theano ``rln``,
+``(x * x).mean(1)[:, None]``; a ``Reshape`` back; ``ReduceSum / N``), over the last axis or over
+axis 1 of a rank >= 3 tensor (channels-first: timm's ``RmsNorm2d`` / ``rms_norm2d``, the
+``convnext_*_rms`` models), which becomes::
+
+    x ──> Transpose(0, 2, .., r-1, 1) ──> RMSNorm ──> Transpose(0, r-1, 1, .., r-2) ──> y
+
+The gain is a constant or a constant expression (Gemma's ``1 + w`` before the exporter
+folds it: ``Add(Cast(w), 1)``), either after the product (``Mul(Mul(x, r), g)``, either
+operand order) or before it (``Mul(Mul(x, g), r)``, ``Div(Mul(g, x), sqrt)``). ONNX Runtime fuses none of
 these Pow/Sqrt/Reciprocal chains; the canonical node is what lowering turns into
 RMSNormalization, SimplifiedLayerNormalization or a plugin.
 
@@ -28,13 +37,24 @@ fuses the float16 Llama spelling into it) the ONNX definition is kept to the let
 
     X ──> Cast(float32) ──> RMSNorm(G = ones) ──> Cast(X's type) ──> Mul(scale) ──> Y
 
-Exact (up to float rounding of the reordered products). Conditions (each failure is a
-skip reason): epsilon and the gain are constants, the gain varies only along the last
-axis; the mean of squares reduces the last axis only, with keepdims (the canonical op
-normalizes the last axis); without a gain the last dimension is static (G = ones of it);
-no intermediate tensor is a graph output or read outside the match; the output keeps its
-name. A mean of squares of ``x - mean(x)`` is a LayerNorm and is left to
-:mod:`.canonicalize_layernorm`.
+Exact (up to float rounding of the reordered products; the Transposes move data only).
+Conditions (each failure is a skip reason): epsilon and the gain are known before run
+time, the gain varies only along the normalized axis; the mean of squares reduces the last
+axis only or axis 1 of a rank >= 3 tensor, kept as a unit axis; without a gain the
+normalized dimension is static (G = ones of it); no intermediate tensor is a graph output
+or read outside the match (a Shape computing the match's own Reshape target excepted); the
+output keeps its name. A mean of squares of ``x - mean(x)`` is a LayerNorm and is left to
+:mod:`.layernorm`.
+
+Spellings that are a different function are matched only to be reported, never rewritten
+(no canonical form computes them exactly):
+
+* eps outside the root, ``x / (||x||_2 d^-1/2 + eps)`` (bzhangGo/rmsnorm rmsnorm_torch.py,
+  ``ReduceL2`` or ``Sqrt`` of a mean of squares, then ``Add(eps)``): ``1 / (r + eps)`` and
+  ``1 / sqrt(r^2 + eps')`` differ for every eps, eps' > 0;
+* partial RMSNorm (the same file's ``p``, and rmsnorm_tensorflow.py): the statistic of
+  ``Split`` / ``Slice`` of the first k channels divides all d of them; the canonical op takes
+  it over the whole normalized axis.
 """
 from __future__ import annotations
 
@@ -48,7 +68,6 @@ from ..core.graph import DEFAULT_DOMAINS, Namer, add_node, attr, constant, rank_
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import (
-    Const,
     Lit,
     Match,
     Recognizer,
@@ -59,21 +78,37 @@ from ..core.pattern import (
     fold,
     match,
     op,
-    outside_consumer,
-    reduce_axes,
-    scalar,
+    same_value,
     static_shape,
+    strip_noop,
     take_over,
 )
+from .statistics import known_value, mean_axes, mean_over, outside_reader, scalar_value, statistics_label
 
 X = Var("x")
-MEAN_SQUARE = op("ReduceMean", any_of(op("Pow", X, Lit(2.0)), op("Mul", X, X)), name="ms", extra_inputs=True)
+SQUARES = any_of(op("Pow", X, Lit(2.0)), op("Mul", X, X))
+MEAN_SQUARE = mean_over(SQUARES, "ms")
 MS_EPS = op("Add", MEAN_SQUARE, Var("eps"))
-NUMERATOR = any_of(op("Mul", X, Const("g_pre")), X)
+NUMERATOR = any_of(op("Mul", X, Var("g_pre")), X)
 NORMALIZED = divided_by_sqrt(NUMERATOR, MS_EPS)
-RMSNORM = any_of(op("Mul", NORMALIZED, Const("g_post")), NORMALIZED)
+RMSNORM = any_of(op("Mul", NORMALIZED, Var("g_post")), NORMALIZED)
+#: what counts as an RMSNorm candidate: a mean (or sum) of squares
+CANDIDATE = op("ReduceMean", SQUARES, name="ms", extra_inputs=True)
 
-_CENTRED = op("Sub", Var("a"), op("ReduceMean", Var("a"), extra_inputs=True))
+# ---- spellings that are NOT the canonical RMSNorm, matched only to say why they are left alone
+#: bzhangGo/rmsnorm's torch RMSNorm: ``x / (||x||_2 d^-1/2 + eps)``, eps outside the root
+_L2 = any_of(op("ReduceL2", Var("stat_x"), name="l2", extra_inputs=True),
+             op("Sqrt", mean_over(any_of(op("Pow", Var("stat_x"), Lit(2.0)), op("Mul", Var("stat_x"), Var("stat_x"))),
+                                  "l2"), name="root"))
+_RMS = any_of(op("Mul", _L2, Var("k")), op("Div", _L2, Var("k")), _L2)
+EPS_OUTSIDE = any_of(op("Div", Var("num"), op("Add", _RMS, Var("eps"), name="outside")),
+                     op("Mul", Var("num"), op("Reciprocal", op("Add", _RMS, Var("eps"), name="outside"))))
+#: partial RMSNorm (bzhang's ``p``): the statistic of a slice of x divides all of x
+PARTIAL = divided_by_sqrt(any_of(op("Mul", Var("num"), Var("g_pre")), Var("num")),
+                          op("Add", mean_over(any_of(op("Pow", Var("stat_x"), Lit(2.0)),
+                                                     op("Mul", Var("stat_x"), Var("stat_x"))), "ms"), Var("eps")))
+
+_CENTRED = op("Sub", Var("a"), mean_over(Var("a"), "centre"))
 
 
 def _is_centred(t: ir.Value) -> bool:
@@ -86,6 +121,7 @@ class RMSNormPlan:
     x: ir.Value
     gain: np.ndarray | ir.Value
     epsilon: float
+    channels_first_rank: int | None = None  # set: normalize axis 1 through Transposes
 
 
 def _gain_vector(v: np.ndarray, rank: int | None, what: str) -> np.ndarray | str:
@@ -96,36 +132,64 @@ def _gain_vector(v: np.ndarray, rank: int | None, what: str) -> np.ndarray | str
     return v.reshape(-1)
 
 
+def _channel_vector(v: np.ndarray, rank: int, what: str) -> np.ndarray | str:
+    """A channels-first gain (``[C, 1, 1]``, ``[1, C, 1, 1]`` or a scalar) as a [C] vector."""
+    if v.ndim > rank:
+        return f"{what} of shape {list(v.shape)} has a higher rank than the input"
+    padded = (1,) * (rank - v.ndim) + tuple(v.shape)
+    if any(d != 1 for i, d in enumerate(padded) if i != 1):
+        return f"{what} of shape {list(v.shape)} is not per-channel on axis 1"
+    return v.reshape(-1)
+
+
+def _gains(m: Match) -> list[np.ndarray] | str:
+    out = []
+    for name in ("g_pre", "g_post"):
+        if name not in m.bound:
+            continue
+        v = known_value(m.bound[name])
+        if v is None:
+            return f"gain {m.bound[name].name} is not a constant"
+        if v.dtype.kind != "f":
+            return f"gain {m.bound[name].name} is not a float tensor"
+        out.append(v)
+    return out
+
+
 def _plan_rmsnorm(graph: ir.Graph, m: Match) -> RMSNormPlan | str | None:
-    x = m.bound["x"]
+    x = strip_noop(m.bound["x"])  # a no-op Cast (x.float() on float32) is not the norm's input
     if _is_centred(x):
         return None  # a LayerNorm: recognize_layernorm's business
-    eps = scalar(m.bound["eps"], "epsilon")
+    eps = scalar_value(m.bound["eps"], "epsilon")
     if isinstance(eps, str):
         return eps
     rank = rank_of(x)
-    axes = reduce_axes(m.bound["ms"], rank)
+    axes = mean_axes(m, "ms", x)
     if isinstance(axes, str):
         return axes
-    if axes != [-1]:
-        return (f"mean of squares reduces over axes {axes}, not the last axis only "
-                f"(the canonical RMSNorm normalizes the last axis)")
-    gains = []
-    for name, what in (("g_pre", "gain"), ("g_post", "gain")):
-        if name in m.values:
-            g = _gain_vector(m.values[name], rank, what)
-            if isinstance(g, str):
-                return g
-            gains.append(g)
+    raw = _gains(m)
+    if isinstance(raw, str):
+        return raw
     shape = static_shape(x)
-    width = shape[-1] if shape else None
+    if axes == [-1]:
+        gains = [_gain_vector(g, rank, "gain") for g in raw]
+        width, cf_rank = (shape[-1] if shape else None), None
+    elif rank is not None and rank >= 3 and axes == [1 - rank]:
+        gains = [_channel_vector(g, rank, "gain") for g in raw]
+        width, cf_rank = shape[1], rank
+    else:
+        return (f"mean of squares reduces over axes {axes}, neither the last axis only nor axis 1 (channels-first) "
+                f"of a rank-{rank} tensor (the canonical RMSNorm normalizes one axis)")
+    for g in gains:
+        if isinstance(g, str):
+            return g
     if width is None:
         sizes = [g.size for g in gains if g.size > 1]
         if not sizes:
-            return f"last dimension of {x.name} is not static (needed for the unit gain G)"
+            return f"normalized dimension of {x.name} is not static (needed for the unit gain G)"
         width = sizes[0]
     if any(g.size not in (1, width) for g in gains):
-        return f"gain of size {[g.size for g in gains]} does not match the last dimension {width}"
+        return f"gain of size {[g.size for g in gains]} does not match the normalized dimension {width}"
     dtype = dtype_of(x) or (gains[0].dtype if gains else np.dtype(np.float32))
     if not gains:
         gain = np.ones(width, dtype)
@@ -133,10 +197,10 @@ def _plan_rmsnorm(graph: ir.Graph, m: Match) -> RMSNormPlan | str | None:
         gain = np.broadcast_to(gains[0], (width,)).astype(dtype)
     else:  # gains before and after the product: multiply once, in float64
         gain = (gains[0].astype(np.float64) * gains[1].astype(np.float64) * np.ones(width)).astype(dtype)
-    reason = outside_consumer(m)
+    reason = outside_reader(m)
     if reason:
         return reason
-    return RMSNormPlan(x, np.ascontiguousarray(gain), eps)
+    return RMSNormPlan(x, np.ascontiguousarray(gain), eps, cf_rank)
 
 
 def _canonical_node(namer: Namer, base: str, plan: RMSNormPlan) -> ir.Node:
@@ -144,13 +208,25 @@ def _canonical_node(namer: Namer, base: str, plan: RMSNormPlan) -> ir.Node:
     return add_node(namer, "RMSNorm", [plan.x, g], base=base, domain=DOMAIN, attrs={"epsilon": float(plan.epsilon)})
 
 
-def _rewrite_rmsnorm(graph: ir.Graph, m: Match, plan: RMSNormPlan, namer: Namer) -> tuple[str, str]:
+def _rewrite_rmsnorm(graph: ir.Graph, m: Match, plan: RMSNormPlan, namer: Namer) -> tuple[str, str, str]:
     root = m.nodes[0]
     base = root.name or "rmsnorm"
-    node = _canonical_node(namer, base, plan)
-    take_over(root, node.outputs[0])
-    gain = "with gain" if ("g_pre" in m.values or "g_post" in m.values) else "without gain (G = ones)"
-    return f"decomposed RMSNorm ending at {root.name} ({gain}) -> {DOMAIN}::RMSNorm {node.name}", node.name
+    gain = "with gain" if ("g_pre" in m.bound or "g_post" in m.bound) else "without gain (G = ones)"
+    label = statistics_label(m, ("ms",))
+    if plan.channels_first_rank is None:
+        node = _canonical_node(namer, base, plan)
+        take_over(root, node.outputs[0])
+        return (f"decomposed RMSNorm ending at {root.name} ({gain}) -> {DOMAIN}::RMSNorm {node.name}", node.name,
+                label)
+    r = plan.channels_first_rank
+    to_last, to_first = [0, *range(2, r), 1], [0, r - 1, *range(1, r - 1)]
+    t_in = add_node(namer, "Transpose", [plan.x], base=base, suffix="to_channels_last", attrs={"perm": to_last})
+    node = _canonical_node(namer, base, RMSNormPlan(t_in.outputs[0], plan.gain, plan.epsilon))
+    t_out = add_node(namer, "Transpose", [node.outputs[0]], base=base, suffix="to_channels_first",
+                     attrs={"perm": to_first})
+    take_over(root, t_out.outputs[0])
+    return (f"channels-first RMSNorm ending at {root.name} ({gain}) -> Transpose, {DOMAIN}::RMSNorm {node.name}, "
+            f"Transpose"), node.name, ", ".join(["channels-first"] + ([label] if label else []))
 
 
 RMSNORM_RECOGNIZER = Recognizer(
@@ -159,11 +235,79 @@ RMSNORM_RECOGNIZER = Recognizer(
     root_ops=frozenset({"Mul", "Div"}),
     plan=_plan_rmsnorm,
     rewrite=_rewrite_rmsnorm,
-    candidate=MEAN_SQUARE,
+    candidate=CANDIDATE,
     incomplete="mean of squares is not followed by a recognized RMSNorm spelling "
                "(Add eps, Sqrt + Div / Reciprocal+Mul, or Pow -0.5, applied to the same x)",
     accept_candidate=lambda m: not _is_centred(m.bound["x"]),
 )
+
+
+def _sliced_from(part: ir.Value, whole: ir.Value) -> ir.Node | None:
+    """The Slice / Split that takes ``part`` out of ``whole`` (partial RMSNorm's ``torch.split``), or None."""
+    node = part.producer()
+    if node is None or node.op_type not in ("Slice", "Split") or not same_value(node.inputs[0], whole):
+        return None
+    return node
+
+
+def _why_eps_outside(graph: ir.Graph, m: Match) -> str | None:
+    partial = ""
+    if not same_value(m.bound["num"], m.bound["stat_x"]):
+        node = _sliced_from(m.bound["stat_x"], m.bound["num"])
+        if node is None:
+            return None
+        partial = f"partial RMSNorm (the statistic of {node.op_type} {node.name}, part of the channels), "
+    eps = scalar_value(m.bound["eps"], "epsilon")
+    k = scalar_value(m.bound["k"], "scale") if "k" in m.bound else 1.0
+    if isinstance(eps, str) or isinstance(k, str):
+        return None
+    add = m.bound["outside"]
+    return (f"{partial}eps {eps:g} added to the RMS outside the square root by {add.op_type} {add.name} "
+            f"(x / (rms + eps), bzhangGo/rmsnorm's torch RMSNorm): a different function from RMSNorm's "
+            f"x / sqrt(mean(x^2) + eps), left as it is")
+
+
+def _why_partial(graph: ir.Graph, m: Match) -> str | None:
+    num, part = m.bound["num"], m.bound["stat_x"]
+    if same_value(num, part):
+        return None
+    node = _sliced_from(part, num)
+    if node is None:
+        return None
+    k, d = (static_shape(part) or [None])[-1], (static_shape(num) or [None])[-1]
+    if k is not None and k == d:
+        return (f"partial RMSNorm with p = 1: {node.op_type} {node.name} keeps all {d} channels of {num.name}, "
+                f"but the RMSNorm pattern does not look through it; left as it is")
+    return (f"partial RMSNorm: the mean of squares of {node.op_type} {node.name} ({k} of the {d} channels of "
+            f"{num.name}) divides all of {num.name}: a different function from RMSNorm, whose statistic covers "
+            f"every normalized channel; left as it is")
+
+
+def _never(graph, m, plan, namer):  # pragma: no cover - the reason recognizers never rewrite
+    raise AssertionError("a reason-only recognizer rewrote")
+
+
+#: spellings matched only to say why they are not RMSNorm (no candidates of their own)
+NOT_RMSNORM = (
+    Recognizer(pattern=EPS_OUTSIDE, anchor="l2", root_ops=frozenset({"Div", "Mul"}), plan=_why_eps_outside,
+               rewrite=_never, candidate=CANDIDATE, incomplete="", candidate_ops=frozenset()),
+    Recognizer(pattern=PARTIAL, anchor="ms", root_ops=frozenset({"Div", "Mul"}), plan=_why_partial,
+               rewrite=_never, candidate=CANDIDATE, incomplete="", candidate_ops=frozenset()),
+)
+
+
+def _explain_left_alone(graph: ir.Graph, result: PassResult) -> None:
+    """Give the candidates no RMSNorm spelling took the specific reason a NOT_RMSNORM pattern finds."""
+    for rec in NOT_RMSNORM:
+        found = PassResult(result.name, exact=True)
+        rec.run(graph, found)
+        for skip in found.skipped:
+            same = [s for s in result.skipped if s.node == skip.node]
+            if same:
+                same[0].reason = skip.reason
+            else:
+                result.matched += 1
+                result.skipped.append(skip)
 
 
 @dataclass
@@ -235,6 +379,7 @@ def _rewrite_rms_normalization(graph: ir.Graph, node: ir.Node, plan, namer: Name
 def recognize_rmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Rewrite decomposed RMSNorm and ONNX RMSNormalization (last axis) to normdeploy::RMSNorm."""
     RMSNORM_RECOGNIZER.run(graph, result)
+    _explain_left_alone(graph, result)
     namer = Namer(graph)
     for node in list(graph):
         if node.op_type != "RMSNormalization" or node.domain not in DEFAULT_DOMAINS:

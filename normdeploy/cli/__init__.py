@@ -14,7 +14,7 @@ import click
 
 from ..package import TRITON_BACKENDS
 from .bench import bench
-from .common import Progress, SectionedCommand, common_flags, errors, group_options, options_from, plain
+from .common import OneLineGroup, Progress, SectionedCommand, common_flags, errors, group_options, options_from, plain
 from .gate import gate
 from .serve import serve
 
@@ -26,14 +26,14 @@ Example:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLE)
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLE)
 @click.version_option(package_name="normdeploy")
 def main():
     """Fold, fuse or exactly replace the normalization layers of a model, then build and benchmark it."""
 
 
 @main.command(cls=SectionedCommand, epilog=EXAMPLE)
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @group_options("target", "export", "rewrite", "verify", "bench", "ort", "trt")
 @plain("--out", "out", type=click.Path(file_okay=False), default=None, section="output",
        help="Output directory (default: <model name>.normdeploy in the current directory).")
@@ -46,21 +46,22 @@ def main():
        "Python backend, which PyPI's tritonserver (nvidia-pytriton) serves on CPU (`normdeploy serve`).")
 @common_flags
 def optimize(model, out, force, triton_repo, triton_backend, as_json, debug, **values):
-    """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2 or a torch.save'd nn.Module)."""
+    """Optimize MODEL (.onnx, TorchScript .pt, torch.export .pt2, a torch.save'd nn.Module, or a Hugging Face
+    model folder written by save_pretrained)."""
     from .. import api, package, pipeline
     from ..core.errors import InputError
 
     with errors(debug):
         opts = options_from(values)
-        out = out or os.path.splitext(os.path.basename(model))[0] + ".normdeploy"
-        package.check_writable(out, force)
+        out = out or os.path.splitext(os.path.basename(os.path.abspath(model)))[0] + ".normdeploy"
+        package.check_writable(out, force, inputs=(model,))
         pipeline.resolve_target(opts)  # a missing GPU or TensorRT is said before any work
         if triton_repo:
             if opts.trt.lower_only and triton_backend != "python":
                 raise InputError("--triton-repo with --lower-only: the lowered model has TensorRT plugin nodes that "
                                  "no Triton backend serves", "build the engine on a GPU host (drop --lower-only), "
                                  "or pass --triton-backend python")
-            package.check_writable(triton_repo, force=True)
+            package.check_repository(triton_repo, package.default_name(model), inputs=(model,))
         with Progress(not as_json) as progress:
             result = api.optimize(model, options=opts, progress=progress)
             progress("write", None)
@@ -108,7 +109,7 @@ def _print_summary(r: dict, path: str) -> None:
 
 
 @main.command(cls=SectionedCommand, epilog=EXAMPLE)
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @group_options("target", "export", "rewrite", "ort", only={"target": ("target",), "ort": ("rms_op",)})
 @common_flags
 def inspect(model, as_json, debug, **values):
@@ -125,13 +126,24 @@ def inspect(model, as_json, debug, **values):
         from rich.console import Console
         from rich.table import Table
 
+        console = Console()
         t = Table(title=f"{model}: {len(info['normalizations'])} normalization(s), target {opts.target}")
-        for col in ("node", "kind", "op", "what happens"):
+        for col in ("node", "kind", "op", "spelling matched", "what happens"):
             t.add_column(col, overflow="fold")
         for e in info["normalizations"]:
             fate = "; ".join(e["rewrites"]) if e["rewrites"] else "kept: " + "; ".join(e["kept_because"])
-            t.add_row(e["node"], e["kind"], e["op"], fate)
-        Console().print(t)
+            t.add_row(e["node"], e["kind"], e["op"], e["spelling"], fate)
+        console.print(t)
+        left = info.get("left_alone") or []
+        if left:
+            t = Table(title=f"{len(left)} normalization-like subgraph(s) left alone")
+            for col in ("node", "what", "ops", "condition that failed", "then"):
+                t.add_column(col, overflow="fold")
+            for x in left:
+                t.add_row(x["node"], x["what"], x["spelling"], x["reason"], "; ".join(x["fate"]) or "-")
+            console.print(t)
+        for n in info.get("notes") or []:
+            console.print(f"note: {n}")
 
 
 main.add_command(bench)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from .errors import InputError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
-           "float64": np.float64}
+           "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
+#: float dtypes numpy does not count as floating (ml_dtypes' bfloat16): drawn as float32, then converted
+EXTENSION_FLOATS = frozenset({"bfloat16"})
 
 
 @dataclass
@@ -60,19 +63,24 @@ def example_arrays(specs: list[InputSpec], seed: int = 0, batch: int | None = No
     ``batch`` replaces the first dimension of inputs whose first axis is dynamic.
 
     Integer inputs (token ids) are drawn from [0, 16) so they are valid for any vocabulary
-    of at least 16 entries; inputs whose name says "mask" are all ones.
+    of at least 16 entries; inputs whose name says "mask" are all ones, "type" all zeros, and
+    ``position_ids`` (``[batch, sequence]``) count 0, 1, ... along the sequence.
     """
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:
         shape = (batch,) + tuple(s.shape[1:]) if batch and 0 in s.dynamic else s.shape
         dt = numpy_dtype(s.dtype)
-        if np.issubdtype(dt, np.floating):
+        if s.dtype in EXTENSION_FLOATS:
+            out[s.name] = rng.standard_normal(shape).astype(np.float32).astype(dt)
+        elif np.issubdtype(dt, np.floating):
             out[s.name] = rng.standard_normal(shape).astype(dt)
         elif "mask" in s.name.lower() or dt == np.bool_:
             out[s.name] = np.ones(shape, dt)
         elif "type" in s.name.lower():
             out[s.name] = np.zeros(shape, dt)
+        elif s.name.lower() == "position_ids" and len(shape) == 2:
+            out[s.name] = np.broadcast_to(np.arange(shape[1], dtype=dt), shape).copy()
         else:
             out[s.name] = rng.integers(0, 16, shape).astype(dt)
     return out

@@ -20,6 +20,8 @@ arithmetic, computed in float64 from the stored weight and stored once in its dt
   centring matrix ``C = I - 1 1^T / k`` (LN-free), and ``W'_j = W_j - W_k`` for ``j < k``
   (a reader of CRMSNorm's ``d - 1`` stored coordinates).
 
+A MatMul weight may be ``Transpose(W)`` of a constant (:func:`weight_value`: a tied LM head).
+
 Nothing changes in the graph until :meth:`Linear.apply`; a shared weight is never edited
 (every new weight is a new constant).
 """
@@ -41,10 +43,37 @@ def padded(node: ir.Node) -> bool:
     return bool(pads is not None and any(int(p) != 0 for p in pads)) or auto in ("SAME_UPPER", "SAME_LOWER")
 
 
+def weight_value(v: ir.Value | None) -> np.ndarray | None:
+    """A linear layer's constant weight: a constant, or ``Transpose(W)`` of a constant W (a tied LM head,
+    ``MatMul(x, Transpose(wte.weight))``, whose W the embedding's Gather also reads; the exporters'
+    constant folders leave that Transpose of a large weight in place). A fold stores its new weight as
+    a new constant in the transposed layout; W itself is never edited."""
+    c = const_value(v)
+    if c is not None or v is None:
+        return c
+    n = v.producer()
+    if n is None or n.op_type != "Transpose" or n.domain not in ONNX_DOMAINS or len(n.inputs) != 1:
+        return None
+    w = const_value(n.inputs[0])
+    if w is None:
+        return None
+    perm = attr(n, "perm")
+    return np.transpose(w, None if perm is None else [int(p) for p in perm])
+
+
+def _bias_value(v: ir.Value) -> np.ndarray | None:
+    """A Conv / Gemm bias: a constant, or computed from constants only (dynamo at opset 17 gives a bias-free
+    Conv the bias ``Expand(CastLike(0, x), Shape(W)[0:1])``)."""
+    from .affine import constant_of
+
+    c = const_value(v)
+    return c if c is not None else constant_of(v)
+
+
 def matmul_weight_slot(node: ir.Node) -> int | None:
-    if const_value(node.inputs[1]) is not None:
+    if weight_value(node.inputs[1]) is not None:
         return 1
-    if const_value(node.inputs[0]) is not None:
+    if weight_value(node.inputs[0]) is not None:
         return 0
     return None
 
@@ -132,13 +161,13 @@ def linear_layer(graph: ir.Graph, node: ir.Node, slot: int = 0, dtype=None, bias
         if w is None:
             return f"{op} {node.name} {'B' if op == 'Gemm' else 'weight'} is not a constant"
         has_b = len(node.inputs) > 2 and node.inputs[2] is not None
-        b = const_value(node.inputs[2]) if has_b else None
+        b = _bias_value(node.inputs[2]) if has_b else None
         if has_b and b is None:
             return f"{op} {node.name} {'C' if op == 'Gemm' else 'bias'} is not a constant"
         cls = {"Conv": _Conv, "ConvTranspose": _ConvTranspose, "Gemm": _Gemm}[op]
         return cls(graph, node, 1, w, dtype, b)
     wslot = 1 - slot
-    w = const_value(node.inputs[wslot])
+    w = weight_value(node.inputs[wslot])
     if w is None:
         return f"MatMul {node.name} other operand is not a constant"
     if wslot == 0 and w.ndim < 2:

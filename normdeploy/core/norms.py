@@ -72,11 +72,35 @@ def _nodes(model):
         yield n, n.name, (x.name if x is not None else ""), (n.outputs[0].name if n.outputs else "")
 
 
+def _grouped_instance_norms(model) -> set[str]:
+    """Output names of the InstanceNormalizations that sit between two Reshapes (``Reshape -> InstanceNormalization
+    -> Reshape``): torch's spelling of GroupNorm (:mod:`normdeploy.canonicalize.groupnorm` checks it in full)."""
+    if isinstance(model, onnx.ModelProto):
+        producer = {o: n.op_type for n in model.graph.node for o in n.output}
+        readers: dict[str, list[str]] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n.op_type)
+        return {n.output[0] for n in model.graph.node if n.op_type == "InstanceNormalization" and n.input
+                and producer.get(n.input[0]) == "Reshape" and readers.get(n.output[0]) == ["Reshape"]}
+    out = set()
+    for n in model.graph:
+        if n.op_type == "InstanceNormalization" and n.inputs and n.inputs[0] is not None:
+            src, users = n.inputs[0].producer(), [u.op_type for u, _ in n.outputs[0].uses()]
+            if src is not None and src.op_type == "Reshape" and users == ["Reshape"]:
+                out.add(n.outputs[0].name)
+    return out
+
+
 def find_norms(model) -> list[NormNode]:
-    """Every normalization node of an ``onnx_ir.Model`` (or ``onnx.ModelProto``), in graph order."""
+    """Every normalization node of an ``onnx_ir.Model`` (or ``onnx.ModelProto``), in graph order; an
+    InstanceNormalization between two Reshapes counts as the GroupNorm it computes."""
     out = []
+    grouped = _grouped_instance_norms(model)
     for i, (n, name, x, y) in enumerate(_nodes(model)):
         kind = kind_of(n)
+        if kind == "InstanceNorm" and y in grouped:
+            kind = "GroupNorm"
         if kind:
             out.append(NormNode(name or f"{n.op_type}_{i}", kind, n.op_type, n.domain, x, y))
     return out

@@ -15,6 +15,10 @@ Per op, what ONNX Runtime runs fastest while computing the same function:
 * ScaleNorm    -> ``ReduceL2``, ``Max(eps)``, ``Div``, ``Mul(g)``.
 * CRMSNorm     -> ``ReduceSumSquare``, ``ReduceSum``, the formula of :mod:`normdeploy.core.ops`.
 
+Each reduction gets its axes in the form its opset defines (:func:`_reduce_inputs`): ReduceSum
+takes them as an input from opset 13, ReduceMean, ReduceSumSquare and ReduceL2 from opset 18,
+an attribute before.
+
 All of these are exact: the same formula evaluated by standard kernels. A canonical node
 whose parameters are not constant is left to its ONNX function body (ONNX Runtime
 inlines it) and reported as skipped.
@@ -60,6 +64,16 @@ class _Emitter:
         return constant(self.namer, self.base, suffix, np.asarray(value, self.dtype if dtype is None else dtype))
 
 
+def _reduce_inputs(e: _Emitter, x, axes: list[int], opset: int, since: int) -> tuple[list, dict]:
+    """A reduction's inputs and attributes: ``axes`` as an input from opset ``since`` on, else as an attribute.
+
+    (ReduceSum moved its axes to an input at opset 13; ReduceSumSquare, ReduceMean, ReduceL2 at 18.)
+    """
+    if opset >= since:
+        return [x, e.const("axes", axes, np.int64)], {}
+    return [x], {"axes": axes}
+
+
 def _rms(e: _Emitter, x, gain, eps: float, opset: int) -> ir.Value:
     if opset >= 23:
         return e("RMSNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
@@ -75,8 +89,8 @@ SHORT_ROW = 64
 def _rms_decomposed(e: _Emitter, x, eps: float, opset: int) -> ir.Value:
     """x / sqrt(mean(x^2) + eps) over the last axis as Mul, ReduceMean, Add, Sqrt, Div."""
     sq = e("Mul", [x, x])
-    ms = e("ReduceMean", [sq, e.const("axes", [-1], np.int64)], keepdims=1) if opset >= 18 else \
-        e("ReduceMean", [sq], keepdims=1, axes=[-1])
+    inputs, axes = _reduce_inputs(e, sq, [-1], opset, since=18)
+    ms = e("ReduceMean", inputs, keepdims=1, **axes)
     return e("Div", [x, e("Sqrt", [e("Add", [ms, e.const("eps", eps)])])])
 
 
@@ -168,14 +182,16 @@ def _lower_node(node: ir.Node, namer: Namer, opset: int) -> None:
     elif op == "DynamicTanh":
         out = affine(e("Tanh", [e("Mul", [x, e.const("alpha", params[0])])]))
     elif op == "ScaleNorm":
-        norm = e("ReduceL2", [x, e.const("axes", [-1], np.int64)] if opset >= 18 else [x], keepdims=1,
-                 **({} if opset >= 18 else {"axes": [-1]}))
+        inputs, axes = _reduce_inputs(e, x, [-1], opset, since=18)
+        norm = e("ReduceL2", inputs, keepdims=1, **axes)
         clamped = e("Max", [norm, e.const("eps", attrs["epsilon"])])
         out = e("Mul", [e("Div", [x, clamped]), e.const("gain", params[0])])
     else:  # CRMSNorm
-        axes = ([e.const("axes", [-1], np.int64)], {}) if opset >= 18 else ([], {"axes": [-1]})
-        ss = e("ReduceSumSquare", [x, *axes[0]], keepdims=1, **axes[1])
-        s = e("ReduceSum", [x, *axes[0]], keepdims=1, **axes[1])
+        # ReduceSum takes its axes as an input from opset 13 on, ReduceSumSquare only from opset 18
+        inputs, axes = _reduce_inputs(e, x, [-1], opset, since=18)
+        ss = e("ReduceSumSquare", inputs, keepdims=1, **axes)
+        inputs, axes = _reduce_inputs(e, x, [-1], opset, since=13)
+        s = e("ReduceSum", inputs, keepdims=1, **axes)
         ms = e("Div", [e("Add", [ss, e("Mul", [s, s])]), e.const("d", channels + 1)])
         inv = e("Reciprocal", [e("Sqrt", [e("Add", [ms, e.const("eps", attrs["epsilon"])])])])
         out = e("Mul", [e("Mul", [x, inv]), e.const("gain", params[0])])

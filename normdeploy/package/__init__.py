@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 
 from ..core.errors import InputError, UnsupportedError
 from ..core.graph import save_model, signature
-from .files import mkdtemp
+from . import files
 from .triton import EntryError, check_entry, model_name, plan_entry, write_repository
 
 #: ``--triton-backend``: "default" is ONNX Runtime for ort-* targets and TensorRT where an engine was
@@ -22,20 +21,84 @@ from .triton import EntryError, check_entry, model_name, plan_entry, write_repos
 TRITON_BACKENDS = ("default", "python")
 
 
-def check_writable(out: str, force: bool) -> None:
-    """Fail early, before any work, when ``out`` cannot be written."""
+def default_name(model_path: str) -> str:
+    """The Triton entry name of a model file: its stem, made Triton-safe."""
+    return model_name(os.path.splitext(os.path.basename(model_path))[0])
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_destination(path: str, what: str, inputs=()) -> None:
+    """Refuse a destination whose replacement would delete what normdeploy did not write or cannot
+    replace: one containing an input file, the current directory or one above it, the home directory."""
+    real = os.path.realpath(path)
+    here = os.path.realpath(os.getcwd())
+    if _is_within(here, real):
+        which = "the current directory" if real == here else "a directory above the current one"
+        raise InputError(f"{what} {path} is {which}; normdeploy writes a directory of its own and would replace it",
+                         f"give a new directory, e.g. {what} {os.path.join(path, 'out')}")
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == home:
+        raise InputError(f"{what} {path} is the home directory; normdeploy writes a directory of its own and would "
+                         "replace it", f"give a new directory, e.g. {what} {os.path.join(path, 'out')}")
+    for p in inputs:
+        if p and isinstance(p, str) and _is_within(os.path.realpath(p), real):
+            raise InputError(f"{what} {path} contains the input {p}; normdeploy would replace it",
+                             "give another output directory, or move the input out of it")
+
+
+def check_writable(out: str, force: bool, inputs=()) -> None:
+    """Fail early, before any work, when ``out`` cannot be written, or when writing it would replace
+    anything normdeploy did not write (:func:`check_destination`, :func:`.files.check_replaceable`).
+
+    ``inputs``: the model file(s), never inside ``out``. Without ``force`` only an absent or empty
+    ``out`` is written; with it, also a directory normdeploy wrote (it carries ``.files.MARKER``).
+    Scratch directories of ``out`` left by a writer that was killed are cleaned first
+    (:func:`.files.clean_stale`), and a previous output it had moved aside is put back.
+    """
     parent = os.path.dirname(os.path.abspath(out)) or "."
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"output path {out} exists and is a file", "choose another --out")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise InputError(f"output directory {out} exists and is not empty", "pass --force to replace it, or another --out")
+    check_destination(out, "--out", inputs)
+    files.clean_stale(parent, os.path.basename(os.path.abspath(out)))  # a killed writer's scratch; its previous output back
+    if os.path.islink(out) or (os.path.exists(out) and not os.path.isdir(out)):
+        files.check_replaceable(out, "output directory")
+    if os.path.isdir(out) and os.listdir(out):
+        if not force:
+            raise InputError(f"output directory {out} exists and is not empty",
+                             "pass --force to replace it, or another --out")
+        files.check_replaceable(out, "output directory")
     if not os.path.isdir(parent):
         raise InputError(f"the parent directory of {out} does not exist", f"create {parent} first")
-    try:  # a real probe: os.access says yes to root even on read-only file systems
-        os.rmdir(tempfile.mkdtemp(prefix=".normdeploy-probe-", dir=parent))
+    _probe(parent, f"output directory {out}", "--out")
+
+
+def _probe(parent: str, what: str, flag: str) -> None:
+    try:  # a real probe: os.access says yes to root even on read-only file systems; unnamed, so nothing is left
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
-        raise InputError(f"output directory {out} is not writable ({e.strerror or e} in {parent})",
-                         "choose a --out you can write to") from None
+        raise InputError(f"{what} is not writable ({e.strerror or e} in {parent})",
+                         f"choose a {flag} you can write to") from None
+
+
+def check_repository(repo: str, name: str | None = None, inputs=()) -> None:
+    """Fail early when the Triton repository ``repo`` cannot take the entry ``name``: ``repo`` is a file,
+    or its entry ``name`` exists and was not written by normdeploy, or would contain an input."""
+    if os.path.exists(repo) and not os.path.isdir(repo):
+        raise InputError(f"--triton-repo {repo} exists and is a file", "choose another --triton-repo")
+    parent = repo if os.path.isdir(repo) else os.path.dirname(os.path.abspath(repo))
+    if not os.path.isdir(parent):
+        raise InputError(f"the parent directory of {repo} does not exist", f"create {parent} first")
+    if name:
+        entry = os.path.join(repo, name)
+        check_destination(entry, "Triton entry", inputs)
+        files.check_replaceable(entry, "Triton entry")
+    _probe(parent, f"--triton-repo {repo}", "--triton-repo")
+
+
+def _input_paths(result) -> tuple[str, ...]:
+    path = (result.report.get("input") or {}).get("path")
+    return (path,) if isinstance(path, str) and os.path.exists(path) else ()
 
 
 def write(out: str, result, force: bool = False, name: str | None = None, triton_repo: str | None = None,
@@ -44,33 +107,41 @@ def write(out: str, result, force: bool = False, name: str | None = None, triton
 
     The Triton entry is planned and checked (:func:`normdeploy.package.triton.check_entry`) before
     anything is written; its summary goes into ``report.json`` as ``triton``.
+
+    All or nothing, and nothing lost: everything is written into a marked scratch directory
+    ``.<out>.tmp-<pid>-*`` beside ``out`` (:data:`.files.MARKER`, naming this process), which then
+    takes the place of ``out``, swapped atomically where the platform can
+    (:func:`.files.replace_dir`). ``out`` is replaced only when it is absent, empty or written by
+    normdeploy, never when it holds the input or is the current or home directory. Scratch left by
+    a writer that was killed is removed first (:func:`.files.clean_stale`).
     """
-    check_writable(out, force)
-    name = name or model_name(os.path.splitext(os.path.basename(result.report["input"]["path"]))[0])
+    inputs = _input_paths(result)
+    check_writable(out, force, inputs)
+    name = name or default_name(result.report["input"]["path"])
     entry = triton_entry_args(result, triton_backend)
     if triton_repo and entry is None:
         raise InputError("--triton-repo: a trt-* model written with --lower-only has plugin nodes that no Triton "
                          "backend serves", "build the engine on a GPU host (drop --lower-only), pass "
                          "--triton-backend python, or use --target ort-cpu")
+    if triton_repo:
+        check_repository(triton_repo, name, inputs)
     if entry is not None:
         result.report["triton"] = _checked_summary(name, entry)
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    tmp = mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    files.clean_stale(parent, base)
+    made: list[str] = []  # the scratch directory, known as soon as it exists
     try:
+        tmp = files.make_scratch(base, "tmp", parent, role="output", record=made)
         _write_all(tmp, result, name, entry)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        files.replace_dir(tmp, out, "output directory")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:
+            files.remove_scratch(d)
         raise InputError(f"cannot write output directory {out}: {e.strerror or e}", "check free space and permissions") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:
+            files.remove_scratch(d)
         raise
     if triton_repo:
         os.makedirs(triton_repo, exist_ok=True)
@@ -169,6 +240,11 @@ def _fmt(v, spec=".3g") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _cell(text: str) -> str:
+    """``text`` fit for a markdown table cell (no pipes, no line breaks)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(r: dict) -> str:
     acc, lat = r["accuracy"], r.get("latency")
     lines = [f"# normdeploy report: `{r['input']['path']}`", "",
@@ -177,6 +253,16 @@ def render_markdown(r: dict) -> str:
              "## Normalization nodes", "", "| kind | before | after |", "|---|---|---|"]
     kinds = sorted(set(r["norm_nodes"]["before"]) | set(r["norm_nodes"]["after"]))
     lines += [f"| {k} | {r['norm_nodes']['before'].get(k, 0)} | {r['norm_nodes']['after'].get(k, 0)} |" for k in kinds]
+    if r.get("normalizations"):
+        lines += ["", "| node | kind | spelling matched | what happens |", "|---|---|---|---|"]
+        for e in r["normalizations"]:
+            fate = "; ".join(e["rewrites"]) if e["rewrites"] else "kept: " + "; ".join(e["kept_because"])
+            lines.append(f"| `{e['node']}` | {e['kind']} | {e['spelling']} | {_cell(fate)} |")
+    if r.get("left_alone"):
+        lines += ["", "## Normalization-like subgraphs left alone", "",
+                  "| node | what | ops | condition that failed | then |", "|---|---|---|---|---|"]
+        lines += [f"| `{x['node']}` | {x['what']} | {x['spelling']} | {_cell(x['reason'])} | "
+                  f"{_cell('; '.join(x['fate']) or '-')} |" for x in r["left_alone"]]
     lines += ["", "## Passes", "", "| pass | exact | matched | rewrites | skipped |", "|---|---|---|---|---|"]
     for p in r["passes"]:
         lines.append(f"| {p['name']} | {'yes' if p['exact'] else 'no'} | {p['matched']} | {len(p['rewrites'])} | {len(p['skipped'])} |")

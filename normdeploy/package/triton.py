@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..core.graph import save_model, signature
-from .files import mkdtemp
+from . import files
 
 _TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
@@ -386,31 +386,44 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
 
 
 def _write_entry(repo_dir: str, name: str, version: int, text: str, fill, replace: bool) -> str:
+    """Assemble the entry in a marked scratch directory and put it in place (:func:`.files.replace_dir`).
+
+    An existing entry is replaced only when ``replace`` and when normdeploy wrote it (it carries
+    :data:`.files.MARKER`; a hand-written entry of the same name is refused, never deleted).
+    Scratch left beside the repository by a writer that was killed is removed first.
+    """
     repo_dir = os.path.abspath(repo_dir)
     os.makedirs(repo_dir, exist_ok=True)
     final = os.path.join(repo_dir, name)
-    if os.path.exists(final) and not replace:
+    if os.path.lexists(final) and not replace:
         raise FileExistsError(f"{final} exists")
-    try:  # beside the repository, so Triton's repository poller never sees a half-written entry
-        scratch = os.path.dirname(repo_dir)
-        tmp = mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
-    except OSError:  # parent not writable: a hidden directory inside the repository
-        scratch = repo_dir
-        tmp = mkdtemp(prefix=f".{name}.tmp-", dir=scratch)
+    files.check_replaceable(final, "Triton entry")
+    # beside the repository, so Triton's repository poller never sees a half-written entry;
+    # where that parent is not writable, a hidden directory inside the repository
+    made: list[str] = []  # the scratch directory, known as soon as it exists
+    for scratch, base in ((os.path.dirname(repo_dir), f"{os.path.basename(repo_dir)}.{name}"), (repo_dir, name)):
+        files.clean_stale(scratch, base, dest=final)
+        try:
+            tmp = files.make_scratch(base, "tmp", scratch, role="entry", record=made)
+            break
+        except OSError:
+            for d in made:
+                files.remove_scratch(d)
+            made.clear()
+            if scratch == repo_dir:
+                raise
+        except BaseException:
+            for d in made:
+                files.remove_scratch(d)
+            raise
     try:
         vdir = os.path.join(tmp, str(version))
         os.makedirs(vdir)
         fill(vdir)
         with open(os.path.join(tmp, "config.pbtxt"), "w") as f:
             f.write(text)
-        if os.path.exists(final):
-            old = mkdtemp(prefix=f".{name}.old-", dir=scratch)
-            os.rename(final, os.path.join(old, name))
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        files.replace_dir(tmp, final, "Triton entry", scratch=scratch, base=base)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files.remove_scratch(tmp)
         raise
     return final

@@ -2,8 +2,10 @@
 
 Sources: every normalization whose output is ``y = a * core(x) + c`` with constant ``a``,
 ``c`` varying along one channel axis (:func:`normdeploy.core.affine.affine_of`: BatchNorm,
-UnifiedNorm, PowerNorm's affine, the gain and bias of LayerNorm, RMSNorm, CRMSNorm,
-ScaleNorm, DynamicTanh).
+UnifiedNorm, PowerNorm's affine, the gain and bias of LayerNorm, GroupNormalization, RMSNorm,
+CRMSNorm, ScaleNorm, DynamicTanh), and every per-channel constant affine written as a chain of
+Mul / Div / Add / Sub by constants (:func:`normdeploy.core.affine.constant_affine`: a decomposed
+or frozen BatchNorm, a layer scale, GroupNorm's and EvoNorm's trailing ``* w + b``).
 
 Directions. With ``t = W x + b`` a linear layer (Conv with any groups, stride and
 dilation, ConvTranspose with any groups, Gemm with transA, transB, alpha, beta, with
@@ -50,22 +52,30 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ..core.affine import ONNX_DOMAINS, Affine, affine_of, is_affine_source
+from ..core.affine import (
+    ONNX_DOMAINS,
+    Affine,
+    affine_of,
+    constant_affine,
+    is_affine_source,
+    value_readers,
+    value_uses,
+)
 from ..core.graph import (
     Namer,
     add_node,
     attr,
     const_value,
     constant,
-    consumers,
     dtype_of,
+    rank_of,
     remove_nodes,
     replace_value,
     set_input,
     value,
 )
 from ..core.layout import MOVERS, SELECTORS, compress, dims, map_backward, map_forward, same_dim, vector_along
-from ..core.linear import LINEAR, linear_layer, matmul_weight_slot, padded
+from ..core.linear import LINEAR, linear_layer, matmul_weight_slot, padded, weight_value
 from ..core.ops import ATTRIBUTES, DOMAIN
 from ..core.passes import PassContext, PassResult
 
@@ -92,7 +102,7 @@ def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.n
         wslot = matmul_weight_slot(lin)
         if wslot is None:
             return f"MatMul {lin.name} has no constant operand"
-        if const_value(lin.inputs[wslot]).ndim < 2:
+        if weight_value(lin.inputs[wslot]).ndim < 2:
             return f"MatMul {lin.name} weight is a vector"
         layer = linear_layer(graph, lin, 1 - wslot)
     else:
@@ -121,50 +131,97 @@ def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.n
     return Plan(lambda: layer.apply(namer), what)
 
 
-def fold_affine_into_producer(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
-    """Plan folding a pure affine into the linear layer that writes its input (through movers)."""
-    t, chain = aff.x, []
+def _remove_source(graph: ir.Graph, aff: Affine) -> None:
+    """Drop a pure source whose readers now read x: a constant affine's intermediate values that a ``Shape`` or
+    a ``CastLike`` still reads for their shape or type read x instead (the same shape and type)."""
+    inside = set(aff.all_nodes)
+    for n in aff.all_nodes:
+        if n is aff.node:
+            continue
+        for user, idx in list(n.outputs[0].uses()):
+            if user not in inside:
+                user.replace_input_with(idx, aff.x)
+    remove_nodes(graph, aff.all_nodes)
+
+
+def _concat_inputs(node: ir.Node, arrs: list[np.ndarray]) -> list[ir.Value] | str:
+    """A Concat's inputs when the affine arrays are constant along its axis (each part gets the same arrays)."""
+    axis = int(attr(node, "axis", 0))
+    rank = rank_of(node.outputs[0])
+    if rank is None:
+        return f"rank of Concat {node.name} output is unknown"
+    axis = axis % rank - rank  # negative: the arrays are right-aligned
+    for a in arrs:
+        if a.ndim >= -axis and a.shape[a.ndim + axis] != 1:
+            return f"the affine varies along the concatenated axis {axis + rank} of Concat {node.name}"
+    if any(i is None for i in node.inputs) or len({id(i) for i in node.inputs}) != len(node.inputs):
+        return f"Concat {node.name} reads one tensor twice"
+    return list(node.inputs)
+
+
+def _producer_plans(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], namer: Namer, depth: int = 0
+                    ) -> list[tuple[Plan, list[ir.Node]]] | str:
+    """Plans folding the arrays on ``t`` into the linear layer(s) that write it, through movers and through a
+    Concat along an axis the affine does not vary on (per-step convs stacked over time): (plan, movers)."""
+    chain: list[ir.Node] = []
     while True:
         prod = t.producer()
         if prod is None:
             return "its input is not written by a node"
         if t.is_graph_output():
             return f"{prod.name} output {t.name} is also a graph output"
-        if len(t.uses()) != 1:
-            return (f"{prod.op_type} {prod.name} output has {len(t.uses())} readers "
+        if value_uses(t) != 1:
+            return (f"{prod.op_type} {prod.name} output has {value_uses(t)} readers "
                     "(the un-normalized value is still needed)")
         if prod.op_type in MOVERS and prod.domain in ONNX_DOMAINS:
+            mapped = map_backward(prod, arrs)
+            if isinstance(mapped, str):
+                return f"through {prod.op_type} {prod.name}: {mapped}"
             chain.append(prod)
-            t = prod.inputs[0]
+            arrs, t = mapped, prod.inputs[0]
             continue
         break
-    arrs = [aff.scale, aff.shift]
-    for mover in chain:
-        arrs = map_backward(mover, arrs)
-        if isinstance(arrs, str):
-            return f"through {mover.op_type} {mover.name}: {arrs}"
+    if prod.op_type == "Concat" and prod.domain in ONNX_DOMAINS and depth < 4:
+        parts = _concat_inputs(prod, arrs)
+        if isinstance(parts, str):
+            return parts
+        plans = []
+        for part in parts:
+            sub = _producer_plans(graph, part, arrs, namer, depth + 1)
+            if isinstance(sub, str):
+                return f"through Concat {prod.name}: {sub}"
+            plans += [(plan, chain + [prod] + movers) for plan, movers in sub]
+        return plans
     if prod.op_type == "Add" and prod.domain in ONNX_DOMAINS and len(prod.inputs) == 2:
         const_slot = next((i for i in (1, 0) if const_value(prod.inputs[i]) is not None), None)
         if const_slot is not None:  # a MatMul + Add pair: the Add is the MatMul's bias
             inner = prod.inputs[1 - const_slot]
             mm = inner.producer() if inner is not None else None
-            if (mm is not None and mm.op_type == "MatMul" and len(inner.uses()) == 1
+            if (mm is not None and mm.op_type == "MatMul" and value_uses(inner) == 1
                     and not inner.is_graph_output() and matmul_weight_slot(mm) is not None):
                 prod = mm
     if prod.op_type not in LINEAR or prod.domain not in ONNX_DOMAINS:
         return f"producer {prod.name} ({prod.op_type}) is not linear"
     plan = _producer_plan(graph, prod, arrs[0], arrs[1], namer)
-    if isinstance(plan, str):
-        return plan
-    node = aff.node
-    inner_apply = plan.apply
+    return plan if isinstance(plan, str) else [(plan, chain)]
+
+
+def fold_affine_into_producer(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
+    """Plan folding a pure affine into the linear layer(s) that write its input (through movers and Concats)."""
+    plans = _producer_plans(graph, aff.x, [aff.scale, aff.shift], namer)
+    if isinstance(plans, str):
+        return plans
 
     def apply():
-        inner_apply()
-        replace_value(node.outputs[0], node.inputs[0])  # y's readers (and graph-output slot) take x
-        remove_nodes(graph, [node])
-    via = "".join(f" through {m.op_type} {m.name}" for m in reversed(chain))
-    return Plan(apply, f"{node.op_type} {node.name} folded {plan.what}{via}", plan.notes)
+        for plan, _ in plans:
+            plan.apply()
+        replace_value(aff.y, aff.x)  # y's readers (and graph-output slot) take x
+        _remove_source(graph, aff)
+    whats = []
+    for plan, movers in plans:
+        via = "".join(f" through {m.op_type} {m.name}" for m in reversed(movers))
+        whats.append(f"{plan.what}{via}")
+    return Plan(apply, f"{aff.describe()} folded {', '.join(whats)}", [n for p, _ in plans for n in p.notes])
 
 
 # ----------------------------------------------------------------------------- into the consumers
@@ -198,7 +255,7 @@ def _collect_leaves(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], leaves
     """Walk every reader of ``t`` down to linear layers; constant Add/Sub/Mul/Div on the way join the affine."""
     if t.is_graph_output():
         return f"{t.name} is a graph output"
-    for n in consumers(t):
+    for n in value_readers(t):
         slots = [i for i, inp in enumerate(n.inputs) if inp is t]
         if n.domain not in ONNX_DOMAINS:
             return f"{n.op_type} {n.name} reads the normalized tensor and is not linear"
@@ -231,18 +288,55 @@ def _collect_leaves(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], leaves
     return None
 
 
-def _kept_shift(leaf: _Leaf, a_full: np.ndarray) -> np.ndarray | str:
-    """The Add constant ``c / a`` that stays before the layer when ``W c`` cannot fold."""
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of a float type, bfloat16 included (``np.finfo`` does not know it)."""
+    import ml_dtypes
+
+    return float(ml_dtypes.finfo(dtype).max)
+
+
+def storage_dtype(ctx: PassContext | None, dtype) -> np.dtype:
+    """The narrowest float type the folded model's tensors will be stored in: the model's own, or the
+    target's when the target converts it (trt-fp16: float16, trt-bf16: bfloat16)."""
+    dtype = np.dtype(dtype)
+    target = ctx.target if ctx is not None else ""
+    if target == "trt-fp16" and _largest(dtype) > _largest(np.dtype(np.float16)):
+        return np.dtype(np.float16)
+    if target == "trt-bf16" and dtype.itemsize > 2:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
+def _kept_shift(leaf: _Leaf, a_full: np.ndarray, storage: np.dtype) -> np.ndarray | str:
+    """The Add constant ``c / a`` that stays before the layer when ``W c`` cannot fold.
+
+    ``x + c / a`` loses exactly the precision ``a x + c`` loses (the cancellation is scale
+    invariant), but not the range: with a small ``a``, ``c / a`` can exceed what ``storage`` (the
+    model's float type, or the target's: trt-fp16 converts to float16) holds although ``c`` and
+    ``a x`` fit. The kept shift must therefore stay within half of ``storage``'s largest finite
+    value, so that ``x + c / a`` is finite for every ``|x|`` up to the other half; else the fold
+    is refused.
+    """
     c = leaf.shift
     a_b, c_b = np.broadcast_arrays(a_full, c)
     if np.any((a_b == 0) & (c_b != 0)):
         return (f"scale is zero where the shift is not, before {leaf.node.op_type} {leaf.node.name}: "
                 "the shift cannot stay")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return compress(np.where(c_b == 0, 0.0, c_b / np.where(a_b == 0, 1.0, a_b)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kept = compress(np.where(c_b == 0, 0.0, c_b / np.where(a_b == 0, 1.0, a_b)))
+    limit = _largest(storage) / 2
+    peak = float(np.max(np.abs(kept))) if kept.size else 0.0
+    if not np.isfinite(peak) or peak > limit:
+        return (f"{_kept_note(leaf.node).split(':')[0]}: the shift would stay as an Add of c / a, which reaches "
+                f"{peak:.3g} (scale down to {float(np.min(np.abs(a_b[c_b != 0]))):.3g}), beyond half the range of "
+                f"{storage.name} ({limit:.4g}) the model is stored in: the affine stays")
+    return kept
 
 
-def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[Plan, np.ndarray | None] | str:
+def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: np.dtype
+                   ) -> tuple[Plan, np.ndarray | None] | str:
     """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant."""
     n, s, c = leaf.node, leaf.scale, leaf.shift
     layer = linear_layer(graph, n, leaf.slot, dtype)
@@ -258,7 +352,7 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype) -> tuple[P
         c_vec = vector_along(c, layer.in_axis, layer.in_rank, layer.in_size)
         shift = layer.input_shift(c_vec) if c_vec is not None else None
         if shift is None or isinstance(shift, str):  # W c is not one value per output: the shift stays
-            kept = _kept_shift(leaf, s)
+            kept = _kept_shift(leaf, s, storage)
             if isinstance(kept, str):
                 return kept
         else:
@@ -294,6 +388,9 @@ def _neutralize(graph: ir.Graph, node: ir.Node, namer: Namer) -> None:
         node.resize_inputs(2)
     elif op in ("RMSNorm", "CRMSNorm", "ScaleNorm"):
         node.replace_input_with(1, ones_like(1))
+    elif op == "GroupNormalization":
+        node.replace_input_with(1, ones_like(1))
+        node.replace_input_with(2, zeros_like(2))
     elif op == "DynamicTanh":
         gain, bias = ones_like(2), zeros_like(3)
         node.replace_input_with(2, gain)
@@ -308,7 +405,8 @@ def _neutralize(graph: ir.Graph, node: ir.Node, namer: Namer) -> None:
         remove_nodes(graph, [node])
 
 
-def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
+def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer, ctx: PassContext | None = None
+                               ) -> Plan | str:
     """Plan folding ``aff`` into every linear layer that reads its output (through movers)."""
     node = aff.node
     leaves: list[_Leaf] = []
@@ -320,11 +418,12 @@ def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer) -> Pl
         return why
     if not leaves:
         return "its output has no reader"
-    param = next((const_value(t) for t in node.inputs[1:] if const_value(t) is not None), None)
+    param = next((const_value(t) for t in node.inputs[1:] if const_value(t) is not None), None) \
+        if not aff.nodes else None
     dtype = _dtype_of(aff.y, param.dtype if param is not None else np.float32)
     plans = []
     for leaf in leaves:
-        p = _consumer_plan(graph, leaf, namer, dtype)
+        p = _consumer_plan(graph, leaf, namer, dtype, storage_dtype(ctx, dtype))
         if isinstance(p, str):
             return p
         plans.append((leaf, *p))
@@ -338,7 +437,7 @@ def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer) -> Pl
             remove_nodes(graph, [n])
         if aff.pure:  # every reader now reads x
             replace_value(aff.y, aff.x)
-            remove_nodes(graph, [node])
+            _remove_source(graph, aff)
         else:
             _neutralize(graph, node, namer)
         base = node.name or node.op_type.lower()
@@ -357,7 +456,7 @@ def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer) -> Pl
     targets = ", ".join(plan.what for _, plan, _ in plans)
     if absorbed:
         targets += " (with " + ", ".join(f"{n.op_type} {n.name}" for n in absorbed) + ")"
-    what = (f"{node.op_type} {node.name} folded into {targets}" if aff.pure else
+    what = (f"{aff.describe()} folded into {targets}" if aff.pure else
             f"{node.op_type} {node.name} gain/bias folded into {targets}"
             + (" (PowerNorm became GroupScaling)" if node.op_type == "PowerNorm" else ""))
     return Plan(apply, what, [note for _, plan, _ in plans for note in plan.notes])
@@ -369,13 +468,19 @@ def fold_affine_into_linear(graph: ir.Graph, ctx: PassContext, result: PassResul
     """Fold BatchNorm, UnifiedNorm, PowerNorm's affine and LN/RMS/DyT/ScaleNorm gains into linear neighbours."""
     namer = Namer(graph)
     for node in list(graph):
-        if node.graph is not graph or not is_affine_source(node) or not node.outputs:
+        if node.graph is not graph or not node.outputs:
             continue
+        if is_affine_source(node):
+            aff = affine_of(node)
+        else:
+            aff = constant_affine(node)
+            if aff is None:
+                continue
         result.matched += 1
-        aff = affine_of(node)
         if isinstance(aff, str):
             result.skip(node.name, aff)
             continue
+        name = aff.nodes[0].name if aff.nodes else node.name
         reasons = []
         plan: Plan | str = "no direction applies"
         if aff.pure:
@@ -383,12 +488,12 @@ def fold_affine_into_linear(graph: ir.Graph, ctx: PassContext, result: PassResul
             if isinstance(plan, str):
                 reasons.append(f"into the producer: {plan}")
         if isinstance(plan, str):
-            plan = fold_affine_into_consumers(graph, aff, namer)
+            plan = fold_affine_into_consumers(graph, aff, namer, ctx)
             if isinstance(plan, str):
                 reasons.append(f"into the consumers: {plan}" if aff.pure else plan)
         if isinstance(plan, str):
-            result.skip(node.name, "; ".join(reasons))
+            result.skip(name, ("" if not aff.nodes else f"{aff.describe()}: ") + "; ".join(reasons))
             continue
         plan.apply()
-        result.rewrote(plan.what, node.name)
+        result.rewrote(plan.what, name, f"constant affine: {aff.spelling}" if aff.nodes else None)
         result.notes.extend(plan.notes)

@@ -15,8 +15,14 @@ to float rounding. The reconstruction ``[u, -sum(u)]`` is folded into readers th
 linear (MatMul with a constant weight, Gemm), directly or through Reshape (whose last
 dimension is patched from d to d-1), Gather or Slice on another axis; where a reader is
 not linear the reconstruction stays as ReduceSum, Neg, Concat, Mul, Add (still exact).
-The conditions on the stream are those of Pre-RMSNorm; the stream is refused with the same
-reasons.
+The conditions on the stream are those of Pre-RMSNorm (explicit re-centrings included: an
+explicitly re-centred write is sliced like any other); the stream is refused with the same
+reasons, and also where the narrower stream would change what a reader computes: a Shape
+reader that reads the stream's width (a TorchScript export reads the batch and token counts
+with ``Shape -> Gather``, which is fine), or a Reshape between the stream and an LN whose
+target shape is not a constant. A token selection between the stream and an LN (Gather,
+Slice, ReduceMean over tokens) carries d-1 coordinates just as well; a Reshape there gets
+its last dimension patched from d to d-1.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from ..core.graph import (
 from ..core.linear import linear_layer
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
-from .preln_to_rmsnorm import Stream, convert_streams
+from .preln_to_rmsnorm import SHAPE_READERS, Plan, Stream, convert_streams
 
 
 def _narrow(v: ir.Value, d: int) -> None:
@@ -62,7 +68,7 @@ def _narrowed(v: ir.Value, d: int, last: int | None = None) -> ir.Shape | None:
 
 def _slice_writes(graph: ir.Graph, stream: Stream, d: int, namer: Namer) -> None:
     """Store d-1 coordinates: every write into the stream is sliced before it is added."""
-    on_stream = {id(n) for n in stream.adds} | {id(n) for n in stream.lns}
+    on_stream = stream.readers_on_stream()
     for w in stream.writes:
         base = w.name
         cut = value(namer, base, "crms", dtype=w.dtype, shape=_narrowed(w, d))
@@ -182,12 +188,59 @@ def _replace_ln(graph: ir.Graph, ln: ir.Node, d: int, namer: Namer, result: Pass
                    "is rebuilt (ReduceSum, Neg, Concat)", base)
 
 
+def _reads_width(shape_node: ir.Node, rank: int | None) -> bool:
+    """Whether a Shape reader of a stream tensor may read its last dimension (which becomes d-1)."""
+    if rank is None:
+        return True
+    end = attr(shape_node, "end")
+    if end is not None and int(end) < rank:
+        return False  # the last axis is left out
+    for r in consumers(shape_node.outputs[0]):
+        idx = const_value(r.inputs[1]) if r.op_type == "Gather" and len(r.inputs) > 1 else None
+        if idx is None or int(attr(r, "axis", 0)) != 0 or np.any(np.atleast_1d(idx) % rank == rank - 1):
+            return True
+    return False
+
+
+def _narrowing_breaks(plan: Plan) -> str | None:
+    """Why storing d-1 coordinates would change what some reader of the converted stream computes, if it would."""
+    s = plan.stream
+    tensors = [a.outputs[0] for a in plan.adds]
+    for ln in plan.convert:
+        root, path = s.paths[id(ln)]
+        tensors.append(root)
+        tensors += [n.outputs[0] for n in path]
+        for n in path:
+            if n.op_type == "Reshape":
+                shape = const_value(n.inputs[1])
+                if shape is None or shape.ndim != 1 or int(shape[-1]) not in (plan.d, -1, 0) or \
+                        int(shape[-1]) == 0 and int(attr(n, "allowzero", 0)):
+                    return (f"Reshape {n.name} between the stream and LayerNorm {ln.name} has a target shape that "
+                            f"is not a constant ending in d, -1 or 0")
+    for t in {id(t): t for t in tensors}.values():
+        for r in consumers(t):
+            if r.op_type in SHAPE_READERS and (r.op_type == "Size" or _reads_width(r, rank_of(t))):
+                return (f"stream tensor {t.name} is read by {r.op_type} {r.name}, which would see the stored width "
+                        f"d-1 instead of d")
+    return None
+
+
+def _narrow_paths(stream: Stream, d: int, namer: Namer) -> None:
+    """Token selections between the stream and its LNs now carry d-1 coordinates."""
+    nodes = {id(n): n for _, path in stream.paths.values() for n in path}
+    for n in nodes.values():
+        if n.op_type == "Reshape" and int(const_value(n.inputs[1])[-1]) == d:
+            _patch_reshape(n, d, namer)
+        _narrow(n.outputs[0], d)
+
+
 def preln_to_crmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Pre-LN residual streams stored with d-1 coordinates; their LayerNorms become CRMSNorm (exact; opt-in)."""
     namer = Namer(graph)
 
     def convert(stream: Stream, d: int) -> None:
         _slice_writes(graph, stream, d, namer)
+        _narrow_paths(stream, d, namer)
         for ln in stream.lns:
             _replace_ln(graph, ln, d, namer, result)
         # the stream's width is now d-1: every Add on it (the states that are writes keep width d; LNs read their Slice)
@@ -196,4 +249,4 @@ def preln_to_crmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> 
         result.notes.append(f"residual stream of width {d} stored with {d - 1} coordinates; "
                             f"{len(stream.lns)} LayerNorms became CRMSNorm")
 
-    convert_streams(graph, result, convert)
+    convert_streams(graph, result, convert, check=_narrowing_breaks, namer=namer)

@@ -10,7 +10,8 @@ Metrics, per output and then the worst over outputs:
 * ``max_rel_err``  = max |opt - ref| / max |ref|  (relative to the output's range, so that
   entries near zero do not make it meaningless)
 * ``cosine_min``   = the smallest cosine similarity between a sample's ``opt`` and ``ref``
-  (flattened per sample, over the batch axis)
+  (flattened per sample, over the batch axis; a 0-d output is one sample of one entry, its
+  cosine the agreement of signs)
 * ``top1_agreement`` for outputs shaped ``[N, K]`` with K > 1 (classifiers)
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ class _Tally:
         if ref64.shape != opt64.shape:
             raise ValueError(f"output {self.name}: shape {opt64.shape} differs from the original's {ref64.shape}")
         ref_finite, opt_finite = np.isfinite(ref64), np.isfinite(opt64)
-        self.nonfinite += int(np.sum(~opt_finite) - np.sum(~ref_finite))
+        self.nonfinite += int(np.sum(~opt_finite & ref_finite))  # non-finite where the original is finite
         both = ref_finite & opt_finite
         del ref_finite, opt_finite
         self.same_nonfinite &= bool(np.array_equal(np.isnan(ref64), np.isnan(opt64)) and np.array_equal(
@@ -93,8 +94,9 @@ class _Tally:
             with np.errstate(over="ignore"):  # a difference of two large finite values may overflow: inf, as it is
                 self.max_abs = max(self.max_abs, float(np.abs(o - r).max()))
             self.scale = max(self.scale, float(np.abs(r).max()))
-        if r.ndim >= 1 and r.shape[0] > 0:
-            r2, o2 = r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1)
+        if r.ndim == 0 or r.shape[0] > 0:  # a 0-d output (a scalar loss, a count) is one sample of one entry
+            rows = r.shape[0] if r.ndim else 1
+            r2, o2 = r.reshape(rows, -1), o.reshape(rows, -1)
             nr, no = np.linalg.norm(r2, axis=1), np.linalg.norm(o2, axis=1)
             cos = np.where((nr == 0) & (no == 0), 1.0, (r2 * o2).sum(1) / np.maximum(nr * no, 1e-300))
             self.cosine_min = min(self.cosine_min, float(cos.min()))
@@ -169,6 +171,10 @@ def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
             raise InputError(f"data for input {s.name} has shape {a.shape}, the model takes "
                              f"[N, {', '.join(map(str, s.shape[1:]))}]", "fix the data file or --input")
         out[s.name] = a.astype(np.dtype(a.dtype) if s.dtype not in ("float32",) else np.float32)
+        if np.issubdtype(out[s.name].dtype, np.floating) and not np.isfinite(out[s.name]).all():
+            bad = int(np.size(out[s.name]) - np.isfinite(out[s.name]).sum())
+            raise InputError(f"data for input {s.name} has {bad} NaN or Inf value(s) of {out[s.name].size}, so no "
+                             "error could be measured on them", "give finite inputs in the data file")
     return out
 
 

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from torch import nn
 
 from normdeploy.core import ops
+from tests.conftest import randomize
+from tests.corpus import harness
+from tests.corpus import rmsnorm as corpus
 from tests.graph_helpers import (
     OPSETS,
     GraphBuilder,
@@ -260,11 +264,11 @@ def test_epsilon_not_constant():
     _assert_untouched(b.model("y"), "epsilon is not a constant")
 
 
-@pytest.mark.parametrize("axes", [(1,), (-2, -1)])
-def test_reduction_not_over_the_last_axis_only(axes):
+@pytest.mark.parametrize("axes", [(0,), (-2, -1)])
+def test_reduction_neither_over_the_last_axis_nor_channels_first(axes):
     b = GraphBuilder(18)
     hand_rmsnorm(b, b.input("x", [2, 3, 8]), axes=axes)
-    _assert_untouched(b.model("y"), "not the last axis only")
+    _assert_untouched(b.model("y"), "neither the last axis only nor axis 1")
 
 
 @pytest.mark.parametrize("shared", ["ms", "s"])
@@ -278,7 +282,7 @@ def test_intermediate_with_another_consumer(shared):
 def test_dynamic_last_dimension_without_gain():
     b = GraphBuilder(18)
     hand_rmsnorm(b, b.input("x", [2, "width"]))
-    _assert_untouched(b.model("y"), "last dimension of x is not static")
+    _assert_untouched(b.model("y"), "normalized dimension of x is not static")
 
 
 def test_gain_that_is_not_per_channel_stays_outside():
@@ -318,3 +322,158 @@ def test_rms_normalization_stash_type_not_float32():
     b = GraphBuilder(23)
     b("RMSNormalization", b.input("x", [2, 8]), b.const(np.ones(8)), out="y", stash_type=0)
     _assert_untouched(b.model("y"), "stash_type 0 is not float32")
+
+
+# ----------------------------------------------------------------------------- the corpus (issue 12)
+
+#: module factory, input shape, RMSNorm count, the label the recorded spelling contains ("" when none)
+RMSNORM_SPELLINGS = {
+    "bzhang rms_norm (tensorflow)": (lambda: corpus.BzhangRMSNormTF(16), (2, 5, 16), 1, ""),
+    "bzhang rms_norm with offset": (lambda: corpus.BzhangRMSNormTF(16, bias=True), (2, 5, 16), 1, ""),
+    "bzhang rln (theano)": (lambda: corpus.BzhangRLN(16), (6, 16), 1, "keepdims=0 + Unsqueeze"),
+    "timm RmsNorm": (lambda: corpus.TimmRmsNorm(16), (2, 5, 16), 1, ""),
+    "timm RmsNorm2d": (lambda: corpus.TimmRmsNorm2d(8), (2, 8, 4, 4), 1, "channels-first"),
+    "timm convnext_atto_rms block": (lambda: corpus.TimmConvNeXtRmsBlock(), (2, 3, 32, 32), 2, "channels-first"),
+    "timm convnext_atto_rms block, conv_mlp off": (lambda: corpus.TimmConvNeXtRmsBlock(conv_mlp=False),
+                                                   (2, 3, 32, 32), 2, ""),
+    "HF LlamaRMSNorm": (lambda: corpus.hf_classes()["llama"](16), (2, 5, 16), 1, ""),
+    "HF T5LayerNorm": (lambda: corpus.hf_classes()["t5"](16), (2, 5, 16), 1, ""),
+    "HF GemmaRMSNorm (1 + w)": (lambda: corpus.hf_classes()["gemma"](16), (2, 5, 16), 1, ""),
+}
+
+
+def _corpus_module(factory, dtype=torch.float32):
+    torch.manual_seed(0)
+    return randomize(factory(), seed=5).to(dtype)
+
+
+def _pass_report(result, name: str) -> dict:
+    (p,) = [p for p in result.report["passes"] if p["name"] == name]
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opset", [17, 23])
+@pytest.mark.parametrize("way", harness.WAYS)
+@pytest.mark.parametrize("spelling", list(RMSNORM_SPELLINGS))
+def test_corpus_rmsnorm_spellings(spelling, way, opset, tmp_path):
+    """Each spelling, exported each way: n RMSNorm before and after (lowered for ONNX Runtime), exact vs torch."""
+    factory, shape, n, label = RMSNORM_SPELLINGS[spelling]
+    module = _corpus_module(factory)
+    result = harness.check(module, (torch.randn(*shape),), way, tmp_path, before={"RMSNorm": n},
+                           after={"RMSNorm": n}, opset=opset)
+    p = _pass_report(result, "recognize_rmsnorm")
+    assert len(p["rewrites"]) == n and p["skipped"] == [], p
+    assert all(label in r["spelling"] and "ReduceMean" in r["spelling"] for r in p["rewrites"]), p["rewrites"]
+    lowered = {n.op_type for n in result.optimized_model.graph}
+    assert lowered & {"SimplifiedLayerNormalization", "RMSNormalization"} and "Sqrt" not in lowered, lowered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", harness.WAYS)
+@pytest.mark.parametrize("spelling", ["bzhang rms_norm (tensorflow)", "bzhang rln (theano)", "timm RmsNorm2d",
+                                      "HF GemmaRMSNorm (1 + w)", "HF T5LayerNorm"])
+def test_corpus_rmsnorm_spellings_make_trt_plugins(spelling, way, tmp_path):
+    """``--target trt-fp16 --lower-only``: each spelling becomes one NormdeployRMSNorm plugin node."""
+    factory, shape, n, _ = RMSNORM_SPELLINGS[spelling]
+    result = harness.check(_corpus_module(factory), (torch.randn(*shape),), way, tmp_path,
+                           before={"RMSNorm": n}, after={"RMSNorm": n}, target="trt-fp16")
+    plugins = [node for node in result.optimized_model.graph if node.domain == ops.DOMAIN]
+    assert [node.op_type for node in plugins] == ["NormdeployRMSNorm"] * n, [node.op_type for node in plugins]
+
+
+#: spellings that are a different function from RMSNorm: left alone, with what the reason must say
+NOT_RMSNORM = {
+    "bzhang RMSNorm (torch), eps outside the root": (lambda: corpus.BzhangRMSNorm(16), "outside the square root"),
+    "bzhang partial RMSNorm (torch), p = 0.5": (lambda: corpus.BzhangRMSNorm(16, p=0.5), "partial RMSNorm"),
+    "bzhang partial rms_norm (tensorflow), p = 0.5": (lambda: corpus.BzhangRMSNormTF(16, p=0.5), "partial RMSNorm"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", harness.WAYS)
+@pytest.mark.parametrize("spelling", list(NOT_RMSNORM))
+def test_corpus_not_rmsnorm_is_left_alone_with_the_reason(spelling, way, tmp_path):
+    factory, why = NOT_RMSNORM[spelling]
+    result = harness.check(_corpus_module(factory), (torch.randn(2, 5, 16),), way, tmp_path, before={}, opset=18)
+    p = _pass_report(result, "recognize_rmsnorm")
+    assert p["rewrites"] == [] and len(p["skipped"]) == 1 and why in p["skipped"][0]["reason"], p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", ["t5", "gemma", "llama"])
+def test_corpus_hf_rmsnorm_float16_keeps_float32_statistics(name, way, tmp_path):
+    """A half-precision HF norm: the statistic stays in float32 (Cast(x, float32) feeds the canonical node)."""
+    module = _corpus_module(lambda: corpus.hf_classes()[name](16), torch.float16)
+    result = harness.check(module, (torch.randn(2, 5, 16, dtype=torch.float16),), way, tmp_path,
+                           before={"RMSNorm": 1}, after={"RMSNorm": 1}, tol=2e-3)
+    (node,) = [n for n in result.optimized_model.graph if n.op_type in ("SimplifiedLayerNormalization",
+                                                                         "RMSNormalization")]
+    assert node.inputs[0].dtype == ir.DataType.FLOAT, node.inputs[0].dtype
+
+
+# ----------------------------------------------------------------------------- hand-built: issue 12 spellings
+
+
+def test_channels_first_rmsnorm_becomes_transposed_canonical_node():
+    """timm rms_norm2d: mean of squares over axis 1 of NCHW, gain [1, C, 1, 1] -> Transpose, RMSNorm, Transpose."""
+    gain = np.linspace(-1.5, 1.5, 4).astype(np.float32)
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 4, 3, 3])
+    t = hand_rmsnorm(b, x, axes=(1,), inverse="reciprocal", out="normed")
+    b("Mul", t["y"], b.const(gain.reshape(1, 4, 1, 1)), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    counts = op_counts(after)
+    assert counts[RMSNORM] == 1 and counts["Transpose"] == 2 and not {"ReduceMean", "Sqrt"} & set(counts), counts
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, []), result
+    assert result.rewrites[0].spelling.startswith("channels-first: ")
+    (node,) = [n for n in after.graph.node if n.domain == ops.DOMAIN]
+    np.testing.assert_array_equal(initializer(after, node.input[1]), gain)
+    assert_same_outputs(model, after)
+
+
+def test_gemma_one_plus_w_gain_before_constant_folding():
+    """Gemma's ``(1 + w)`` as the opset-17 export writes it, Add(Cast(w), 1): folded into G."""
+    w = np.linspace(-0.5, 0.5, 8).astype(np.float32)
+    b = GraphBuilder(17)
+    x = b.input("x", [2, 3, 8])
+    t = hand_rmsnorm(b, x, inverse="reciprocal", out="normed")
+    b("Mul", t["y"], b("Add", b("Cast", b.const(w), to=1), b.const(1.0)), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    _check_canonical(model, after, result, 1e-6, gain=1.0 + w)
+
+
+def test_keepdims_off_then_unsqueeze_is_recognized():
+    """bzhang's Theano rln, ``(x * x).mean(1)[:, None]``: ReduceMean(keepdims=0), Unsqueeze back."""
+    b = GraphBuilder(18)
+    x = b.input("x", [6, 8])
+    ms = b("ReduceMean", b("Mul", x, x), b.const(np.array([1], np.int64), np.int64), keepdims=0)
+    back = b("Unsqueeze", ms, b.const(np.array([1], np.int64), np.int64))
+    b("Div", x, b("Sqrt", b("Add", back, b.const(1e-5))), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    _check_canonical(model, after, result, 1e-5)
+    assert result.rewrites[0].spelling.startswith("keepdims=0 + Unsqueeze: ")
+
+
+def test_eps_outside_the_root_is_left_alone_with_the_reason():
+    """``x / (sqrt(mean(x^2)) + eps)``: a different function from RMSNorm; left alone, and said why."""
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 3, 8])
+    rms = b("Sqrt", b.reduce_mean(b("Mul", x, x), [-1]))
+    b("Div", x, b("Add", rms, b.const(1e-8)), out="y")
+    _assert_untouched(b.model("y"), "outside the square root")
+
+
+def test_partial_rmsnorm_is_left_alone_with_the_reason():
+    """The statistic of the first 4 of 8 channels divides all 8 (bzhang's p = 0.5)."""
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 3, 8])
+    i64 = lambda v: b.const(np.array(v, np.int64), np.int64)  # noqa: E731
+    part = b("Slice", x, i64([0]), i64([4]), i64([-1]))
+    ms = b.reduce_mean(b("Mul", part, part), [-1])
+    b("Mul", x, b("Reciprocal", b("Sqrt", b("Add", ms, b.const(1e-8)))), out="y")
+    _assert_untouched(b.model("y"), "partial RMSNorm")

@@ -61,3 +61,84 @@ def test_inspect_names_every_kind(cli, tmp_path):
         assert e["rewrites"] or e["kept_because"]
     r = cli("inspect", p, "--input", "1x1x8x8", "--trust-pickle")
     assert r.exit_code == 0 and "UnifiedNorm" in r.stdout and "PowerNorm" in r.stdout
+
+
+class NoRootNorm(torch.nn.Module):
+    """x / (mean(x^2) + eps): a mean of squares with no square root (no normalization a recognizer knows)."""
+
+    def forward(self, x):
+        return x / (x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class VectorAlphaTanh(torch.nn.Module):
+    """DyT-like, but alpha is a vector (DyT's alpha is one scalar)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.rand(d) + 0.5)
+        self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * torch.tanh(self.alpha * x)
+
+
+class Leftovers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.hand = HandRMSNorm(16)
+        self.noroot = NoRootNorm()
+        self.tanh = VectorAlphaTanh(16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.tanh(self.noroot(self.hand(self.proj(x)))))
+
+
+@pytest.mark.slow
+def test_inspect_lists_spellings_and_what_it_left_alone(cli, tmp_path):
+    p = tmp_path / "left.pt"
+    torch.save(Leftovers().eval(), p)
+    r = cli("inspect", p, "--input", "1x4x16", "--json", "--trust-pickle")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    (hand,) = info["normalizations"]
+    assert hand["node"] == "hand" and hand["kind"] == "RMSNorm" and hand["recognized_by"] == "recognize_rmsnorm"
+    assert "Pow ReduceMean Add Sqrt" in hand["spelling"] and "Mul" in hand["spelling"], hand["spelling"]
+    left = {x["what"]: x for x in info["left_alone"]}
+    assert set(left) == {"mean of squares", "tanh of a scaled input"}, info["left_alone"]
+    ms = left["mean of squares"]
+    assert ms["node"].startswith("noroot/") and ms["spelling"] == "Pow ReduceMean"
+    assert "square root" in ms["reason"] and ms["node"] in ms["reason"], ms["reason"]
+    th = left["tanh of a scaled input"]
+    assert "not by one scalar alpha" in th["reason"] and th["spelling"] == "Mul Tanh Mul", th
+    assert any(s.startswith("recognize_dyt: ") for s in th["recognizers"]), th
+    r = cli("inspect", p, "--input", "1x4x16", "--trust-pickle")
+    assert r.exit_code == 0 and "subgraph(s) left alone" in r.stdout and "condition" in r.stdout, r.stdout
+
+
+class Bf16Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.ln = torch.nn.LayerNorm(16)
+        self.hand = HandRMSNorm(16)
+
+    def forward(self, x):
+        return self.hand(torch.relu(self.ln(self.proj(x))))
+
+
+@pytest.mark.slow
+def test_inspect_a_bf16_model(cli, tmp_path):
+    p = tmp_path / "bf16.pt"
+    torch.save(Bf16Net().to(torch.bfloat16).eval(), p)
+    r = cli("inspect", p, "--input", "x:1x4x16:bfloat16", "--json", "--trust-pickle")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["inputs"] == [{"name": "x", "shape": [1, 4, 16], "dtype": "bfloat16"}]
+    kinds = {e["node"]: e["kind"] for e in info["normalizations"]}
+    assert kinds == {"ln": "LayerNorm", "hand": "RMSNorm"}, kinds
+    by_node = {e["node"]: e for e in info["normalizations"]}
+    assert by_node["hand"]["recognized_by"] == "recognize_rmsnorm"
+    r = cli("inspect", p, "--input", "x:1x4x16:bfloat16", "--trust-pickle")
+    assert r.exit_code == 0 and "RMSNorm" in r.stdout

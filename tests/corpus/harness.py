@@ -23,6 +23,9 @@ import warnings
 import numpy as np
 
 WAYS = ("dynamo", "torchscript", "pt2")
+#: (way, opset) pairs a corpus module is exported in: every way at both ends of the opsets issue 12 names
+#: (17, the first with LayerNormalization, and 23); a ``.pt2`` is exported by normdeploy at that opset
+EXPORTS = [(w, o) for w in WAYS for o in (17, 23)]
 #: what each way writes
 SUFFIX = {"dynamo": ".onnx", "torchscript": ".onnx", "pt2": ".pt2"}
 
@@ -78,13 +81,17 @@ def max_rel_err(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def random_inputs(args: tuple, seed: int, batch: int | None = None) -> list[np.ndarray]:
-    """Inputs shaped like ``args`` (first axis ``batch`` if given), normal(0.3, 1.5), fresh per seed."""
+    """Inputs shaped like ``args`` (first axis ``batch`` if given), fresh per seed: floats normal(0.3, 1.5),
+    integers (token ids) uniform below the example's largest value + 1, never negative."""
     rng = np.random.default_rng(1000 + seed)
     out = []
     for a in args:
         shape = tuple(a.shape) if batch is None else (batch, *tuple(a.shape)[1:])
         dtype = np.dtype(str(a.dtype).replace("torch.", ""))
-        out.append((rng.normal(0.3, 1.5, shape)).astype(dtype))
+        if np.issubdtype(dtype, np.integer):
+            out.append(rng.integers(0, int(a.max()) + 1, shape).astype(dtype))
+        else:
+            out.append((rng.normal(0.3, 1.5, shape)).astype(dtype))
     return out
 
 
@@ -104,6 +111,8 @@ def check(module, args: tuple, way: str, tmp_path, *, before: dict[str, int], af
 
     path = export(module, args, way, str(tmp_path), opset=opset, dynamic_batch=any(b is not None for b in batches))
     options.setdefault("bench", False)
+    if way == "pt2":  # a .pt2 has no opset of its own: normdeploy's export writes it at this one
+        options.setdefault("opset", opset)
     if target.startswith("trt-"):
         options.setdefault("lower_only", True)
     result = normdeploy.optimize(path, target=target, **options)

@@ -29,7 +29,10 @@ def _model(in_dims, out_dims, in_type=TP.FLOAT, out_type=TP.FLOAT, extra_inputs=
 
 
 def _layout(repo: str) -> dict[str, list[str]]:
-    return {os.path.relpath(d, repo): sorted(f) for d, _, f in os.walk(repo)}
+    """Every directory's files, less normdeploy's ownership marker (tested in tests/cli/test_output_safety.py)."""
+    from normdeploy.package.files import MARKER
+
+    return {os.path.relpath(d, repo): sorted(x for x in f if x != MARKER) for d, _, f in os.walk(repo)}
 
 
 def test_batchable_onnx_config_parses():
@@ -163,7 +166,8 @@ def test_entries_honour_the_umask(tmp_path, umask, dir_mode, file_mode):
     finally:
         os.umask(old)
     modes = _modes(entry)
-    assert set(modes) == {".", "config.pbtxt", "1", os.path.join("1", "model.onnx"), os.path.join("1", "model.py")}
+    assert set(modes) == {".", "config.pbtxt", ".normdeploy-output", "1", os.path.join("1", "model.onnx"),
+                          os.path.join("1", "model.py")}
     for path, mode in modes.items():
         want = dir_mode if os.path.isdir(os.path.join(entry, path)) else file_mode
         assert mode == want, (path, oct(mode), oct(want))

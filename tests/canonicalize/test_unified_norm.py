@@ -1,0 +1,194 @@
+"""recognize_unified_norm: ``w x / sqrt(r + eps) + b`` (UN's eval path, PowerNorm's affine) -> normdeploy::UnifiedNorm."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from normdeploy.core import ops
+from tests.conftest import randomize
+from tests.corpus import harness
+from tests.corpus import unified_norm as corpus
+from tests.graph_helpers import GraphBuilder, apply, assert_same_outputs, attrs_of, initializer, node_of, op_counts
+
+PASS = "recognize_unified_norm"
+UN = f"{ops.DOMAIN}::UnifiedNorm"
+C = 6
+
+
+def _params(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(0.2, 2.0, C).astype(np.float32)
+    w = (rng.uniform(0.5, 1.5, C) * rng.choice([-1, 1], C)).astype(np.float32)
+    return r, w, rng.normal(size=C).astype(np.float32)
+
+
+def _hand_un(b: GraphBuilder, x: str, r, w, bias, eps=1e-5, folded: bool = False) -> str:
+    """UN1d's eval arithmetic on ``[B, C, N, 1]``: ``x / sqrt(r + eps)``, ``w * .``, ``. + b`` (``[1, C, 1, 1]``)."""
+    shape = (1, -1, 1, 1)
+    if folded:  # the exporter folded sqrt(r + eps) into one constant
+        div = b("Div", x, b.const(np.sqrt(r.astype(np.float64) + eps).astype(np.float32).reshape(shape)), out="d")
+    else:
+        root = b("Sqrt", b("Add", b.const(r.reshape(shape)), b.const(np.float32(eps))))
+        div = b("Div", x, root, out="d")
+    return b("Add", b("Mul", b.const(w.reshape(shape)), div), b.const(bias.reshape(shape)), out="y")
+
+
+def _canonical(after) -> dict:
+    node = node_of(after, "UnifiedNorm")
+    assert node.domain == ops.DOMAIN
+    a = attrs_of(node)
+    return {"axis": a["axis"], "epsilon": a["epsilon"],
+            **{k: initializer(after, node.input[i]) for i, k in ((1, "r"), (2, "w"), (3, "b"))}}
+
+
+# ----------------------------------------------------------------------------- hand-built spellings (fast)
+
+
+def test_root_of_statistic_plus_eps():
+    r, w, bias = _params()
+    b = GraphBuilder(18)
+    _hand_un(b, b.input("x", ["batch", C, 5, 1]), r, w, bias)
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {UN: 1}
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, [])
+    assert result.rewrites[0].spelling == "running-statistic affine (UN / PowerNorm eval): Add Sqrt Div Mul Add"
+    c = _canonical(after)
+    assert c["axis"] == 1 and c["epsilon"] == pytest.approx(1e-5)
+    for k, v in (("r", r), ("w", w), ("b", bias)):
+        np.testing.assert_array_equal(c[k], v)
+    assert_same_outputs(model, after)
+
+
+def test_divisor_folded_by_the_exporter():
+    """Only s = sqrt(r + eps) is left: R = s^2, epsilon 0."""
+    r, w, bias = _params(1)
+    b = GraphBuilder(18)
+    _hand_un(b, b.input("x", [2, C, 5, 1]), r, w, bias, folded=True)
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {UN: 1} and result.skipped == []
+    assert result.rewrites[0].spelling == "running-statistic affine (UN / PowerNorm eval): Div Mul Add"
+    c = _canonical(after)
+    assert c["epsilon"] == 0.0
+    np.testing.assert_allclose(c["r"], r + 1e-5, rtol=1e-6)
+    assert_same_outputs(model, after)
+
+
+def _assert_untouched(model, reason_part: str | None):
+    after, result = apply(model, PASS)
+    assert after is model and result.rewrites == [], result
+    if reason_part is None:
+        assert (result.matched, result.skipped) == (0, []), result
+    else:
+        assert len(result.skipped) == 1 and reason_part in result.skipped[0].reason, result.skipped
+        assert result.skipped[0].node == "n_d"  # the reason names the division
+
+
+def test_non_positive_statistic():
+    r, w, bias = _params()
+    r[2] = -1.0
+    b = GraphBuilder(18)
+    _hand_un(b, b.input("x", [2, C, 5, 1]), r, w, bias)
+    _assert_untouched(b.model("y"), "running statistic + eps is not positive")
+
+
+def test_weight_not_a_constant():
+    r, _, bias = _params()
+    b = GraphBuilder(18)
+    x = b.input("x", [2, C, 5, 1])
+    root = b("Sqrt", b("Add", b.const(r.reshape(1, -1, 1, 1)), b.const(np.float32(1e-5))))
+    d = b("Div", x, root, out="d")
+    b("Add", b("Mul", b.input("w", [1, C, 1, 1]), d), b.const(bias.reshape(1, -1, 1, 1)), out="y")
+    _assert_untouched(b.model("y"), "the weight after it is not a constant")
+
+
+def test_parameters_on_different_axes():
+    r, w, bias = _params()
+    b = GraphBuilder(18)
+    x = b.input("x", [2, C, 5, C])
+    root = b("Sqrt", b("Add", b.const(r.reshape(1, -1, 1, 1)), b.const(np.float32(1e-5))))
+    d = b("Div", x, root, out="d")
+    b("Add", b("Mul", b.const(w), d), b.const(bias), out="y")  # w, b on the last axis, r on axis 1
+    _assert_untouched(b.model("y"), "is not along the axis of the other parameters")
+
+
+def test_statistic_without_affine_is_reported():
+    r, _, _ = _params()
+    b = GraphBuilder(18)
+    x = b.input("x", [2, C, 5, 1])
+    b("Div", x, b("Sqrt", b("Add", b.const(r.reshape(1, -1, 1, 1)), b.const(np.float32(1e-5)))), out="d")
+    _assert_untouched(b.model("d"), "is not followed by a constant weight Mul and bias Add")
+
+
+def test_decomposed_batchnorm_is_not_a_candidate():
+    """``(x - mean) / sqrt(var + eps) * g + b`` is a BatchNorm: the affine folds take it, not this pass."""
+    r, w, bias = _params()
+    b = GraphBuilder(18)
+    x = b.input("x", [2, C, 5, 1])
+    _hand_un(b, b("Sub", x, b.const(np.linspace(-1, 1, C).astype(np.float32).reshape(1, -1, 1, 1))), r, w, bias)
+    _assert_untouched(b.model("y"), None)
+
+
+def test_division_by_a_run_time_statistic_is_not_a_candidate():
+    """``x / sqrt(mean(x^2) + eps) * w + b`` divides by a statistic of x: an RMSNorm's business, not UN's."""
+    _, w, bias = _params()
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 5, C])
+    ms = b.reduce_mean(b("Mul", x, x), [-1])
+    d = b("Div", x, b("Sqrt", b("Add", ms, b.const(np.float32(1e-5)))), out="d")
+    b("Add", b("Mul", b.const(w), d), b.const(bias), out="y")
+    _assert_untouched(b.model("y"), None)
+
+
+# ----------------------------------------------------------------------------- the corpus (issue 12)
+
+
+EXPORTS = harness.EXPORTS
+
+
+def _module(factory):
+    torch.manual_seed(0)
+    return randomize(factory(), seed=11)
+
+
+def _pass(result, name: str = PASS) -> dict:
+    (p,) = [p for p in result.report["passes"] if p["name"] == name]
+    return p
+
+
+#: what each export leaves of the divisor: the root of r + eps, or a folded constant
+SPELLING = {(w, o): "Add Sqrt Div Mul Add" for w, o in EXPORTS}
+SPELLING.update({("dynamo", 20): "Div Mul Add", ("pt2", 20): "Div Mul Add"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way, opset", EXPORTS)
+def test_corpus_un1d(way, opset, tmp_path):
+    """UN1d's eval path, each way: one UnifiedNorm before, none after (ort-cpu: Mul, Add), exact vs torch."""
+    result = harness.check(_module(lambda: corpus.UN1d(16)), (torch.randn(2, 5, 16),), way, tmp_path,
+                           before={"UnifiedNorm": 1}, opset=opset)
+    p = _pass(result)
+    assert [w["spelling"] for w in p["rewrites"]] == \
+        [f"running-statistic affine (UN / PowerNorm eval): {SPELLING[way, opset]}"] and p["skipped"] == [], p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way, opset", EXPORTS)
+def test_corpus_un_folds_into_the_next_linear_layer(way, opset, tmp_path):
+    """A pre-norm MLP with UN1d: the whole UN (a per-channel affine) folds into fc1 through the layout ops."""
+    result = harness.check(_module(corpus.UNMlp), (torch.randn(2, 5, 16),), way, tmp_path,
+                           before={"UnifiedNorm": 1}, opset=opset)
+    assert len(_pass(result)["rewrites"]) == 1
+    fold = _pass(result, "fold_affine_into_linear")
+    assert len(fold["rewrites"]) == 1, fold
+    lowered = [p for p in result.report["passes"] if p["name"] == "lower_canonical_to_standard_ops" and p["rewrites"]]
+    assert lowered == [], lowered  # nothing of the UnifiedNorm was left for lowering to write out
+
+
+@pytest.mark.slow
+def test_corpus_un1d_float16(tmp_path):
+    """A float16 UN1d (fairseq's --fp16 runs the model in half): recognized; float16 tolerance (2 ulp)."""
+    harness.check(_module(lambda: corpus.UN1d(16)).half(), (torch.randn(2, 5, 16).half(),), "dynamo", tmp_path,
+                  before={"UnifiedNorm": 1}, tol=2e-3, tolerance=1e-2)

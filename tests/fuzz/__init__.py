@@ -1,0 +1,1 @@
+"""Differential fuzzer (issue 16): random small ONNX graphs with normalizations, optimized and compared."""
