@@ -4,8 +4,12 @@
     .venv/bin/python benchmarks/readme_table.py                    # writes benchmarks/results/readme_table.md
     .venv/bin/python benchmarks/readme_table.py --update-readme    # ... and splices it into README.md
     .venv/bin/python benchmarks/readme_table.py --only vit_ln,gpt2 --seconds 1 --out /tmp/t.md
+    .venv/bin/python benchmarks/readme_table.py --only respelled --out /tmp/t.md   # the respelled rows only
 
-Models: each entry of ``models/zoo.json`` (its test split as ``--data``), and the
+Models: each entry of ``models/zoo.json`` (its test split as ``--data``); the zoo's trained
+ViTs with their norms written as the papers' and libraries' code writes them
+(:mod:`tests.corpus.respell`: DyT, UN, PowerNorm, ScaleNorm, timm RmsNorm, a ``torch.var``
+LayerNorm; given as ``nn.Module`` s, their own test split as ``--data``); and the
 transformers architectures of :data:`normdeploy.zoo.THIRD_PARTY` (GPT-2, ViT, Llama, BERT,
 ConvNeXt, ResNet, MobileNetV2 with small configs, random weights and randomized
 normalization parameters; the trained all-MiniLM-L6-v2 with real tokenized sentences as
@@ -96,6 +100,33 @@ def third_party_entries(only: set | None) -> list[dict]:
                 entry["data_label"] = "8 tokenized sentences"
         except Exception as e:  # noqa: BLE001 - a model that cannot be built is a row, not a crash
             entry["error"] = f"could not build: {type(e).__name__}: {_first_line(e)}"
+        out.append(entry)
+    return out
+
+
+def respelled_entries(only: set | None) -> list[dict]:
+    """The trained ViTs of the zoo with their norms written as the papers' and libraries' code writes them."""
+    from normdeploy.load import load
+    from tests.corpus.respell import RESPELLED, respell
+
+    with open(os.path.join(MODELS_DIR, "zoo.json")) as f:
+        entries = json.load(f)
+    out = []
+    for base, (short, source) in RESPELLED.items():
+        name = f"{base} ({short})"
+        if only and name not in only and "respelled" not in only:  # --only respelled: all of them
+            continue
+        e = entries[base]
+        entry = {"name": name, "group": "respelled", "path": None, "inputs": (),
+                 "what": f"the trained {base} with its norms written as {source}",
+                 "data": os.path.join(MODELS_DIR, e["test_set"]), "data_label": e["test_set"]}
+        try:
+            original = load(os.path.join(MODELS_DIR, e["file"])).obj
+            module = respell(original)
+            module.example_inputs = dict(original.example_inputs)
+            entry["module"] = module
+        except Exception as ex:  # noqa: BLE001 - a model that cannot be built is a row, not a crash
+            entry["error"] = f"could not build: {type(ex).__name__}: {_first_line(ex)}"
         out.append(entry)
     return out
 
@@ -230,7 +261,8 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entries = [e for e in zoo_entries() if not only or e["name"] in only] + third_party_entries(only)
+    entries = ([e for e in zoo_entries() if not only or e["name"] in only] + respelled_entries(only)
+               + third_party_entries(only))
     rows = []
     for i, e in enumerate(entries, 1):
         t0 = time.time()
