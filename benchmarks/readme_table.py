@@ -142,6 +142,8 @@ def measure(entry: dict, seconds: float, threads: int) -> dict:
     result = normdeploy.optimize(entry.get("module") or entry["path"], target="ort-cpu", inputs=entry["inputs"],
                                  data=entry["data"], batch="1", seconds=seconds, threads=threads)
     rep = result.report
+    if result.bench is None:  # nothing to rewrite: the optimized model is the original, not timed
+        return {"report": rep, "norms": rep["norm_nodes"]["before"], "floor_faster": False}
     floor_lo, _ = result.bench.ratio_interval("original", "floor")  # p50(original) / p50(floor), 95 % interval
     return {"report": rep, "norms": rep["norm_nodes"]["before"], "floor_faster": floor_lo > 1.0 + FLOOR_MARGIN}
 
@@ -183,6 +185,9 @@ def row(entry: dict, m: dict | None) -> list[str]:
         return [entry["name"], f"error: {entry['error'][:160]}", "", "", "", ""]
     rep, lat = m["report"], m["report"]["latency"]
     before = m["norms"]
+    if lat is None:
+        return [entry["name"], f"{_counts(before)} → {_counts(rep['norm_nodes']['after'])}", _rewrites(rep),
+                _error(rep), "nothing to rewrite (identical, not timed)", "n/a"]
     lo, hi = lat["speedup_ci95"]
     left = lat.get("norm_cost_left")
     left_cell = "n/a¹" if left is None or not m["floor_faster"] else f"{left:.0%}"
@@ -196,7 +201,8 @@ COLUMNS = ["model", "normalizations (before → after)", "rewrites applied", "ma
 
 def render(rows: list[tuple[dict, dict | None]], meta: dict) -> str:
     """The table with its provenance line and notes (what goes between the README markers)."""
-    machine = next((m["report"]["latency"]["machine"] for _, m in rows if m is not None), {})
+    machine = next((m["report"]["latency"]["machine"] for _, m in rows if m is not None and m["report"]["latency"]),
+                   {})
     lines = [
         f"Measured on **{machine.get('cpu') or cpu_name()}** ({machine.get('machine', '?')}, "
         f"{machine.get('cores', '?')} cores available), **{meta['threads']} intra-op thread"
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
         if m is None:
             print(e["error"], flush=True)
         else:
-            lat = m["report"]["latency"]
+            lat = m["report"]["latency"] or {"speedup": float("nan")}
             print(f"{lat['speedup']:.2f}x, max rel err {m['report']['accuracy']['max_rel_err']:.1e}, "
                   f"{time.time() - t0:.0f} s", flush=True)
         rows.append((e, m))

@@ -328,6 +328,7 @@ class _Run:
     tolerance: float
     notes: list[str]
     worst: dict = field(default_factory=dict)  # the worst accuracy figures over the gated input sets
+    nothing: str | None = None  # why no step changed anything (:func:`nothing_to_rewrite`), or None
 
 
 #: the default accuracy tolerance (max relative error) by the float type a model computes in: an
@@ -390,7 +391,10 @@ def _optimize(source, options: Options, progress: Progress) -> Result:
     ctx = context(target, options, specs)
     transformed = transform(prepared.original, ctx, progress=progress)
     batch = batch_range[1] if batch_range else specs[0].shape[0]
-    run = _Run(source, options, target, batch, batch_range, prepared, transformed, ctx, tolerance, notes)
+    run = _Run(source, options, target, batch, batch_range, prepared, transformed, ctx, tolerance, notes,
+               nothing=nothing_to_rewrite(transformed))
+    if run.nothing:
+        notes.append(run.nothing)
     return _optimize_trt(run, progress) if target.startswith("trt-") else _optimize_ort(run, progress)
 
 
@@ -416,17 +420,20 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
         run.notes.append("--fp16: the optimized model runs in fp16 with normalization statistics in fp32; the original "
                          f"stays fp32, so the speedup includes the precision change; accuracy tolerance {run.tolerance:g}")
     threads = options.bench.threads
+    timed = options.bench.bench and not identical_to_original(run.nothing, options)
+    if options.bench.bench and not timed:
+        run.notes.append(NOT_TIMED)
 
     def session(model: ir.Model) -> OrtRunner:  # timed sessions keep ONNX Runtime's defaults
-        return OrtRunner(model, target, threads, providers=providers, prepack=options.bench.bench)
+        return OrtRunner(model, target, threads, providers=providers, prepack=timed)
 
     progress("build", None)
     run_orig = session(run.prepared.original)
     progress("verify", None)
     # without a latency run one session at a time: the original's outputs are recorded, then it is freed
-    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized), run, keep_original=options.bench.bench)
+    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized), run, keep_original=timed)
     bench = None
-    if options.bench.bench:
+    if timed:
         from .bench.timing import interleaved
 
         progress("bench", 0.0)
@@ -515,7 +522,9 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
                             limit, f"the {target} engine differs from the ONNX it was built from, which matched: a "
                             "plugin kernel or TensorRT's conversion is wrong on this GPU; report it with the model, "
                             "or use --target ort-cpu")
-            if options.bench.bench:
+            if options.bench.bench and identical_to_original(run.nothing, options):
+                run.notes.append(NOT_TIMED)
+            elif options.bench.bench:
                 progress("bench", None)
                 runners = {"optimized": engine}
                 baselines = {
@@ -590,16 +599,60 @@ def verify(run_orig, run_opt, run: _Run, label: str = "", keep_original: bool = 
     return accuracies, fidelity, run_opt
 
 
+def nothing_to_rewrite(transformed: Transformed) -> str | None:
+    """Why no step changed the model (the optimized model computes what the original does), or None.
+
+    Either there is no normalization (the usual torchvision CNN exported to ONNX: the exporter
+    already folded its BatchNorms into the convolutions), or every one found was left alone, for
+    the reasons the passes gave (the first few distinct ones; the report lists each node's).
+    """
+    results = transformed.results
+    if any(r.rewrites for r in results):
+        return None
+    canon = {s.name for s in CANONICALIZE}
+    found = describe_normalizations(transformed.canonical_model, results, canon)
+    left = find_leftovers(transformed.canonical_model, results, canon)
+    if not found and not left:
+        return ("nothing to rewrite: no normalization in the model (an exporter that folds BatchNorm into the "
+                "convolutions leaves none)")
+    reasons = list(dict.fromkeys([r for e in found for r in e["kept_because"]] + [x.reason for x in left]))
+    counts = norms.count_by_kind(transformed.canonical_model)
+    what = ", ".join(f"{n} {k}" for k, n in counts.items())
+    if left:
+        what += (", " if what else "") + f"{len(left)} normalization-like subgraph(s) no recognizer matched"
+    more = f"; and {len(reasons) - 3} more reason(s), per node in the report" if len(reasons) > 3 else ""
+    return f"nothing to rewrite: every normalization found ({what}) is left alone: " + "; ".join(reasons[:3]) + more
+
+
+#: the note of a run that times nothing because the optimized model is the original
+NOT_TIMED = ("latency not measured: nothing was rewritten, so model.onnx is the original, and a ratio of two "
+             "identical models measures only the machine's noise (normdeploy bench still times the original next to "
+             "the peers)")
+
+
+def identical_to_original(nothing: str | None, options: Options) -> bool:
+    """True where nothing was rewritten and no precision change (``--fp16``) makes the optimized model differ."""
+    return nothing is not None and not options.ort.fp16
+
+
 def bench_latency(bench, batch: int) -> dict | None:
-    """The ``latency`` block of report.json from an interleaved run (None when not measured)."""
+    """The ``latency`` block of report.json from an interleaved run (None when not measured).
+
+    ``speedup_ci95`` is NaNs and ``speedup_note`` says why where the run had too few rounds for
+    an interval; ``norm_cost_left`` is None and ``norm_cost_left_note`` says why where the share
+    is no measurement (:meth:`normdeploy.bench.timing.BenchResult.norm_cost_share`).
+    """
     if bench is None:
         return None
     lo, hi = bench.ratio_interval("original", "optimized")
+    left, why = bench.norm_cost_share()
     latency = {name: t.to_json() for name, t in bench.timings.items()}
     latency.update({
         "speedup": bench.ratio("original", "optimized"),
         "speedup_ci95": [lo, hi],
-        "norm_cost_left": bench.norm_cost_left(),
+        "speedup_note": bench.interval_note("original", "optimized"),
+        "norm_cost_left": left,
+        "norm_cost_left_note": why,
         "method": "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)",
         "batch": batch, "threads": bench.threads, "machine": bench.machine,
     })
@@ -630,6 +683,7 @@ def build_report(run: _Run, optimized: onnx.ModelProto, accuracies: dict[str, Ac
                      **{k: a.to_json() for k, a in accuracies.items()}},
         "export_fidelity": fidelity.to_json() if fidelity else None,
         "latency": latency,
+        "nothing_to_rewrite": run.nothing,
         "notes": notes,
         "batch_range": list(run.batch_range) if run.batch_range else None,
     }
@@ -670,12 +724,16 @@ def measure(source, options: Options | None = None, *, candidates: dict[str, onn
     ``candidates`` maps a name to an optimized ``onnx.ModelProto`` to judge against the
     original; None means normdeploy's own output (:func:`optimize`, named ``optimized``).
     ``peers`` names entries of :data:`normdeploy.bench.peers.PEERS`. The floor is always measured.
+    Where normdeploy rewrote nothing its optimized model, and where the model has no normalization
+    the floor, is the original itself: still timed (a reference for the run's noise), but marked
+    ``identical_to_original`` and given no speedup.
     Returns a :class:`normdeploy.bench.ModelBench`.
     """
     from .bench import compare_variants
     from .bench.peers import WHAT
 
     options = options or Options()
+    identical = {}
     if candidates is None:
         # normdeploy's own pipeline, exactly as `optimize` runs it (its accuracy gate is ours to apply, so no limit)
         own = Options.from_flat(options, bench=False, tolerance=float("inf"), max_error=float("inf"))
@@ -684,6 +742,8 @@ def measure(source, options: Options | None = None, *, candidates: dict[str, onn
         canonical_counts = res.report["norm_nodes"]["before"]
         notes = list(res.report.get("notes", []))
         given = {"optimized": (res.optimized_model, WHAT["optimized"])}
+        if identical_to_original(res.report.get("nothing_to_rewrite"), options):
+            identical["optimized"] = "identical to the original: nothing to rewrite"
     else:
         prepared = prepare(source, options, progress)
         loaded, original = prepared.loaded, prepared.original
@@ -697,7 +757,12 @@ def measure(source, options: Options | None = None, *, candidates: dict[str, onn
     batch = batch_range[1] if batch_range else loaded.inputs[0].shape[0]
     norm_nodes = {"before": norms.count_by_kind(original), "recognized": canonical_counts,
                   "after": {n: norms.count_by_kind(m) for n, (m, _) in given.items()}}
-    return compare_variants(loaded.path, loaded, original, given, floor, target=options.target,
-                            threads=options.bench.threads, batch=batch, data=options.verify.data, peers=peers,
-                            hint=hint, seconds=options.bench.seconds, warmup=options.bench.warmup, notes=notes,
-                            norm_nodes=norm_nodes, progress=progress)
+    if not canonical_counts:
+        identical["floor"] = "identical to the original: no normalization to remove"
+    mb = compare_variants(loaded.path, loaded, original, given, floor, target=options.target,
+                          threads=options.bench.threads, batch=batch, data=options.verify.data, peers=peers,
+                          hint=hint, seconds=options.bench.seconds, warmup=options.bench.warmup, notes=notes,
+                          norm_nodes=norm_nodes, progress=progress)
+    for name, why in identical.items():
+        mb.variants[name].info["identical_to_original"] = why
+    return mb

@@ -30,7 +30,7 @@ class Variant:
     what: str
     runner: object | None = None
     status: str = "ok"  # "ok" or "n/a: <reason>"
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # "identical_to_original": why, where the variant is the original itself
     accuracy: dict = field(default_factory=dict)  # input set ("random", "data") -> verify.Accuracy
 
 
@@ -58,15 +58,37 @@ class ModelBench:
     def timed(self) -> list[str]:
         return list(self.result.timings) if self.result else []
 
+    def identical(self, name: str) -> str | None:
+        """Why variant ``name`` is the original itself (nothing to rewrite, nothing to floor), or None."""
+        return self.variants[name].info.get("identical_to_original") if name in self.variants else None
+
     def speedup(self, name: str, baseline: str = "original") -> float | None:
-        if name not in self.timed or baseline not in self.timed:
+        """p50(baseline) / p50(name); None where not timed, or where ``name`` is the original itself
+        (a ratio of two identical models measures only noise)."""
+        if name not in self.timed or baseline not in self.timed or (name != baseline and self.identical(name)):
             return None
         return self.result.ratio(baseline, name)
 
     def speedup_ci(self, name: str, baseline: str = "original") -> tuple[float, float] | None:
-        if name not in self.timed or baseline not in self.timed or name == baseline:
+        """95 % interval of :meth:`speedup`: NaNs from too few rounds (:meth:`speedup_note` says why)."""
+        if self.speedup(name, baseline) is None or name == baseline:
             return None
         return self.result.ratio_interval(baseline, name)
+
+    def speedup_note(self, name: str, baseline: str = "original") -> str | None:
+        """Why ``name`` has no speedup or no interval, or None where it has both."""
+        if name == baseline or name not in self.timed:
+            return None
+        return self.identical(name) or self.result.interval_note(baseline, name)
+
+    def cost_left(self, candidate: str) -> tuple[float | None, str | None]:
+        """The share of normalization cost ``candidate`` leaves, or why it is no measurement
+        (:meth:`.timing.BenchResult.norm_cost_share`)."""
+        if self.identical(candidate):
+            return None, self.identical(candidate)
+        if self.identical("floor"):
+            return None, f"the floor is {self.identical('floor')}"
+        return self.result.norm_cost_share("original", candidate, "floor")
 
     def worst_accuracy(self, name: str) -> dict | None:
         accs = list(self.variants[name].accuracy.values())
@@ -84,19 +106,22 @@ class ModelBench:
             if name in self.timed:
                 lat = self.result.timings[name].to_json()
                 ci = self.speedup_ci(name)
-                lat.update({"speedup": self.speedup(name), "speedup_ci95": list(ci) if ci else None})
+                lat.update({"speedup": self.speedup(name), "speedup_ci95": list(ci) if ci else None,
+                            "speedup_note": self.speedup_note(name)})
                 entry["latency"] = lat
             worst = self.worst_accuracy(name)
             if worst is not None:
                 entry["accuracy"] = {**worst, **{k: a.to_json() for k, a in v.accuracy.items()}}
             variants[name] = entry
         cands = [n for n, v in self.variants.items() if v.role == "candidate" and n in self.timed]
+        left = {c: self.cost_left(c) for c in cands} if self.result else {}
         return {
             "model": self.model, "kind": self.kind, "inputs": self.inputs, "batch": self.batch,
             "threads": self.threads, "machine": self.machine, "versions": self.versions,
             "method": METHOD, "rounds": len(self.result.timings["original"].samples_ms) if self.result else 0,
             "wall_seconds": self.wall_seconds,
-            "norm_cost_left": {c: self.result.norm_cost_left("original", c, "floor") for c in cands} if self.result else {},
+            "norm_cost_left": {c: v for c, (v, _) in left.items()},
+            "norm_cost_left_notes": {c: why for c, (_, why) in left.items() if why},
             "norm_nodes": self.norm_nodes, "variants": variants, "notes": self.notes,
         }
 
@@ -132,7 +157,11 @@ def variant_rows(mb: ModelBench) -> list[dict]:
             row.update(p50_ms=fmt_ms(tj["p50_ms"]), p90_ms=fmt_ms(tj["p90_ms"]), p99_ms=fmt_ms(tj["p99_ms"]),
                        per_s=f"{tj['throughput_per_s']:,.0f}")
             s, ci = mb.speedup(name), mb.speedup_ci(name)
-            row["speedup"] = f"{s:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] == ci[0] else "")
+            if s is None:
+                row["speedup"] = "n/a: identical to the original"
+            else:
+                row["speedup"] = f"{s:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] == ci[0]
+                                                else " [too few rounds for an interval]" if ci else "")
         w = mb.worst_accuracy(name)
         if w is not None:
             row["max_rel_err"] = fmt_err(w["max_rel_err"])
@@ -143,6 +172,8 @@ def variant_rows(mb: ModelBench) -> list[dict]:
             row["max_rel_err"], row["top1"] = "(wrong by design)", ""
         if v.status == "ok":
             row["status"] = v.what
+            if mb.identical(name):
+                row["status"] += "; " + mb.identical(name)
             if v.info.get("fused"):
                 row["status"] += "; fused " + ", ".join(f"{k} {n}" for k, n in v.info["fused"].items())
         rows.append(row)
@@ -154,6 +185,15 @@ COLUMNS = (("variant", "variant"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), (
            ("top1", "top-1 agr."), ("status", "what / status"))
 
 
+def cost_left_texts(mb: ModelBench) -> dict[str, str]:
+    """Candidate -> its share of normalization cost left as printed: a percentage, or n/a and why."""
+    out = {}
+    for c in (n for n, v in mb.variants.items() if v.role == "candidate" and n in mb.timed):
+        v, why = mb.cost_left(c)
+        out[c] = f"n/a ({why})" if v is None else f"{v:.0%}"
+    return out
+
+
 def markdown(mb: ModelBench, title: str | None = None) -> str:
     """A Markdown section for one model: provenance line, variant table, normalization cost left."""
     lines = [f"### {title or mb.model}", "",
@@ -162,11 +202,10 @@ def markdown(mb: ModelBench, title: str | None = None) -> str:
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in variant_rows(mb):
         lines.append("| " + " | ".join(str(r[k]).replace("|", "/") for k, _ in COLUMNS) + " |")
-    left = mb.to_json()["norm_cost_left"]
+    left = cost_left_texts(mb)
     if left:
         lines += ["", "normalization cost left, (p50(opt) - p50(floor)) / (p50(orig) - p50(floor)): "
-                  + ", ".join(f"{k} {'n/a (floor not faster than original)' if v is None else f'{v:.0%}'}"
-                              for k, v in left.items())]
+                  + ", ".join(f"{k} {v}" for k, v in left.items())]
     for n in mb.notes:
         lines.append(f"- note: {n}")
     return "\n".join(lines) + "\n"

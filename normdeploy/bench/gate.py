@@ -13,7 +13,10 @@ Checks, each giving one verdict line ``PASS``, ``FAIL`` or ``SKIP``:
     ``limit = max(allowance, noise)``, where ``noise`` is the half-width of the 95 %
     bootstrap interval of r over paired rounds (:meth:`BenchResult.ratio_interval`): the
     run's own spread, so a noisy machine widens the allowance and a quiet one narrows it,
-    and ``allowance`` (default 0.05) is the smallest slowdown worth failing a build for.
+    and ``allowance`` (default 0.05) is the smallest slowdown worth failing a build for
+    (from fewer than ``timing.MIN_ROUNDS_FOR_INTERVAL`` rounds there is no interval, and the
+    limit is the allowance). SKIP (and ``speedup`` too) where the candidate is the original
+    itself, normdeploy having rewritten nothing: a ratio of identical models is noise.
 ``speedup`` (only when ``min_speedup`` is set)
     s = p50(original) / p50(candidate) from the same run; passes when ``s >= min_speedup``
     (the point estimate; its 95 % interval is printed beside it).
@@ -181,6 +184,9 @@ def latency_checks(mb, candidate: str, th: Thresholds, baseline: str = "original
 
     res = mb.result
     where = f"[{provenance(mb.machine, mb.threads)}]"
+    if mb.identical(candidate):  # a ratio of two identical models is the machine's noise
+        return [Check(name, "SKIP", None, None, f"{mb.identical(candidate)}: no latency to compare {where}")
+                for name in ("latency",) + (("speedup",) if th.min_speedup is not None else ())]
     r = res.ratio(candidate, baseline)
     lo, hi = res.ratio_interval(candidate, baseline)
     noise = (hi - lo) / 2 if lo == lo and hi == hi else float("nan")
@@ -192,8 +198,9 @@ def latency_checks(mb, candidate: str, th: Thresholds, baseline: str = "original
         how = f"1 + max(allowance {th.allowance:.3f}, noise {n:.3f})"
     ok = r <= 1 + limit
     rounds = len(res.timings[candidate].samples_ms)
+    ci = f"95% CI {lo:.3f}..{hi:.3f}" if lo == lo else "too few rounds for an interval"
     checks = [Check("latency", "PASS" if ok else "FAIL", r, 1 + limit,
-                    f"p50 {candidate}/{baseline} = {r:.3f} (95% CI {lo:.3f}..{hi:.3f}; p50 "
+                    f"p50 {candidate}/{baseline} = {r:.3f} ({ci}; p50 "
                     f"{res.p50(candidate):.4f} vs {res.p50(baseline):.4f} ms, {rounds} rounds) "
                     f"{'<=' if ok else '>'} {1 + limit:.3f} = {how} {where}",
                     {"ratio": r, "ratio_ci95": [lo, hi], "noise": noise, "allowance": th.allowance,
@@ -204,7 +211,8 @@ def latency_checks(mb, candidate: str, th: Thresholds, baseline: str = "original
         slo, shi = res.ratio_interval(baseline, candidate)
         ok = s >= th.min_speedup
         checks.append(Check("speedup", "PASS" if ok else "FAIL", s, th.min_speedup,
-                            f"p50 {baseline}/{candidate} = {s:.3f}x (95% CI {slo:.3f}..{shi:.3f}) "
+                            f"p50 {baseline}/{candidate} = {s:.3f}x ("
+                            + (f"95% CI {slo:.3f}..{shi:.3f}" if slo == slo else "too few rounds for an interval") + ") "
                             f"{'>=' if ok else '<'} {th.min_speedup:.3f} {where}",
                             {"speedup": s, "speedup_ci95": [slo, shi]}))
     return checks
@@ -267,11 +275,12 @@ def report(mb, th: Thresholds) -> dict:
     out = {}
     for c in cands:
         checks = evaluate(mb, c, th)
-        left = mb.result.norm_cost_left("original", c, "floor")
+        left, why = mb.cost_left(c)
         out[c] = {"verdict": "PASS" if all(ch.passed for ch in checks) else "FAIL",
                   "checks": [ch.to_json() for ch in checks],
                   "lines": [ch.line(c if len(cands) > 1 else None) for ch in checks],
                   "norm_cost_left": left,
+                  "norm_cost_left_note": why,
                   "p50_ms": mb.result.p50(c)}
     failed = [c for c, r in out.items() if r["verdict"] == "FAIL"]
     return {

@@ -10,8 +10,16 @@ if TYPE_CHECKING:
     from . import ModelBench
 
 
-def plot(result: BenchResult, path: str, title: str) -> None:
-    """Box plot of per-call latency per runner, with the p50 written on each box."""
+def latency_figure(result: BenchResult, title: str):
+    """Box plot of per-call latency per runner, outliers drawn, with what the numbers rest on.
+
+    Each box is one runner's calls (whiskers at 1.5 IQR, every call beyond them a point, counted
+    on its label with its slowest time); the subtitle gives the number of interleaved rounds and
+    the speedup p50(original) / p50(optimized) with its 95 % bootstrap interval (or "too few
+    rounds for an interval", :data:`.timing.MIN_ROUNDS_FOR_INTERVAL`) and, where it is a
+    measurement, the share of normalization cost left. Latencies spanning more than 20x are
+    drawn on a log axis, so that a few slow calls do not flatten the boxes. Returns the figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,20 +27,58 @@ def plot(result: BenchResult, path: str, title: str) -> None:
 
     names = list(result.timings)
     data = [result.timings[n].samples_ms for n in names]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2 + 0.3 * len(names)), dpi=110)
-    ax.boxplot(data, vert=False, showfliers=False)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6 + 0.3 * len(names)), dpi=110)
+    boxes = ax.boxplot(data, vert=False, showfliers=True, flierprops={"marker": ".", "markersize": 3, "alpha": 0.5})
     ax.set_yticks(range(1, len(names) + 1), names)
-    for i, n in enumerate(names, start=1):
-        ax.annotate(f"p50 {result.p50(n):.3f} ms", (result.p50(n), i + 0.3), fontsize=8, ha="center")
+    for i, (n, d, fliers) in enumerate(zip(names, data, boxes["fliers"]), start=1):
+        out = len(fliers.get_xdata())
+        ax.annotate(f"p50 {result.p50(n):.3f} ms; {out} outlier{'s' if out != 1 else ''}, slowest {max(d):.3f} ms",
+                    (0.01, i + 0.3), xycoords=("axes fraction", "data"), fontsize=8, ha="left")
+    lo_ms, hi_ms = min(min(d) for d in data), max(max(d) for d in data)
+    if lo_ms > 0 and hi_ms / lo_ms > 20:
+        ax.set_xscale("log")
     ax.set_xlabel(f"latency per call, ms\n{provenance(result.machine, result.threads)}", fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\n" + summary(result).replace("; normalization", "\nnormalization"), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def summary(result: BenchResult) -> str:
+    """Rounds, speedup with its 95 % interval, and the share of normalization cost left, in one line."""
+    parts = [f"{result.rounds()} interleaved rounds"]
+    if "original" in result.timings and "optimized" in result.timings:
+        s = result.ratio("original", "optimized")
+        lo, hi = result.ratio_interval("original", "optimized")
+        parts.append(f"speedup {s:.3f}x " + (f"[95 % CI {lo:.3f}, {hi:.3f}]" if lo == lo
+                                              else "(too few rounds for an interval)"))
+        left = result.norm_cost_left()
+        if left is not None:
+            parts.append(f"normalization cost left {left:.0%}")
+    return "; ".join(parts)
+
+
+def plot(result: BenchResult, path: str, title: str) -> None:
+    """:func:`latency_figure` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = latency_figure(result, title)
     fig.savefig(path)
     plt.close(fig)
 
 
 def plot_speedups(benches: list[ModelBench], path: str, title: str, variants: list[str] | None = None) -> None:
-    """Horizontal bars: p50(original) / p50(variant) per model and variant, with 95 % bootstrap intervals."""
+    """:func:`speedups_figure` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = speedups_figure(benches, title, variants)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def speedups_figure(benches: list[ModelBench], title: str, variants: list[str] | None = None):
+    """Horizontal bars: p50(original) / p50(variant) per model and variant, with 95 % bootstrap intervals
+    (none from too few rounds); each model's label gives its rounds. A variant that is the original
+    itself (:meth:`.ModelBench.identical`) has no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,12 +109,12 @@ def plot_speedups(benches: list[ModelBench], path: str, title: str, variants: li
                     error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([i + height * (len(variants) - 1) / 2 for i in range(len(benches))],
-                  [os.path.splitext(os.path.basename(b.model))[0] for b in benches], fontsize=8)
+                  [f"{os.path.splitext(os.path.basename(b.model))[0]} ({b.result.rounds()} rounds)" for b in benches],
+                  fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("speedup vs original = p50(original) / p50(variant), 95 % bootstrap interval\n"
                   + (provenance(benches[0].machine, benches[0].threads) if benches else ""), fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

@@ -96,7 +96,8 @@ def _print_summary(r: dict, path: str) -> None:
         left = lat.get("norm_cost_left")
         c.print(f"latency p50: original {lat['original']['p50_ms']:.4f} ms, optimized {lat['optimized']['p50_ms']:.4f} ms, "
                 f"floor {lat['floor']['p50_ms']:.4f} ms -> speedup {lat['speedup']:.3f}x"
-                + (f", normalization cost left {left:.0%}" if left is not None else "")
+                + (f", normalization cost left {left:.0%}" if left is not None
+                   else f", normalization cost left n/a ({lat.get('norm_cost_left_note')})")
                 + f"  [{lat['machine']['machine']}, {lat['threads']} threads, onnxruntime {lat['machine']['onnxruntime']}]")
     for n in r["notes"]:
         c.print(f"note: {n}")

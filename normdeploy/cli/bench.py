@@ -85,7 +85,7 @@ def _print_bench(results) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench import COLUMNS, provenance, variant_rows
+    from ..bench import COLUMNS, cost_left_texts, provenance, variant_rows
 
     c = Console(width=max(Console().width, 160))
     for r in results:
@@ -98,10 +98,7 @@ def _print_bench(results) -> None:
         for row in variant_rows(r):
             t.add_row(*(str(row[k]) for k, _ in COLUMNS))
         c.print(t)
-        left = r.to_json()["norm_cost_left"]
-        for k, v in left.items():
-            c.print(f"normalization cost left ({k}): " + ("n/a (the floor is not faster than the original)"
-                                                         if v is None else f"{v:.0%}")
-                    + f"  [{provenance(r.machine, r.threads)}]")
+        for k, v in cost_left_texts(r).items():
+            c.print(f"normalization cost left ({k}): {v}  [{provenance(r.machine, r.threads)}]")
         for n in r.notes:
             c.print(f"note: {n}")

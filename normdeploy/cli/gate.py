@@ -130,7 +130,7 @@ def _print_gate(rep: dict) -> None:
             click.echo(line)
         left = c["norm_cost_left"]
         click.echo(f"info  {name}: normalization cost left "
-                   + ("n/a (the floor is not faster than the original)" if left is None else f"{left:.0%}")
+                   + (f"n/a ({c.get('norm_cost_left_note')})" if left is None else f"{left:.0%}")
                    + f" [{rep['provenance']}]")
         n_checks += len(c["checks"])
         n_failed += sum(ch["verdict"] == "FAIL" for ch in c["checks"])

@@ -180,6 +180,12 @@ def replace_value(old: ir.Value, new: ir.Value, except_node: ir.Node | None = No
     So a rewrite keeps the names of the tensors it recomputes, as an edit in place would. A
     graph input or an initializer keeps its own name; where one of those replaces a graph
     output, an Identity carries the output's name.
+
+    ``new`` computes ``old``'s values, so where the node output that takes ``old``'s place has
+    no type or no shape it takes ``old``'s: a graph output keeps the shape it declared (a
+    rewrite that routes it to a tensor shape inference could not reach, such as a Conv behind
+    a function node, must not leave it without one: ``onnx.checker`` requires a shape on
+    every graph output).
     """
     if old is new:
         return
@@ -190,6 +196,10 @@ def replace_value(old: ir.Value, new: ir.Value, except_node: ir.Node | None = No
         graph.append(ident)
         new, own_name = ident.outputs[0], False
     if not own_name:
+        if new.type is None and old.type is not None:
+            new.type = ir.TensorType(old.type.dtype) if isinstance(old.type, ir.TensorType) else old.type
+        if new.shape is None and old.shape is not None:
+            new.shape = old.shape.copy()
         name, other = old.name, new.name
         old.name = None
         new.name = name

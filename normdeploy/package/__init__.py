@@ -291,8 +291,12 @@ def render_markdown(r: dict) -> str:
                 t = lat[k]
                 lines.append(f"| {k} | {t['p50_ms']:.4f} | {t['p90_ms']:.4f} | {t['p99_ms']:.4f} | {t['throughput_per_s']:.1f} | {t['runs']} |")
         lo, hi = lat["speedup_ci95"]
-        lines += ["", f"speedup **{lat['speedup']:.3f}x** (95 % interval {_fmt(lo, '.3f')} to {_fmt(hi, '.3f')}); "
-                  f"share of normalization cost left {_fmt(lat['norm_cost_left'], '.1%')}", "", "![latency](latency.png)"]
+        interval = (f"95 % interval {_fmt(lo, '.3f')} to {_fmt(hi, '.3f')}" if lo is not None and lo == lo
+                    else lat.get("speedup_note") or "no interval")
+        left = lat["norm_cost_left"]
+        left = _fmt(left, ".1%") if left is not None else f"n/a ({lat.get('norm_cost_left_note') or 'not measured'})"
+        lines += ["", f"speedup **{lat['speedup']:.3f}x** ({interval}); share of normalization cost left {left}", "",
+                  "![latency](latency.png)"]
     elif lat:
         lines += ["", "## Latency", "", f"TensorRT engine, batch {lat['batch']}: {json.dumps(lat['optimized'])}; "
                   f"{lat['method']}. {lat.get('note', '')}"]

@@ -43,6 +43,15 @@ normalized tensor is linear in it (a residual Add of a post-norm block keeps the
 graph outputs keep their names and values. Folded weights are computed in float64 and
 stored once in the weight's dtype (fp16 models included); every folded weight is a new
 constant, so a weight shared with another node is never edited.
+
+Storage. What the fold computes must survive being stored in the narrowest float type the
+model will hold (:func:`storage_dtype`: the model's own, or float16 for trt-fp16, bfloat16
+for trt-bf16). A kept shift ``c / a`` must stay within half that type's range
+(:func:`_kept_shift`); a folded weight ``W diag(a)`` or ``diag(a) W`` must neither saturate
+nor lose more than the type's unit roundoff relative to its largest entry where the unfolded
+weight does not (:func:`_weight_loss`): a tiny scale (BatchNorm gamma 1e-6 over
+sqrt(var) ~ 360) makes every folded entry subnormal or zero in float16, while the unfolded
+graph keeps the weight and computes the normalization in fp32. Else the affine stays.
 """
 from __future__ import annotations
 
@@ -96,7 +105,8 @@ def _dtype_of(v: ir.Value, fallback) -> np.dtype:
 
 # ----------------------------------------------------------------------------- into the producer
 
-def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.ndarray, namer: Namer) -> Plan | str:
+def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.ndarray, namer: Namer,
+                   ctx: PassContext | None = None) -> Plan | str:
     """Fold ``a * lin(x) + c`` (arrays on lin's output, or on its bias Add's) into ``lin``'s weight and bias."""
     if lin.op_type == "MatMul":
         wslot = matmul_weight_slot(lin)
@@ -116,6 +126,9 @@ def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.n
                                                                                                 "per output channel")
         return f"the affine is not {where} of {lin.op_type} {lin.name}"
     layer.scale_outputs(a)
+    loss = _weight_loss(layer, a, storage_dtype(ctx, layer.w.dtype))
+    if loss is not None:
+        return loss
     bias_add = getattr(layer, "bias_add", None)
     if lin.op_type == "MatMul":
         layer.add_to_output(layer.out_vector(c))
@@ -159,8 +172,8 @@ def _concat_inputs(node: ir.Node, arrs: list[np.ndarray]) -> list[ir.Value] | st
     return list(node.inputs)
 
 
-def _producer_plans(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], namer: Namer, depth: int = 0
-                    ) -> list[tuple[Plan, list[ir.Node]]] | str:
+def _producer_plans(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], namer: Namer, depth: int = 0,
+                    ctx: PassContext | None = None) -> list[tuple[Plan, list[ir.Node]]] | str:
     """Plans folding the arrays on ``t`` into the linear layer(s) that write it, through movers and through a
     Concat along an axis the affine does not vary on (per-step convs stacked over time): (plan, movers)."""
     chain: list[ir.Node] = []
@@ -187,7 +200,7 @@ def _producer_plans(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], namer:
             return parts
         plans = []
         for part in parts:
-            sub = _producer_plans(graph, part, arrs, namer, depth + 1)
+            sub = _producer_plans(graph, part, arrs, namer, depth + 1, ctx)
             if isinstance(sub, str):
                 return f"through Concat {prod.name}: {sub}"
             plans += [(plan, chain + [prod] + movers) for plan, movers in sub]
@@ -202,13 +215,14 @@ def _producer_plans(graph: ir.Graph, t: ir.Value, arrs: list[np.ndarray], namer:
                 prod = mm
     if prod.op_type not in LINEAR or prod.domain not in ONNX_DOMAINS:
         return f"producer {prod.name} ({prod.op_type}) is not linear"
-    plan = _producer_plan(graph, prod, arrs[0], arrs[1], namer)
+    plan = _producer_plan(graph, prod, arrs[0], arrs[1], namer, ctx)
     return plan if isinstance(plan, str) else [(plan, chain)]
 
 
-def fold_affine_into_producer(graph: ir.Graph, aff: Affine, namer: Namer) -> Plan | str:
+def fold_affine_into_producer(graph: ir.Graph, aff: Affine, namer: Namer, ctx: PassContext | None = None
+                              ) -> Plan | str:
     """Plan folding a pure affine into the linear layer(s) that write its input (through movers and Concats)."""
-    plans = _producer_plans(graph, aff.x, [aff.scale, aff.shift], namer)
+    plans = _producer_plans(graph, aff.x, [aff.scale, aff.shift], namer, ctx=ctx)
     if isinstance(plans, str):
         return plans
 
@@ -335,6 +349,65 @@ def _kept_shift(leaf: _Leaf, a_full: np.ndarray, storage: np.dtype) -> np.ndarra
     return kept
 
 
+def _weight_loss(layer, a: np.ndarray, storage: np.dtype) -> str | None:
+    """Why ``layer``'s folded weight (pending in float64, ``layer.w64``) cannot be stored in ``storage`` as
+    well as its unfolded weight ``layer.w`` is, or None.
+
+    Stored once in ``storage`` (the model's float type, or the target's: trt-fp16 converts to
+    float16), a tensor whose largest entry is a normal number keeps ``storage``'s unit roundoff
+    ``u`` relative to that entry (an entry below the smallest normal errs by at most half the
+    smallest subnormal, ``u`` times the smallest normal). Scaling the weight by ``a`` can push
+    it out of that range where the unfolded weight is inside: past the largest finite value
+    (it saturates), or wholly below the smallest normal, where every entry is subnormal or
+    flushes to zero and the range-relative error exceeds ``u`` (BatchNorm gamma 1e-6 over
+    sqrt(var) ~ 360: ``W a ~ 1e-9``, all zero in float16). The unfolded graph keeps the weight
+    as it is and computes the normalization in fp32 (:mod:`normdeploy.lower.precision`), so the
+    fold is refused. Compared range-relative, as the accuracy checks compare outputs: entries
+    that are negligible beside the largest one may round to zero in either graph.
+    """
+    import ml_dtypes
+
+    if not layer.w_changed or not layer.w64.size:
+        return None
+    try:
+        info = ml_dtypes.finfo(storage)
+    except ValueError:  # not a float type: nothing rounds
+        return None
+    big, normal, u = float(info.max), float(info.smallest_normal), float(info.eps) / 2
+
+    def peak_of(w: np.ndarray) -> float:  # max |w| without a temporary the size of a weight
+        return max(float(w.max()), -float(w.min()))
+    peak, old_peak = peak_of(layer.w64), peak_of(layer.w)
+    where = f"{layer.node.op_type} {layer.node.name}"
+    nz = np.abs(a[a != 0]) if np.any(a != 0) else np.zeros(1)
+    scale = f"scale {float(nz.min()):.3g} .. {float(nz.max()):.3g}"
+    if peak > big >= old_peak:
+        over = int((np.abs(layer.w64) > big).sum())
+        return (f"{where}: its folded weight ({scale} times a weight of peak {old_peak:.3g}) reaches {peak:.3g}, "
+                f"beyond the largest {storage.name} ({big:.6g}) the model is stored in: {over} of {layer.w64.size} entries "
+                f"would saturate: the affine stays")
+    if peak == 0 or peak >= normal:
+        return None  # within u of its largest entry (or exactly zero): stored as well as the unfolded weight
+
+    def loss(w: np.ndarray) -> float:  # max |stored - w| / max |w|
+        w = np.asarray(w, np.float64)
+        top = peak_of(w)
+        with np.errstate(over="ignore"):  # an unfolded weight beyond the range: inf, its loss is not the fold's
+            return float(np.abs(w.astype(storage).astype(np.float64) - w).max()) / top if top else 0.0
+
+    err = loss(layer.w64)
+    if err <= u or err <= loss(layer.w):
+        return None
+    new = np.abs(layer.w64)
+    flushed = int(((new > 0) & (new < float(info.smallest_subnormal) / 2)).sum())
+    lost = (f"all {new.size} entries would flush to zero" if flushed == new.size else
+            f"{flushed} of {new.size} entries would flush to zero and the rest be subnormal" if flushed else
+            f"all {new.size} entries would be subnormal")
+    return (f"{where}: its folded weight ({scale} times a weight of peak {old_peak:.3g}) peaks at {peak:.3g}, below "
+            f"the smallest normal {storage.name} ({normal:.4g}) the model is stored in: {lost}, a range-relative "
+            f"rounding error of {err:.2g} against {storage.name}'s unit roundoff {u:.2g}: the affine stays")
+
+
 def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: np.dtype
                    ) -> tuple[Plan, np.ndarray | None] | str:
     """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant."""
@@ -347,6 +420,9 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: n
         where = "per input channel" if n.op_type in ("Conv", "ConvTranspose") else "along the contraction axis"
         return f"the scale is not {where} of {n.op_type} {n.name}"
     layer.scale_inputs(a)
+    loss = _weight_loss(layer, a, storage)
+    if loss is not None:
+        return loss
     kept = None
     if np.any(c != 0):
         c_vec = vector_along(c, layer.in_axis, layer.in_rank, layer.in_size)
@@ -484,7 +560,7 @@ def fold_affine_into_linear(graph: ir.Graph, ctx: PassContext, result: PassResul
         reasons = []
         plan: Plan | str = "no direction applies"
         if aff.pure:
-            plan = fold_affine_into_producer(graph, aff, namer)
+            plan = fold_affine_into_producer(graph, aff, namer, ctx)
             if isinstance(plan, str):
                 reasons.append(f"into the producer: {plan}")
         if isinstance(plan, str):

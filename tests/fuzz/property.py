@@ -56,10 +56,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import normdeploy
+from normdeploy import pipeline
 from normdeploy.core.errors import AccuracyError, InputError, NormdeployError
 from normdeploy.core.norms import find_norms
 from normdeploy.verify.precision import emulate_rounding, plugins_as_functions
@@ -68,7 +70,7 @@ from .graphs import META_KEY, meta_of
 
 TOL_FP16 = 1e-2
 TARGETS = ("ort-cpu", "trt-fp16")
-CANONICALIZE_PASSES = ("recognize_layernorm", "recognize_rmsnorm", "name_norms_after_modules")
+CANONICALIZE_PASSES = tuple(s.name for s in pipeline.CANONICALIZE)  # the recognizers' reports
 STRICT = os.environ.get("NORMDEPLOY_FUZZ_STRICT", "") not in ("", "0")
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
@@ -99,10 +101,7 @@ class KnownBug:
 
 #: Filled in as bugs are found (see regressions/README.md). The CI fuzz run counts a failure
 #: that matches one of these as known instead of failing; NORMDEPLOY_FUZZ_STRICT=1 fails on them too.
-KNOWN_BUGS: tuple[KnownBug, ...] = (
-    KnownBug("fp16_folded_weight_flushes_to_zero", "wrong", "trt-fp16", r"saturated 0 and flushed [1-9]\d* constant"),
-    KnownBug("fp16_conversion_fails_checker", "broken", "trt-fp16", r"fp16 model fails onnx.checker: Field 'shape'"),
-)
+KNOWN_BUGS: tuple[KnownBug, ...] = ()
 
 
 # ----------------------------------------------------------------------------- figures
@@ -511,7 +510,6 @@ def check_report(report: dict, canonical: onnx.ModelProto, meta: dict, target: s
 
 def _transformed(model: onnx.ModelProto, target: str):
     """What ``optimize`` builds before verifying (prepare + transform), for checks the report cannot give."""
-    from normdeploy import pipeline
     from normdeploy.options import Options
 
     opts = Options.from_flat()
@@ -558,6 +556,8 @@ def _refusal(e: NormdeployError, model, meta, ref: Reference, target: str) -> No
         got = [run_ort(opt, feeds) for _, feeds in ref.sets]
         exact = all(r.exact for r in t.results if r.rewrites)
         tol = normdeploy.options.Options.from_flat().verify.tolerance
+        if tol is None:  # the default: by the float type the model computes in, as optimize chooses it
+            tol = pipeline.DEFAULT_TOLERANCE[pipeline.compute_dtype(ir.from_proto(model))]
         if exact:
             rewrote = ", ".join(f"{r.name} x{len(r.rewrites)}" for r in t.results if r.rewrites)
             judge_fp32(ref, got, tol, "refused model (AccuracyError)", target, f"rewrites by {rewrote}")

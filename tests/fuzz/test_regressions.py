@@ -17,14 +17,7 @@ from .property import KNOWN_BUGS, FuzzFailure, check_case
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regressions")
 
 #: regression -> the issue it shows, while it fails
-FAILING = {
-    "fp16_folded_weight_flushes_to_zero":
-        "a tiny BatchNorm scale (gamma 1e-6, var 1e5) folded into a ConvTranspose weight underflows fp16: every "
-        "folded weight is 0, the trt-fp16 output is 100% off, and --lower-only returns it",
-    "fp16_conversion_fails_checker":
-        "UnifiedNorm with a non-constant weight, then Conv + BatchNorm: the fp16 conversion writes a model that "
-        "fails onnx.checker (a type without a shape): a valid model refused with 'report this as a bug'",
-}
+FAILING: dict[str, str] = {}
 
 NAMES = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".onnx"))
 
