@@ -5,7 +5,10 @@
   itself, and normdeploy's report must account for every fold. normdeploy's modules emit
   single ``normdeploy::*`` nodes (:mod:`normdeploy.nn`); their function bodies are attached.
   Constants are folded and dead nodes removed with onnxscript's constant folder, which
-  evaluates only nodes whose inputs are all constant (it folds no normalization).
+  evaluates only nodes whose inputs are all constant: it folds no statistic computed at run
+  time, but it does compute a running-statistic scale written from parameters only (a traced
+  ``w / sqrt(r + eps)``) into one constant, after which that affine is a frozen one
+  (:mod:`normdeploy.canonicalize.unified_norm`).
 * TorchScript: only the TorchScript exporter reads it (``torch.onnx.export(dynamo=False)``),
   run with ``training=PRESERVE`` on the module in eval mode: that exporter's eval-mode
   peephole would fold Conv + BatchNorm on its own, and the report must account for every

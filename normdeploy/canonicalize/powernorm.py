@@ -35,6 +35,29 @@ repeats only the two trailing axes, Cg times in all (so each group's mean repeat
 own Cg channels: ``repeat_interleave``, not ``repeat``); the Reshapes after it end in
 x's own shape; no intermediate tensor is read outside the match.
 
+Without ``repeat_interleave``, on the grouped tensor itself (:class:`normdeploy.nn.GroupScaling`,
+and so every ``.pt2`` of a normdeploy PowerNorm, which ``torch.export`` traces; any G >= 1,
+G = 1 included)::
+
+    g = x.reshape(*x.shape[:-1], G, Cg);  x' = (g / sqrt(mean(g^2, -1, keepdim) + eps)).reshape(x.shape)
+
+    x ──> Reshape(., [.., G, Cg]) = g ──> Pow(g, 2) | Mul(g, g) ──> ReduceMean(-1, keepdims)
+      ──> Add(eps) ──> Sqrt ──> Div(g, .) ──> Reshape(., x's shape)
+
+(the division in any spelling of :func:`normdeploy.core.pattern.divided_by_sqrt`) is rewritten
+to the same ``GroupScaling(x, groups=G, epsilon=eps)``. Exact: the kept unit axis broadcasts each
+group's mean over its own Cg channels, so this is the same per-group mean of squares and the
+same division, element for element; the Reshapes move no data. Without its grouping Reshape
+(``Div(x, Sqrt(mean(x^2) + eps))`` of x itself) the chain is an RMSNorm and is not matched.
+Conditions, all of which make the match no GroupScaling when they fail (the match is then
+left, without a skip, to :mod:`.rmsnorm`, which runs after this pass and reads the grouped
+tensor's own RMSNorm, as it reads attention heads'): the grouping Reshape keeps x's leading
+dimensions and splits its static last dimension C into G groups (G static, C divisible by G);
+the mean reduces the last (the group's) axis only, with keepdims; the last Reshape gives x's
+shape back (its target is ``Shape(x)``, or its output has x's dimensions, static or named).
+Then (skip reasons naming the mean): eps is a constant scalar; no intermediate tensor is read
+outside the match.
+
 The running-phi affine is recognized apart, by :mod:`.unified_norm`, as the pure
 per-channel affine ``UnifiedNorm(R = phi, W = w, B = b)`` on MaskPowerNorm's ``[B, C, T,
 1]`` layout (the arithmetic is UN's). Where a GroupScaling's output reaches such a node
@@ -49,6 +72,19 @@ or a grouped RMSNormalization (ONNX Runtime). The two epsilons may differ (the r
 passes its eps to MaskPowerNorm, not to GroupScaling1D): Phi = phi + eps' - eps, computed in
 float64 and stored once, exact to that rounding; a join that would make Phi negative is
 not made and the parts stay as they are (a note says why).
+
+The running-phi affine may also arrive as a per-channel constant affine
+(:func:`normdeploy.core.affine.constant_affine`: ``Mul(., a) -> Add(., b)`` by constants, or
+the same with ``a = w / sqrt(phi + eps)`` still computed from parameters): a ``.pt2`` of
+:class:`normdeploy.nn.PowerNorm` writes ``x' * (w / sqrt(phi + eps)) + b``, and the export
+stage's constant folder makes the scale one constant. Reached from a GroupScaling the same way
+(layout ops only, each value read once), it joins into ``PowerNorm(x, Phi, W = a, B = b)`` with
+``Phi = 1 - eps`` (stored in the model's type): ``sqrt(Phi + eps) = 1`` to the rounding of Phi
+(the exact ``Phi + eps`` is within half a unit in the last place of 1 in that type; float32 with
+eps 1e-5: 1.4e-8 from 1 in float64, exactly 1 in float32), so ``W / sqrt(Phi + eps) = a`` to
+that rounding, and the affine's Mul and Add go. This is honest where the UnifiedNorm case is
+not (:mod:`.unified_norm`): the GroupScaling before the affine is what makes the pair a
+PowerNorm; a constant affine after anything else stays what it is.
 """
 from __future__ import annotations
 
@@ -57,6 +93,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ..core.affine import AFFINE_OPS, Affine, constant_affine
 from ..core.graph import DEFAULT_DOMAINS, Namer, add_node, attr, constant, consumers, remove_nodes, replace_value, value
 from ..core.layout import MOVERS, map_backward, same_dim, vector_along
 from ..core.ops import ATTRIBUTES, DOMAIN
@@ -68,6 +105,7 @@ from ..core.pattern import (
     Var,
     any_of,
     divided_by_sqrt,
+    dtype_of,
     op,
     reduce_axes,
     scalar,
@@ -88,6 +126,9 @@ SPREAD = any_of(
     op("Reshape", REPEATED, Var("s1"), name="r1"),
 )
 GROUP_SCALING = divided_by_sqrt(X, op("Add", SPREAD, Var("eps")))
+#: the grouped tensor divided by the root of its own group's mean of squares (keepdims broadcasts it), reshaped back
+GROUP_SCALING_RESHAPED = op("Reshape", divided_by_sqrt(GROUPED, op("Add", GROUP_MEAN_SQUARE, Var("eps"))),
+                            Var("back_shape"), name="back")
 
 
 def _spread_by_unsqueeze(ms: ir.Node) -> bool:
@@ -165,14 +206,22 @@ def _repeats_interleave(m: Match, rank: int, g: int, size: int) -> str | None:
     return None
 
 
-def _plan_group_scaling(graph: ir.Graph, m: Match) -> GroupScalingPlan | str:
-    where = f"ReduceMean {m.bound['ms'].name}"
+def _epsilon(m: Match) -> float | str:
+    """The eps added to the mean of squares (a constant scalar, also where the exporter computes it), or why not."""
     eps = scalar(m.bound["eps"], "epsilon")
     if isinstance(eps, str):
         v = evaluate(m.bound["eps"])
         if v is None or v.size != 1:
-            return f"{where}: {eps}"
+            return eps
         eps = float(v.reshape(-1)[0])
+    return eps
+
+
+def _plan_group_scaling(graph: ir.Graph, m: Match) -> GroupScalingPlan | str:
+    where = f"ReduceMean {m.bound['ms'].name}"
+    eps = _epsilon(m)
+    if isinstance(eps, str):
+        return f"{where}: {eps}"
     layout = _group_layout(m)
     if isinstance(layout, str):
         return f"{where}: {layout}"
@@ -255,13 +304,78 @@ GROUP_SCALING_RECOGNIZER = Recognizer(
                "followed by Add eps, Sqrt and a division of the same x (GroupScaling1D)",
 )
 
+# ----------------------------------------------------------------------------- GroupScaling on the grouped tensor
+
+
+def _restores_shape(back: ir.Node, x: ir.Value) -> bool:
+    """The Reshape ``back`` gives ``x``'s own shape back: its target is ``Shape(x)``, or its output has x's
+    dimensions (shape inference: static sizes and named dynamic ones), or its target is x's static shape."""
+    target = back.inputs[1]
+    src = target.producer() if target is not None else None
+    if (src is not None and src.op_type == "Shape" and src.domain in DEFAULT_DOMAINS and src.inputs[0] is x
+            and not attr(src, "start", 0) and attr(src, "end", None) is None):
+        return True
+    xs = _dims(x)
+    if _same_dims(_dims(back.outputs[0]), xs):
+        return True
+    t = evaluate(target)
+    return (t is not None and xs is not None and all(isinstance(d, int) for d in xs)
+            and [int(d) for d in t.reshape(-1)] == xs)
+
+
+def _plan_group_scaling_reshaped(graph: ir.Graph, m: Match) -> GroupScalingPlan | str | None:
+    """None where the match is no GroupScaling: the Reshape does not split x's last axis into groups, the mean is
+    not over the group's channels only, or the result is not reshaped back to x's shape. That is a mean of squares
+    of some reshaped tensor, and an RMSNorm of it (and so :mod:`.rmsnorm`'s, which runs after this pass)."""
+    x = m.bound["x"]
+    layout = _group_layout(m)
+    if isinstance(layout, str):
+        return None
+    if reduce_axes(m.bound["ms"], len(_dims(x)) + 1) != [-1] or not _restores_shape(m.bound["back"], x):
+        return None
+    where = f"ReduceMean {m.bound['ms'].name}"
+    eps = _epsilon(m)
+    if isinstance(eps, str):
+        return f"{where}: {eps}"
+    reason = _outside_reader(m)
+    if reason:
+        return f"{where}: {reason}"
+    return GroupScalingPlan(x, layout[0], eps)
+
+
+def _rewrite_group_scaling_reshaped(graph: ir.Graph, m: Match, plan: GroupScalingPlan,
+                                    namer: Namer) -> tuple[str, str, str]:
+    root = m.nodes[0]
+    node = add_node(namer, "GroupScaling", [plan.x], base=root.name or "group_scaling", domain=DOMAIN,
+                    attrs={"groups": int(plan.groups), "epsilon": float(plan.epsilon)})
+    take_over(root, node.outputs[0])
+    return (f"GroupScaling (grouping Reshape, per-group mean of squares, Reshape back) ending at {root.name} -> "
+            f"{DOMAIN}::GroupScaling {node.name} ({plan.groups} groups, eps {plan.epsilon:g})", node.name,
+            "GroupScaling on the grouped tensor")
+
+
+GROUP_SCALING_RESHAPED_RECOGNIZER = Recognizer(
+    pattern=GROUP_SCALING_RESHAPED,
+    anchor="ms",
+    root_ops=frozenset({"Reshape"}),
+    plan=_plan_group_scaling_reshaped,
+    rewrite=_rewrite_group_scaling_reshaped,
+    candidate=GROUP_MEAN_SQUARE,
+    candidate_ops=frozenset({"ReduceMean"}),
+    # a mean of squares of a reshaped tensor that is not this whole spelling is no candidate of this recognizer:
+    # it is an RMSNorm over the reshaped tensor, which recognize_rmsnorm takes or reports
+    accept_candidate=lambda m: False,
+    incomplete="",
+)
+
 # ----------------------------------------------------------------------------- GroupScaling + running-phi affine
 
 _MAX_CHAIN = 8
 
 
-def _layout_chain(gs: ir.Node) -> tuple[list[ir.Node], ir.Node] | str | None:
-    """The layout ops from ``gs``'s output to a UnifiedNorm reading it, or None if none does."""
+def _layout_chain(gs: ir.Node) -> tuple[list[ir.Node], ir.Node | Affine] | str | None:
+    """The layout ops from ``gs``'s output to the running-phi affine that reads it (a UnifiedNorm node, or a
+    per-channel constant affine), or None if none does."""
     v, chain = gs.outputs[0], []
     for _ in range(_MAX_CHAIN + 1):
         readers = consumers(v)
@@ -270,6 +384,9 @@ def _layout_chain(gs: ir.Node) -> tuple[list[ir.Node], ir.Node] | str | None:
         n = readers[0]
         if n.domain == DOMAIN and n.op_type == "UnifiedNorm" and n.inputs[0] is v:
             return (chain, n) if not v.is_graph_output() else f"{v.name} is a graph output"
+        aff = constant_affine(n) if n.domain in DEFAULT_DOMAINS and n.op_type in AFFINE_OPS else None
+        if aff is not None and aff.x is v:
+            return (chain, aff) if not v.is_graph_output() else f"{v.name} is a graph output"
         if n.op_type not in MOVERS or n.domain not in DEFAULT_DOMAINS or n.inputs[0] is not v:
             return None
         if v.is_graph_output():
@@ -287,8 +404,8 @@ def _channel_array(vec: np.ndarray, axis: int, rank: int | None) -> np.ndarray |
     return vec.reshape((vec.size,) + (1,) * (rank - axis - 1))
 
 
-def _join(graph: ir.Graph, gs: ir.Node, chain: list[ir.Node], un: ir.Node, namer: Namer) -> str | tuple[str, str]:
-    """Replace ``gs`` -> layout ops -> ``un`` by PowerNorm -> layout ops; the reason where that is not exact."""
+def _unified_norm_arrays(un: ir.Node) -> tuple[list[np.ndarray], float, np.dtype] | str:
+    """``([r, w, b] as arrays on the UnifiedNorm's input, its eps, the parameters' dtype)``, or why not."""
     from ..core.graph import const_value
 
     r, w, b = (const_value(t) for t in un.inputs[1:4])
@@ -299,40 +416,77 @@ def _join(graph: ir.Graph, gs: ir.Node, chain: list[ir.Node], un: ir.Node, namer
     arrs = [_channel_array(np.asarray(a, np.float64).reshape(-1), axis, rank) for a in (r, w, b)]
     if any(a is None for a in arrs):
         return f"rank of the input of UnifiedNorm {un.name} is unknown"
+    return arrs, float(attr(un, "epsilon", ATTRIBUTES["UnifiedNorm"]["epsilon"])), np.asarray(w).dtype
+
+
+def _drop_affine(graph: ir.Graph, aff: Affine) -> None:
+    """Remove a constant affine's nodes, its readers reading its input x (a ``Shape`` or ``CastLike`` that reads an
+    intermediate value for its shape or type reads x instead: the same shape and type)."""
+    inside = set(aff.all_nodes)
+    for n in aff.all_nodes[:-1]:
+        for user, idx in list(n.outputs[0].uses()):
+            if user not in inside:
+                user.replace_input_with(idx, aff.x)
+    replace_value(aff.y, aff.x)
+    remove_nodes(graph, aff.all_nodes)
+
+
+def _join(graph: ir.Graph, gs: ir.Node, chain: list[ir.Node], after: ir.Node | Affine,
+          namer: Namer) -> str | tuple[str, str]:
+    """Replace ``gs`` -> layout ops -> ``after`` by PowerNorm -> layout ops; the reason where that is not exact."""
+    y = gs.outputs[0]
+    eps_gs = float(attr(gs, "epsilon", ATTRIBUTES["GroupScaling"]["epsilon"]))
+    if isinstance(after, Affine):
+        what = after.describe()
+        arrs, dtype = [after.scale, after.shift], dtype_of(y) or np.dtype(np.float32)
+    else:
+        what = f"UnifiedNorm {after.name}"
+        found = _unified_norm_arrays(after)
+        if isinstance(found, str):
+            return found
+        arrs, eps_un, dtype = found
     for mover in reversed(chain):
         arrs = map_backward(mover, arrs)
         if isinstance(arrs, str):
             return f"through {mover.op_type} {mover.name}: {arrs}"
-    y = gs.outputs[0]
     c = static_shape(y)[-1] if static_shape(y) else None
     if c is None:
         return f"the last dimension of {y.name} is not static"
     vecs = [vector_along(a, -1, len(static_shape(y)), c) for a in arrs]
     if any(v is None for v in vecs):
-        return f"the affine of UnifiedNorm {un.name} is not per channel on the last axis of {y.name}"
-    eps_gs = float(attr(gs, "epsilon", ATTRIBUTES["GroupScaling"]["epsilon"]))
-    eps_un = float(attr(un, "epsilon", ATTRIBUTES["UnifiedNorm"]["epsilon"]))
-    phi = vecs[0] + eps_un - eps_gs
-    if np.any(phi < 0):
-        return (f"phi + {eps_un:g} - {eps_gs:g} (the GroupScaling's eps) is negative for some channels: "
-                "PowerNorm has one eps for both")
-    dtype = np.asarray(w).dtype
+        return f"the affine of {what} is not per channel on the last axis of {y.name}"
+    if isinstance(after, Affine):  # the scale as W, with Phi + eps = 1
+        phi, (w, b) = np.full(c, 1.0 - eps_gs), vecs
+        if np.any(phi < 0):
+            return f"1 - {eps_gs:g} (the GroupScaling's eps) is negative: no Phi >= 0 makes sqrt(Phi + eps) = 1"
+    else:
+        phi, w, b = vecs[0] + eps_un - eps_gs, vecs[1], vecs[2]
+        if np.any(phi < 0):
+            return (f"phi + {eps_un:g} - {eps_gs:g} (the GroupScaling's eps) is negative for some channels: "
+                    "PowerNorm has one eps for both")
     base = gs.name or "powernorm"
-    params = [constant(namer, base, "phi", phi.astype(dtype)), constant(namer, base, "weight", vecs[1].astype(dtype)),
-              constant(namer, base, "bias", vecs[2].astype(dtype))]
+    params = [constant(namer, base, "phi", phi.astype(dtype)), constant(namer, base, "weight", w.astype(dtype)),
+              constant(namer, base, "bias", b.astype(dtype))]
     out = value(namer, base, "powernorm", dtype=y.dtype, shape=y.shape)
     pn = add_node(namer, "PowerNorm", [gs.inputs[0], *params], [out], base=base, domain=DOMAIN,
                   attrs={"groups": int(attr(gs, "groups", 1)), "epsilon": eps_gs})
-    replace_value(y, out)
-    replace_value(un.outputs[0], un.inputs[0])
-    remove_nodes(graph, [un, gs])
+    if isinstance(after, Affine):
+        _drop_affine(graph, after)  # its readers read the layout chain's end (or y) ...
+        replace_value(y, out)  # ... and y's readers the PowerNorm
+    else:
+        replace_value(y, out)
+        replace_value(after.outputs[0], after.inputs[0])
+        remove_nodes(graph, [after])
+    remove_nodes(graph, [gs])
     via = " ".join(n.op_type for n in chain)
-    return (f"GroupScaling {gs.name} and the running-phi affine UnifiedNorm {un.name} after {via or 'it'} -> "
-            f"{DOMAIN}::PowerNorm {pn.name} (the layout ops kept after it)"), pn.name
+    how = " (W = its scale, Phi = 1 - eps)" if isinstance(after, Affine) else ""
+    return (f"GroupScaling {gs.name} and the running-phi affine {what} after {via or 'it'} -> "
+            f"{DOMAIN}::PowerNorm {pn.name}{how} (the layout ops kept after it)"), pn.name
 
 
 def join_powernorm(graph: ir.Graph, result: PassResult) -> None:
-    """Join each GroupScaling with a UnifiedNorm its output reaches through layout ops only into a PowerNorm."""
+    """Join each GroupScaling with the running-phi affine its output reaches through layout ops only (a UnifiedNorm,
+    or a per-channel constant affine) into a PowerNorm."""
     namer = Namer(graph)
     for gs in [n for n in graph if n.domain == DOMAIN and n.op_type == "GroupScaling"]:
         found = _layout_chain(gs)
@@ -341,18 +495,23 @@ def join_powernorm(graph: ir.Graph, result: PassResult) -> None:
         if isinstance(found, str):
             result.notes.append(f"GroupScaling {gs.name} stays apart from the affine after it: {found}")
             continue
-        chain, un = found
-        done = _join(graph, gs, chain, un, namer)
+        chain, after = found
+        spelling = " ".join(n.op_type for n in chain + (list(after.nodes) if isinstance(after, Affine) else [after]))
+        name = after.describe() if isinstance(after, Affine) else f"UnifiedNorm {after.name}"
+        done = _join(graph, gs, chain, after, namer)
         if isinstance(done, str):
-            result.notes.append(f"GroupScaling {gs.name} and UnifiedNorm {un.name} stay apart: {done}")
+            result.notes.append(f"GroupScaling {gs.name} and {name} stay apart: {done}")
             continue
         result.matched += 1
-        result.rewrote(*done, "sIncerass/powernorm MaskPowerNorm eval: GroupScaling "
-                       + " ".join(n.op_type for n in chain) + " UnifiedNorm")
+        label = ("sIncerass/powernorm MaskPowerNorm eval" if not isinstance(after, Affine)
+                 else "PowerNorm eval, the running-phi affine a constant")
+        result.rewrote(*done, f"{label}: GroupScaling {spelling}")
 
 
 def recognize_powernorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
-    """Rewrite GroupScaling1D (repeat_interleave spelling) to normdeploy::GroupScaling, and join it with a running-phi
-    affine after it (recognized by recognize_unified_norm) into normdeploy::PowerNorm."""
+    """Rewrite GroupScaling1D (repeat_interleave spelling) and GroupScaling on the grouped tensor (Reshape to groups,
+    Reshape back) to normdeploy::GroupScaling, and join it with a running-phi affine after it (a UnifiedNorm
+    recognized by recognize_unified_norm, or a per-channel constant affine) into normdeploy::PowerNorm."""
     GROUP_SCALING_RECOGNIZER.run(graph, result)
+    GROUP_SCALING_RESHAPED_RECOGNIZER.run(graph, result)
     join_powernorm(graph, result)

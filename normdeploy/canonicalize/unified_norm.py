@@ -34,6 +34,17 @@ and do not raise its rank; ``r + eps > 0`` (``s > 0``: a folded divisor must be 
 root); no intermediate tensor is read outside the match. A Div whose input is itself a
 constant shift or scale of something (``(x - mean) / sqrt(var + eps)``: a decomposed
 BatchNorm) is not this recognizer's: a BatchNorm spelling is left to the affine folds.
+
+Not recognized, on purpose: a ``.pt2`` of :class:`normdeploy.nn.UnifiedNorm` (``torch.export``
+traces its eval arithmetic, ``x * (w / sqrt(r + eps)) + b``, the scale computed first). The
+export stage's constant folder (:func:`normdeploy.export.finalize`, opset >= 18) computes
+``w / sqrt(r + eps)`` into one constant, so this stage sees ``Mul(x, a) -> Add(b)``: a
+per-channel constant affine that nothing tells apart from any other frozen affine (a
+FrozenBatchNorm2d, a layer scale), and calling it a UnifiedNorm would be a guess. It is reported
+as what it is (``left_alone``: a per-channel constant affine) and ``fold_affine_into_linear``
+folds it exactly as it folds a UnifiedNorm node, so the optimized model is the same as the
+``.pt``'s; only the report's ``norm_nodes.before`` counts one UnifiedNorm less
+(tests/test_zoo_pt2.py asserts exactly that).
 """
 from __future__ import annotations
 

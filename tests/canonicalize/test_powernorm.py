@@ -236,11 +236,166 @@ def test_torchscript_export_of_maskpowernorm_is_broken(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", ["GroupScaling1D", "MaskPowerNorm"])
+@pytest.mark.parametrize("factory", ["GroupScaling1D", "MaskPowerNorm", "GroupScalingReshaped", "PowerNormReshaped"])
 def test_corpus_powernorm_float16(factory, tmp_path):
     """float16 (fairseq's --fp16): recognized and joined; float16 tolerance (2 ulp)."""
     make = {"GroupScaling1D": lambda: corpus.GroupScaling1D(group_num=4),
-            "MaskPowerNorm": lambda: corpus.MaskPowerNorm(C, group_num=4)}[factory]
-    kind = {"GroupScaling1D": "GroupScaling", "MaskPowerNorm": "PowerNorm"}[factory]
+            "MaskPowerNorm": lambda: corpus.MaskPowerNorm(C, group_num=4),
+            "GroupScalingReshaped": lambda: corpus.GroupScalingReshaped(4),
+            "PowerNormReshaped": lambda: corpus.PowerNormReshaped(C, groups=4)}[factory]
+    kind = {"GroupScaling1D": "GroupScaling", "MaskPowerNorm": "PowerNorm", "GroupScalingReshaped": "GroupScaling",
+            "PowerNormReshaped": "PowerNorm"}[factory]
     harness.check(_module(make).half(), (torch.randn(T, B, C).half(),), "dynamo", tmp_path, before={kind: 1},
                   tol=2e-3, tolerance=1e-2)
+
+
+# ----------------------------------------------------------------------------- GroupScaling on the grouped tensor (fast)
+
+GSR_SPELLING = "GroupScaling on the grouped tensor: Reshape {} ReduceMean Add Sqrt Div Reshape"
+
+
+def _hand_grouped_rms(b: GraphBuilder, x: str, groups: int, eps=1e-5, square: str = "Pow", back=None) -> str:
+    """normdeploy.nn.GroupScaling as a .pt2 of it traces it: Reshape to [T, B, G, C/G], mean of squares over the
+    group with keepdims, Add eps, Sqrt, Div of the grouped tensor, Reshape back to x's shape (or to ``back``)."""
+    grouped = b("Reshape", x, _ints(b, [T, B, groups, C // groups]), out="grouped")
+    sq = b("Pow", grouped, b.const(np.float32(2.0))) if square == "Pow" else b("Mul", grouped, grouped)
+    ms = b.reduce_mean(sq, [-1], out="ms")
+    d = b("Div", grouped, b("Sqrt", b("Add", ms, b.const(np.float32(eps)))), out="d")
+    return b("Reshape", d, _ints(b, back or [T, B, C]), out="gs")
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+@pytest.mark.parametrize("square", ["Pow", "Mul"])
+def test_group_scaling_on_the_grouped_tensor(groups, square):
+    b = GraphBuilder(18)
+    _hand_grouped_rms(b, b.input("x", [T, B, C]), groups, square=square)
+    model = b.model("gs")
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {GS: 1}
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, [])
+    assert result.rewrites[0].spelling == GSR_SPELLING.format(square)
+    a = attrs_of(node_of(after, "GroupScaling"))
+    assert a["groups"] == groups and a["epsilon"] == pytest.approx(1e-5)
+    assert_same_outputs(model, after)
+
+
+def test_plain_rmsnorm_is_not_group_scaling():
+    """Without the grouping Reshape the same chain is an RMSNorm (no gain): recognize_powernorm leaves it silently,
+    recognize_rmsnorm (which runs after it) takes it."""
+    b = GraphBuilder(18)
+    x = b.input("x", [T, B, C])
+    ms = b.reduce_mean(b("Pow", x, b.const(np.float32(2.0))), [-1], out="ms")
+    b("Div", x, b("Sqrt", b("Add", ms, b.const(np.float32(1e-5)))), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    assert after is model and (result.matched, result.rewrites, result.skipped) == (0, [], [])
+    after, result = apply(model, "recognize_rmsnorm")
+    assert op_counts(after) == {f"{ops.DOMAIN}::RMSNorm": 1}
+
+
+@pytest.mark.parametrize("why", ["not reshaped back", "merges leading axes", "mean over two axes"])
+def test_grouped_mean_of_squares_that_is_no_group_scaling_is_left_to_rmsnorm(why):
+    """An RMSNorm over a reshaped tensor (heads, tokens) that is not a split of x's last axis into groups undone
+    after it: not this recognizer's (no candidate, no skip); recognize_rmsnorm's."""
+    b = GraphBuilder(18)
+    x = b.input("x", [T, B, C])
+    if why == "not reshaped back":
+        _hand_grouped_rms(b, x, 4, back=[T, B * 4, 4])
+    else:
+        shape = [T * B, 4, 4] if why == "merges leading axes" else [T, B, 4, 4]
+        grouped = b("Reshape", x, _ints(b, shape), out="grouped")
+        axes = [-2, -1] if why == "mean over two axes" else [-1]
+        ms = b.reduce_mean(b("Pow", grouped, b.const(np.float32(2.0))), axes, out="ms")
+        d = b("Div", grouped, b("Sqrt", b("Add", ms, b.const(np.float32(1e-5)))), out="d")
+        b("Reshape", d, _ints(b, [T, B, C]), out="gs")
+    model = b.model("gs")
+    after, result = apply(model, PASS)
+    assert after is model and (result.matched, result.rewrites, result.skipped) == (0, [], []), result
+
+
+def test_grouped_tensor_read_elsewhere_is_a_skip():
+    b = GraphBuilder(18)
+    _hand_grouped_rms(b, b.input("x", [T, B, C]), 4)
+    b("Neg", "d", out="other")
+    _assert_untouched(b.model("gs", "other"), "intermediate tensor d has another consumer (Neg n_other)")
+
+
+@pytest.mark.parametrize("layout", ["direct", "through Transpose"])
+def test_group_scaling_and_constant_affine_join_into_powernorm(layout):
+    """normdeploy.nn.PowerNorm as a .pt2 traces it: the running-phi affine ``x' * (w / sqrt(phi + eps)) + b`` arrives
+    as one constant scale (the export's constant folder) and a bias: joined into one PowerNorm with W = that scale
+    and Phi = 1 - eps (sqrt(Phi + eps) = 1), exact to float rounding."""
+    rng = np.random.default_rng(5)
+    scale = (rng.uniform(0.5, 1.5, C) * rng.choice([-1, 1], C)).astype(np.float32)
+    bias = rng.normal(size=C).astype(np.float32)
+    b = GraphBuilder(18)
+    gs = _hand_grouped_rms(b, b.input("x", [T, B, C]), 4)
+    if layout == "direct":
+        a = b("Add", b("Mul", gs, b.const(scale)), b.const(bias), out="y")
+    else:  # the affine on [B, C, T]: mapped back through the Transpose to the last axis, the Transpose kept
+        t = b("Transpose", gs, perm=[1, 2, 0])
+        a = b("Add", b("Mul", b.const(scale.reshape(-1, 1)), t), b.const(bias.reshape(-1, 1)), out="y")
+    model = b.model(a)
+    after, result = apply(model, PASS)
+    counts = op_counts(after)
+    assert counts[PN] == 1 and GS not in counts and "Mul" not in counts and "Add" not in counts, counts
+    via = "Transpose " if layout != "direct" else ""
+    assert [r.spelling for r in result.rewrites] == [
+        GSR_SPELLING.format("Pow"), f"PowerNorm eval, the running-phi affine a constant: GroupScaling {via}Mul Add"]
+    node = node_of(after, "PowerNorm")
+    assert attrs_of(node)["groups"] == 4 and attrs_of(node)["epsilon"] == pytest.approx(1e-5)
+    phi = initializer(after, node.input[1])
+    assert np.all(phi + np.float32(1e-5) == np.float32(1.0)), phi  # the divisor is exactly 1 in float32
+    np.testing.assert_array_equal(initializer(after, node.input[2]), scale)
+    np.testing.assert_array_equal(initializer(after, node.input[3]), bias)
+    assert after.graph.output[0].name == "y"
+    assert_same_outputs(model, after)
+
+
+def test_group_scaling_and_a_scalar_scale_stay_apart():
+    """A scalar scale is no per-channel affine (constant_affine): nothing to join, GroupScaling alone."""
+    b = GraphBuilder(18)
+    gs = _hand_grouped_rms(b, b.input("x", [T, B, C]), 4)
+    model = b.model(b("Mul", gs, b.const(np.float32(0.5)), out="y"))
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {GS: 1, "Mul": 1} and len(result.rewrites) == 1
+
+
+# ----------------------------------------------------------------------------- the corpus: grouped-tensor spelling
+
+#: normdeploy.nn.GroupScaling / PowerNorm written out (tests/corpus/powernorm.py): every way, both opsets; the
+#: spelling each way writes (the TorchScript exporter and the dynamo one both square with Pow)
+GSR_CORPUS = GSR_SPELLING.format("Pow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way, opset", EXPORTS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_corpus_group_scaling_reshaped(groups, way, opset, tmp_path):
+    """GroupScaling without repeat_interleave, each way: one GroupScaling before (not an RMSNorm), lowered after,
+    exact vs torch."""
+    result = harness.check(_module(lambda: corpus.GroupScalingReshaped(groups)), (torch.randn(T, B, C),), way,
+                           tmp_path, before={"GroupScaling": 1}, after=AFTER[groups], opset=opset)
+    p = _pass(result)
+    assert [w["spelling"] for w in p["rewrites"]] == [GSR_CORPUS] and p["skipped"] == [], p
+    assert _pass(result, "recognize_rmsnorm")["rewrites"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way, opset", EXPORTS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_corpus_powernorm_reshaped(groups, way, opset, tmp_path):
+    """normdeploy.nn.PowerNorm's eval arithmetic, each way: GroupScaling and the constant running-phi affine after
+    it join into one PowerNorm (ort-cpu: lowered, exact vs torch; trt-fp16: the GroupScaling plugin)."""
+    module = _module(lambda: corpus.PowerNormReshaped(C, groups=groups))
+    result = harness.check(module, (torch.randn(T, B, C),), way, tmp_path, before={"PowerNorm": 1},
+                           after=AFTER[groups], opset=opset)
+    p = _pass(result)
+    assert [w["spelling"] for w in p["rewrites"]] == [
+        GSR_CORPUS, "PowerNorm eval, the running-phi affine a constant: GroupScaling Mul Add"], p
+    (tmp_path / "trt").mkdir()
+    result = harness.check(module, (torch.randn(T, B, C),), way, tmp_path / "trt", before={"PowerNorm": 1},
+                           after={"GroupScaling": 1}, target="trt-fp16", opset=opset)
+    plugins = [n for n in result.optimized.graph.node if n.op_type.startswith("Normdeploy")]
+    assert [n.op_type for n in plugins] == ["NormdeployGroupScaling"]
+    assert {a.name: a.i for a in plugins[0].attribute if a.name == "groups"} == {"groups": groups}

@@ -70,3 +70,36 @@ class PowerNormFFN(nn.Module):
 
     def forward(self, x):
         return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class GroupScalingReshaped(nn.Module):
+    """GroupScaling without ``repeat_interleave``, as :class:`normdeploy.nn.GroupScaling` writes it (and a ``.pt2``
+    of it traces it): reshape to ``[..., G, C/G]``, divide each group by the root of its own mean of squares
+    (``keepdim``, so it broadcasts over the group's channels), reshape back."""
+
+    def __init__(self, groups: int = 4, eps: float = 1e-5):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x):
+        c = x.shape[-1]
+        g = x.reshape(*x.shape[:-1], self.groups, c // self.groups)
+        g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return g.reshape(x.shape)
+
+
+class PowerNormReshaped(nn.Module):
+    """:class:`normdeploy.nn.PowerNorm` in eval, its arithmetic spelled out: :class:`GroupScalingReshaped`, then the
+    running-phi affine ``x' * (w / sqrt(phi + eps)) + b`` on the last axis (a constant per-channel affine: its
+    scale is computed from parameters only)."""
+
+    def __init__(self, num_features: int, groups: int = 4, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_phi", torch.ones(num_features))
+        self.scaling = GroupScalingReshaped(groups, eps)
+
+    def forward(self, x):
+        return self.scaling(x) * (self.weight / torch.sqrt(self.running_phi + self.eps)) + self.bias
