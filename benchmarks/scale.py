@@ -87,7 +87,7 @@ def build_onnx(name: str, directory: str) -> tuple[str, int]:
     model = randomize_norms(build().eval())
     if dtype == "float16":
         model = model.half()
-    wrapped = OneTensor(model, "input_ids")
+    wrapped = OneTensor(model, "input_ids").eval()  # the wrapper too: no training-mode export warning
     ids = torch.randint(0, 1000, (1, seq))
     path = os.path.join(directory, f"{name}.onnx")
     with torch.no_grad():

@@ -117,7 +117,7 @@ class Linear:
 
     def __init__(self, graph: ir.Graph, node: ir.Node, slot: int, w: np.ndarray, dtype=None):
         self.graph, self.node, self.slot, self.w = graph, node, slot, w
-        self.w64 = w.astype(np.float64)
+        self._w64: np.ndarray | None = None  # made on first use: a layer only looked at costs no copy
         self.w_changed = False
         self.dtype = np.dtype(dtype) if dtype is not None else w.dtype  # of a bias this adapter adds
 
@@ -140,8 +140,15 @@ class Linear:
     def apply(self, namer: Namer, suffix: str | None = None) -> None:
         raise NotImplementedError
 
+    @property
+    def w64(self) -> np.ndarray:
+        """The pending weight in float64 (the stored one until an operation changes it)."""
+        if self._w64 is None:
+            self._w64 = self.w.astype(np.float64)
+        return self._w64
+
     def _set_weight(self, w64: np.ndarray) -> None:
-        self.w64, self.w_changed = w64, True
+        self._w64, self.w_changed = w64, True
 
     @property
     def base(self) -> str:

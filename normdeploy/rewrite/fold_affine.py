@@ -76,6 +76,7 @@ from ..core.graph import (
     attr,
     const_value,
     constant,
+    consumers,
     dtype_of,
     rank_of,
     remove_nodes,
@@ -119,6 +120,9 @@ def _producer_plan(graph: ir.Graph, lin: ir.Node, a_arr: np.ndarray, c_arr: np.n
         layer = linear_layer(graph, lin, 0)
     if isinstance(layer, str):
         return layer
+    shared = _shared_copy(layer)
+    if shared is not None:
+        return shared
     a = vector_along(a_arr, layer.out_axis, layer.out_rank, layer.out_size)
     c = vector_along(c_arr, layer.out_axis, layer.out_rank, layer.out_size)
     if a is None or c is None:
@@ -408,6 +412,36 @@ def _weight_loss(layer, a: np.ndarray, storage: np.dtype) -> str | None:
             f"rounding error of {err:.2g} against {storage.name}'s unit roundoff {u:.2g}: the affine stays")
 
 
+#: the largest weight a fold may copy when another node reads it too (a tied LM head's W, which the embedding's
+#: Gather reads): a larger copy costs more memory and model size than the one elementwise Mul it saves
+SHARED_COPY_MAX_BYTES = 1 << 20
+
+
+def _shared_copy(layer) -> str | None:
+    """Why folding into ``layer``'s weight would copy a large weight another node reads too, or None.
+
+    A fold never edits a shared weight: it writes a new one (:mod:`normdeploy.core.linear`). Where
+    the weight is ``Transpose(W)`` of a W that the embedding's Gather also reads (a tied LM head:
+    GPT-2's 154 MB, Qwen2-0.5B's 545 MB), the fold would untie the head, growing the model and
+    the pipeline's memory by W's size, to save one elementwise Mul on ``[..., d]``; past
+    :data:`SHARED_COPY_MAX_BYTES` the affine stays.
+    """
+    v = layer.node.inputs[layer.slot]
+    p = v.producer() if v is not None else None
+    src = p.inputs[0] if p is not None and p.op_type == "Transpose" and p.inputs else v
+    if src is None or layer.w.nbytes <= SHARED_COPY_MAX_BYTES:
+        return None
+    others = [n for n in consumers(src) if n is not layer.node and n is not p]
+    if p is not None and src is not v:
+        others += [n for n in consumers(v) if n is not layer.node]
+    if not others:
+        return None
+    o = others[0]
+    return (f"{layer.node.op_type} {layer.node.name}: its weight {src.name} ({layer.w.nbytes / 2**20:.0f} MiB) is also "
+            f"read by {o.op_type} {o.name} (a tied weight): folding would add a copy of it to save one elementwise "
+            "Mul: the affine stays")
+
+
 def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: np.dtype
                    ) -> tuple[Plan, np.ndarray | None] | str:
     """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant."""
@@ -415,6 +449,9 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: n
     layer = linear_layer(graph, n, leaf.slot, dtype)
     if isinstance(layer, str):
         return layer
+    shared = _shared_copy(layer)
+    if shared is not None:
+        return shared
     a = vector_along(s, layer.in_axis, layer.in_rank, layer.in_size)
     if a is None:
         where = "per input channel" if n.op_type in ("Conv", "ConvTranspose") else "along the contraction axis"

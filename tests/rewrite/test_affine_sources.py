@@ -249,3 +249,28 @@ def test_final_norm_gain_folds_into_a_tied_lm_head(way, opset, tmp_path):
             ref = m(feed).numpy()
         got = ort_run(r.optimized_model, feed.numpy())[0]
         assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_final_norm_gain_is_not_folded_into_a_large_tied_head(tmp_path):
+    """A tied head past ``SHARED_COPY_MAX_BYTES`` (vocab 8192 x 64 fp32: 2 MiB; GPT-2's is 154 MB): folding
+    ln_f's gain would copy W, which the embedding's Gather reads too, to save one Mul: the affine stays, with
+    the reason naming the head, the weight's size and the other reader; W stays one tensor."""
+    import normdeploy
+    from normdeploy.rewrite.fold_affine import SHARED_COPY_MAX_BYTES
+    from tests.conftest import ort_run
+
+    m = _randomized(A.TiedLMHead, vocab=8192, d=64)
+    assert m.wte.weight.numel() * 4 > SHARED_COPY_MAX_BYTES
+    ids = torch.randint(0, 8192, (2, 7), generator=torch.Generator().manual_seed(0))
+    r = normdeploy.optimize(export(m, (ids,), "dynamo", str(tmp_path)), target="ort-cpu", bench=False)
+    fold = _fold_result(r)
+    assert not fold["rewrites"]
+    assert any("(2 MiB) is also read by Gather" in s["reason"] and "a copy of it" in s["reason"]
+               for s in fold["skipped"]), fold["skipped"]
+    big = [v for v in r.optimized_model.graph.initializers.values() if v.const_value.nbytes >= m.wte.weight.numel() * 4]
+    assert len(big) == 1, "the head and the embedding still share one W"
+    with torch.no_grad():
+        ref = m(ids).numpy()
+    got = ort_run(r.optimized_model, ids.numpy())[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
