@@ -282,8 +282,9 @@ def main(argv=None) -> int:
         if m is None:
             print(e["error"], flush=True)
         else:
-            lat = m["report"]["latency"] or {"speedup": float("nan")}
-            print(f"{lat['speedup']:.2f}x, max rel err {m['report']['accuracy']['max_rel_err']:.1e}, "
+            lat = m["report"]["latency"]
+            speed = f"{lat['speedup']:.2f}x" if lat else "nothing to rewrite, not timed"
+            print(f"{speed}, max rel err {m['report']['accuracy']['max_rel_err']:.1e}, "
                   f"{time.time() - t0:.0f} s", flush=True)
         rows.append((e, m))
 
