@@ -258,6 +258,7 @@ def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
     for v in list(model.graph.inputs) + list(model.graph.outputs) + list(model.graph.initializers.values()):
         v.metadata_props.clear()
     model.metadata_props.clear()
+    _drop_reduce_attribute_of_later_opsets(model)
     if model.opset_imports and ops.model_opset(model) >= 18 and not _has_subgraphs(model):
         try:
             optimizer.fold_constants(model)  # in place
@@ -269,6 +270,32 @@ def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
     if failure and notes is not None:
         notes.append(f"exported model: {failure}")
     return model
+
+
+#: reductions that gained ``noop_with_empty_axes`` (and took ``axes`` as an input) at opset 18
+_REDUCE_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def _drop_reduce_attribute_of_later_opsets(model: ir.Model) -> None:
+    """Remove ``noop_with_empty_axes`` from the reductions of a model below opset 18, which lack it.
+
+    torch 2.13's dynamo exporter writes ``ReduceMean(x, axes=[...], noop_with_empty_axes=0)`` at opset
+    17 (``torch.var_mean``, ``x.mean(dim)``), which onnx.checker and ONNX Runtime refuse ("Unrecognized
+    attribute"). Exact: the attribute only matters when ``axes`` is empty; it is dropped where it is 0
+    (the default of later opsets, the only behaviour opset 17 has) or ``axes`` names axes.
+    """
+    if not model.opset_imports or ops.model_opset(model) >= 18:
+        return
+    for n in model.graph.all_nodes():
+        if n.domain not in ("", "ai.onnx") or n.op_type not in _REDUCE_18:
+            continue
+        noop = n.attributes.get("noop_with_empty_axes")
+        if noop is None:
+            continue
+        axes = n.attributes.get("axes")
+        if noop.as_int() == 0 or (axes is not None and len(axes.as_ints()) > 0):
+            del n.attributes["noop_with_empty_axes"]
 
 
 def _name_norms_after_modules(model: ir.Model) -> None:

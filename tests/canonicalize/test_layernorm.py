@@ -361,7 +361,8 @@ def test_corpus_layernorm_spellings_become_layernormalization(spelling, way, ops
     """Each spelling, exported each way: one LayerNorm before and after (ONNX LayerNormalization), exact vs torch."""
     if way == "dynamo" and opset == 17 and spelling in ("torch.var_mean", "timm _layer_norm_cf"):
         pytest.skip("torch 2.13's dynamo exporter writes ReduceMean(noop_with_empty_axes) at opset 17, "
-                    "which onnx.checker rejects (a torch bug, not normdeploy's)")
+                    "which onnx.checker rejects (a torch bug, not normdeploy's: a .pt2, which normdeploy "
+                    "exports itself, drops the attribute and runs)")
     factory, shape = LAYERNORM_SPELLINGS[spelling]
     module = _corpus_module(factory)
     result = harness.check(module, (torch.randn(*shape),), way, tmp_path, before={"LayerNorm": 1},
