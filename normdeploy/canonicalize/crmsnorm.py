@@ -46,11 +46,12 @@ from ..core.pattern import (
     divided_by_sqrt,
     dtype_of,
     op,
+    reduction_axes,
     static_shape,
     strip_noop,
     take_over,
 )
-from .statistics import known_value, number_of, outside_reader, reduction_axes, scalar_value
+from .statistics import known_value, number_of, outside_reader, scalar_value
 
 X = Var("x")
 SUM_SQUARES = any_of(op("ReduceSum", any_of(op("Pow", X, Lit(2.0)), op("Mul", X, X)), name="ss", extra_inputs=True),

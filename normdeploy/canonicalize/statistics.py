@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.graph import DEFAULT_DOMAINS, attr, shape_of
-from ..core.pattern import Const, Match, Var, any_of, fold, op
+from ..core.pattern import Const, Match, Var, any_of, fold, op, reduction_axes
 
 # ----------------------------------------------------------------------------- patterns
 
@@ -59,32 +59,6 @@ def mean_over(inner, name: str):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def reduction_axes(node: ir.Node, rank: int | None) -> list[int] | str:
-    """The axes ``node`` (ReduceMean / ReduceSum / ReduceL2 ...) reduces, as sorted negative indices, or why unknown."""
-    if "axes" in node.attributes:
-        axes = [int(a) for a in node.attributes.get_ints("axes")]
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        c = fold(node.inputs[1])
-        if c is None:
-            return f"{node.op_type} {node.name} axes are not a constant"
-        axes = [int(a) for a in c.reshape(-1)]
-    else:
-        axes = []
-    if not axes:
-        if node.attributes.get_int("noop_with_empty_axes", 0):
-            return f"{node.op_type} {node.name} has empty axes and noop_with_empty_axes (an identity)"
-        if rank is None:
-            return f"{node.op_type} {node.name} reduces every axis of a tensor of unknown rank"
-        axes = list(range(rank))
-    if rank is None:
-        if any(a >= 0 for a in axes):
-            return f"{node.op_type} {node.name} reduces axes {axes} of a tensor of unknown rank"
-        return sorted(set(axes))
-    if any(not -rank <= a < rank for a in axes):
-        return f"{node.op_type} {node.name} axes {axes} out of range for rank {rank}"
-    return sorted({a % rank - rank for a in axes})
 
 
 def _dim(d):

@@ -331,9 +331,14 @@ def scalar(v: ir.Value, what: str) -> float | str:
 
 
 def reduce_axes(node: ir.Node, rank: int | None) -> list[int] | str:
-    """The axes a ReduceMean reduces, as sorted negative indices, or the reason they are not known."""
+    """The axes a ReduceMean reduces, keeping them (keepdims=1), as sorted negative indices, or why not."""
     if node.attributes.get_int("keepdims", 1) != 1:
         return f"{node.op_type} {node.name} drops the reduced axes (keepdims=0)"
+    return reduction_axes(node, rank)
+
+
+def reduction_axes(node: ir.Node, rank: int | None) -> list[int] | str:
+    """The axes ``node`` (ReduceMean / ReduceSum / ReduceL2 ...) reduces, as sorted negative indices, or why unknown."""
     if "axes" in node.attributes:
         axes = [int(a) for a in node.attributes.get_ints("axes")]
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
