@@ -25,7 +25,7 @@ from typing import Any
 from .core.errors import InputError
 from .core.passes import ORT_RMS_OPS, PRELN_FORMS
 
-TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16")
+TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16", "openvino")
 CLI_TARGETS = TARGETS + ("auto",)
 
 
@@ -182,7 +182,8 @@ class Options:
 
     target: str = field(default="ort-cpu", metadata=flag(
         "--target", choices=CLI_TARGETS,
-        help="What to deploy to; auto = trt-fp16 where TensorRT and a GPU are present, else ort-cpu."))
+        help="What to deploy to; openvino = OpenVINO's CPU plugin at f32; auto = trt-fp16 where TensorRT and a GPU "
+             "are present, else ort-cpu."))
     batch: str | None = field(default=None, metadata=flag(
         "--batch", metavar="N|MIN:OPT:MAX",
         help="Batch for latency (OPT) and the TensorRT optimization profile's range (default: the input's)."))

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
-from .build import OrtRunner, Recorded, TorchRunner
+from .build import OrtRunner, Recorded, TorchRunner, make_runner, runtime_name
 from .canonicalize.dyt import recognize_dyt
 from .canonicalize.groupnorm import recognize_groupnorm
 from .canonicalize.crmsnorm import recognize_crmsnorm
@@ -39,6 +39,7 @@ from .core.version import __version__
 from .export import to_onnx
 from .load import Loaded, load
 from .lower.groupnorm import lower_groupnorm_to_instance_norm
+from .lower.openvino import inline_canonical_functions
 from .lower.ort import lower_canonical_to_standard_ops, raise_opset_for_rmsnormalization
 from .lower.trt import lower_to_trt_plugins
 from .options import CLI_TARGETS, TARGETS, Options
@@ -85,17 +86,23 @@ LOWER_ORT: tuple[Step, ...] = (
 LOWER_TRT: tuple[Step, ...] = (
     Pass("lower_to_trt_plugins", lower_to_trt_plugins),
 )
+#: openvino: ONNX Runtime's lowering with RMSNorm decomposed (lower.ort.rms_form), then no local function left
+LOWER_OPENVINO: tuple[Step, ...] = (
+    Pass("lower_groupnorm_to_instance_norm", lower_groupnorm_to_instance_norm),
+    Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
+    ModelStep("inline_canonical_functions", inline_canonical_functions),
+)
 
 
 def pass_table(target: str) -> dict[str, tuple[Step, ...]]:
     """Every step of every stage for ``target``, in run order."""
-    return {"canonicalize": CANONICALIZE, "rewrite": REWRITE,
-            "lower": LOWER_TRT if target.startswith("trt-") else LOWER_ORT}
+    lower = LOWER_TRT if target.startswith("trt-") else LOWER_OPENVINO if target == "openvino" else LOWER_ORT
+    return {"canonicalize": CANONICALIZE, "rewrite": REWRITE, "lower": lower}
 
 
 def step(name: str) -> Step:
     """The step called ``name`` in any table."""
-    for s in CANONICALIZE + REWRITE + LOWER_ORT + LOWER_TRT:
+    for s in CANONICALIZE + REWRITE + LOWER_ORT + LOWER_TRT + LOWER_OPENVINO:
         if s.name == name:
             return s
     raise KeyError(name)
@@ -304,6 +311,16 @@ def resolve_target(options: Options) -> str:
     elif options.trt.lower_only:
         raise InputError(f"--lower-only prepares models for TensorRT; target {target} has nothing to lower for",
                          "use --target trt-fp16 (or trt-fp32, trt-bf16), or drop --lower-only")
+    if target == "openvino":
+        from .build import openvino as ov_build
+
+        if options.ort.fp16:
+            raise InputError("--fp16 is for the ONNX Runtime targets, not openvino",
+                             "target openvino runs at f32 (exact); use --target ort-cpu --fp16 or --target trt-fp16")
+        if options.ort.rms_op != "simplified":
+            raise InputError(f"--ort-rms-op {options.ort.rms_op} is for the ONNX Runtime targets, not openvino",
+                             "drop --ort-rms-op: target openvino writes RMSNorm as standard ops OpenVINO fuses")
+        ov_build.require()
     if options.ort.fp16 and not target.startswith("ort-"):
         raise InputError(f"--fp16 is for the ONNX Runtime targets, not {target}",
                          "TensorRT targets take their precision from the target name: --target trt-fp16")
@@ -395,11 +412,12 @@ def _optimize(source, options: Options, progress: Progress) -> Result:
                nothing=nothing_to_rewrite(transformed))
     if run.nothing:
         notes.append(run.nothing)
-    return _optimize_trt(run, progress) if target.startswith("trt-") else _optimize_ort(run, progress)
+    return _optimize_trt(run, progress) if target.startswith("trt-") else _optimize_ort(run, progress)  # ort-*, openvino
 
 
 def _optimize_ort(run: _Run, progress: Progress) -> Result:
-    """ort-*: verify against the original on the same runtime, then time original, optimized and floor."""
+    """ort-* and openvino: verify against the original on the same runtime, then time original, optimized
+    and floor on it (openvino: OpenVINO's CPU plugin at f32, :mod:`normdeploy.build.openvino`)."""
     from .build import trt as trt_build
 
     options, target = run.options, run.target
@@ -424,7 +442,9 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
     if options.bench.bench and not timed:
         run.notes.append(NOT_TIMED)
 
-    def session(model: ir.Model) -> OrtRunner:  # timed sessions keep ONNX Runtime's defaults
+    def session(model: ir.Model):  # timed sessions keep ONNX Runtime's defaults
+        if target == "openvino":
+            return make_runner(model, target, threads)
         return OrtRunner(model, target, threads, providers=providers, prepack=timed)
 
     progress("build", None)
@@ -446,6 +466,16 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
     else:
         run_opt.close()
     report = build_report(run, optimized, accuracies, fidelity, bench_latency(bench, run.batch))
+    report["runtime"] = runtime_report(target, run_opt, threads, options.ort.fp16)
+    if target == "openvino":
+        report["norm_nodes"]["openvino_layers"] = {"original": run_orig.layers, "optimized": run_opt.layers}
+        report["notes"].append(
+            "openvino: norm_nodes.after counts normalization ops in model.onnx (a decomposed RMSNorm is none); the "
+            f"normalization layers OpenVINO compiled (norm_nodes.openvino_layers): original {_layers(run_orig.layers)}, "
+            f"optimized {_layers(run_opt.layers)}")
+    if bench is not None and target == "openvino":
+        report["latency"]["method"] = ("OpenVINO CPU plugin (f32, LATENCY hint, one compiled model per input shape), "
+                                       "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)")
     return Result(run.prepared.original, optimized, run.transformed.floor_model, report, bench, run.prepared.loaded,
                   run.prepared.specs)
 
@@ -561,6 +591,26 @@ def _optimize_trt(run: _Run, progress: Progress) -> Result:
         report["accuracy"]["engine_tolerance"] = trt_build.engine_tolerance(target, run.tolerance)
     return Result(run.prepared.original, converted, run.transformed.floor_model, report, bench, run.prepared.loaded, specs,
                   plan)
+
+
+def _layers(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
+
+
+def runtime_report(target: str, runner, threads: int | None, fp16: bool = False) -> dict:
+    """report.json's ``runtime``: the runtime the optimized model was verified (and timed) on, and its precision
+    (openvino: as the compiled model reports it)."""
+    if target == "openvino":
+        from .build import openvino as ov_build
+
+        return ov_build.runtime_info(runner)
+    import onnxruntime
+
+    from .build import PROVIDERS
+
+    return {"name": runtime_name(target), "version": onnxruntime.__version__, "providers": PROVIDERS.get(target),
+            "threads": getattr(runner, "threads", threads),
+            "inference_precision": "f16 (normalization statistics f32)" if fp16 else "f32"}
 
 
 def verify(run_orig, run_opt, run: _Run, label: str = "", keep_original: bool = True):

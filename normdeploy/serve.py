@@ -294,6 +294,9 @@ class TritonServer:
         for name, target in links.items():
             if not os.path.lexists(os.path.join(d, name)):
                 os.symlink(target, os.path.join(d, name))
+        openvino = os.path.join(self.env.backends, "openvino")  # absent from nvidia-pytriton 0.7.0's wheel
+        if os.path.isdir(openvino) and not os.path.lexists(os.path.join(os.path.dirname(d), "openvino")):
+            os.symlink(openvino, os.path.join(os.path.dirname(d), "openvino"))
         return os.path.dirname(d)
 
     def command(self) -> list[str]:
@@ -532,6 +535,24 @@ def read_output(out_dir: str) -> tuple[dict, dict]:
     return report, entry
 
 
+#: Triton backends served as written (no Python-backend variant), and the library each needs in ``backends/``
+NATIVE_BACKENDS = {"openvino": "openvino/libtriton_openvino.so"}
+
+
+def backend_problem(entry: dict, env: ServeEnv) -> str | None:
+    """Why ``env``'s tritonserver cannot serve ``entry`` as written, or None.
+
+    An ``openvino`` entry (target openvino) is served by Triton's OpenVINO backend or not at all:
+    a Python-backend variant would run ONNX Runtime, not what was verified and timed.
+    nvidia-pytriton 0.7.0's tritonserver ships the Python backend only.
+    """
+    need = NATIVE_BACKENDS.get(entry.get("backend"))
+    if need and not os.path.isfile(os.path.join(env.backends, need)):
+        return (f"triton/{entry.get('name')} is an {entry['backend']} entry and this tritonserver ({env.tritonserver}) "
+                f"has no {entry['backend']} backend ({os.path.join(env.backends, need)} is missing)")
+    return None
+
+
 def prepare_repository(out_dir: str, workdir: str) -> tuple[str, list[Served]]:
     """The model repository to serve for ``out_dir``, and what it serves.
 
@@ -566,6 +587,12 @@ def prepare_repository(out_dir: str, workdir: str) -> tuple[str, list[Served]]:
         return triton_dir, [served]
     if not os.path.isfile(model_path):
         raise InputError(f"{model_path} is missing", what)
+    if entry["backend"] in NATIVE_BACKENDS:  # served as written (serve() checked the backend is there)
+        served = _served(entry, examples)
+        model = onnx.load(model_path, load_external_data=False)
+        for i in served.inputs:
+            i["datatype"] = dtypes(model)[i["name"]]
+        return triton_dir, [served]
     model = served_onnx(onnx.load(model_path), target)
     repo = os.path.join(workdir, "repository")
     mbs = entry["max_batch_size"]
@@ -618,9 +645,13 @@ def serve(out_dir: str, *, address: str = "127.0.0.1", http_port: int = DEFAULT_
     problem = platform_problem()
     if problem:
         raise UnsupportedError(problem, "serve on a Linux x86_64 or aarch64 machine, or use NGC's tritonserver image")
-    read_output(os.path.abspath(out_dir))  # a directory normdeploy wrote, before anything else
+    _, entry = read_output(os.path.abspath(out_dir))  # a directory normdeploy wrote, before anything else
     check_ports(address, {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port})
     env = ServeEnv.find(python)
+    problem = backend_problem(entry, env)
+    if problem:
+        raise UnsupportedError(problem, "serve it from NGC's tritonserver image (it has the OpenVINO backend), or "
+                                        "write the output with --triton-backend python (ONNX Runtime in Triton)")
     workdir = tempfile.mkdtemp(prefix="normdeploy-serve-")
     server = None
     stopping = {"signal": None}

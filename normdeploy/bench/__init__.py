@@ -224,9 +224,11 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
     ``candidates`` maps a name to ``(onnx.ModelProto, what it is)``: normdeploy's optimized
     model, or models given to ``gate --optimized``. ``floor`` is the floor model;
     ``peers`` names entries of :data:`.peers.PEERS`, built from ``original``. ``settle``
-    untimed calls precede every timed call (see :func:`.timing.interleaved`).
+    untimed calls precede every timed call (see :func:`.timing.interleaved`). Original, candidates
+    and floor run on the target's runtime (``openvino``: OpenVINO's CPU plugin at f32, where the
+    ``openvino`` peer is the original column itself); the ONNX Runtime peers on ONNX Runtime.
     """
-    from ..build import OrtRunner, default_threads
+    from ..build import default_threads, make_runner, runtime_name
     from ..core.errors import InputError
     from ..core.inputs import example_arrays
     from ..verify import compare, input_sets
@@ -236,23 +238,37 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
     threads = threads or default_threads()
     torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     variants: dict[str, Variant] = {}
-    run_orig = OrtRunner(original, target, threads)
-    variants["original"] = Variant("original", "original", peers_mod.WHAT["original"], run_orig)
+    runtime = runtime_name(target)
+
+    def on_target(text: str) -> str:  # what each of original/optimized/floor runs on
+        if runtime == "ONNX Runtime":
+            return text
+        return text.replace(" (= ONNX Runtime's default optimizations)", "").replace(
+            "ONNX Runtime ORT_ENABLE_ALL", f"{runtime} CPU plugin, f32")
+
+    run_orig = make_runner(original, target, threads)
+    variants["original"] = Variant("original", "original", on_target(peers_mod.WHAT["original"]), run_orig)
     progress("build", None)
     for name, (cand, what) in candidates.items():
-        runner = OrtRunner(cand, target, threads)
+        what = on_target(what)
+        runner = make_runner(cand, target, threads)
         if runner.input_names != run_orig.input_names or len(runner.output_names) != len(run_orig.output_names):
             raise InputError(f"optimized model {name} takes inputs {runner.input_names} and gives "
                              f"{len(runner.output_names)} output(s); the original takes {run_orig.input_names} and "
                              f"gives {len(run_orig.output_names)}", "pass the optimized model built from this original")
         variants[name] = Variant(name, "candidate", what, runner)
-    variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], OrtRunner(floor, target, threads))
+    variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], make_runner(floor, target, threads))
+    same = {"openvino"} if target == "openvino" else set()  # a peer that is the target's runtime on the original
     if peers:
         progress("peers", None)
         as_proto = to_proto(original)  # the peers read protos
-        for p in peers_mod.build(peers, as_proto, loaded, threads, run_orig.input_names, run_orig.output_names,
-                                 target, hint if hint is not None else model):
+        for p in peers_mod.build(tuple(p for p in peers if p not in same), as_proto, loaded, threads,
+                                 run_orig.input_names, run_orig.output_names, target,
+                                 hint if hint is not None else model):
             variants[p.name] = Variant(p.name, "peer", p.what, p.runner, p.status, p.info)
+        for name in (p for p in peers if p in same):
+            variants[name] = Variant(name, "peer", peers_mod.WHAT[name], None,
+                                     f"n/a: target {target} runs the original on {runtime}: the original column")
 
     progress("verify", None)
     feed = example_arrays(specs, seed=0, batch=batch)

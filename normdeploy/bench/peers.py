@@ -14,7 +14,7 @@ original like normdeploy's own output.
 | ``ort-transformers`` | ``onnxruntime.transformers.optimizer.optimize_model(path, model_type, num_heads=0, hidden_size=0)`` (0 = detect), then ``ORT_ENABLE_ALL``; ``model_type`` is guessed (:func:`guess_model_type`), and a model without attention is not given to it |
 | ``onnxslim`` | ``onnxslim.slim(model)``, then ``ORT_ENABLE_ALL`` |
 | ``onnxoptimizer`` | ``onnxoptimizer.optimize(model)`` (its fuse-and-eliminate passes, incl. ``fuse_bn_into_conv``), then ``ORT_ENABLE_ALL`` |
-| ``openvino`` | OpenVINO's CPU plugin reading the ONNX file, reshaped to static input shapes (one compiled model per shape), ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_PRECISION_HINT=f32`` (it would pick bf16 on CPUs with AMX), ``INFERENCE_NUM_THREADS`` = the thread count; optional |
+| ``openvino`` | OpenVINO's CPU plugin reading the ONNX file, reshaped to static input shapes (one compiled model per shape), ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_PRECISION_HINT=f32`` (it would pick bf16 on CPUs with AMX), ``INFERENCE_NUM_THREADS`` = the thread count (:class:`normdeploy.build.openvino.OpenVinoRunner`); optional; with ``--target openvino`` it is the original column itself |
 | ``torch`` | the torch module in eager mode under ``torch.no_grad()``, ``torch.set_num_threads`` = the thread count; only when the input is a torch model |
 
 The file tools and OpenVINO get the original with normdeploy's canonical nodes inlined
@@ -32,8 +32,9 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
+
+from ..build.openvino import OpenVinoRunner, inline_functions  # noqa: F401 - re-exported for the peers' users
 
 PEERS = ("torch", "ort-disable", "ort-basic", "ort-transformers", "onnxslim", "onnxoptimizer", "openvino")
 
@@ -105,18 +106,6 @@ def _quiet():
         logging.disable(level)
 
 
-def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every local function inlined: standard ops only, for tools that read files."""
-    import onnx.inliner
-
-    out = onnx.inliner.inline_local_functions(model)
-    used = {n.domain for n in out.graph.node}
-    keep = [o for o in out.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
-    return out
-
-
 def has_attention(model: onnx.ModelProto) -> bool:
     ops = {n.op_type for n in model.graph.node}
     return "Softmax" in ops and "MatMul" in ops or bool(ops & {"Attention", "MultiHeadAttention"})
@@ -138,42 +127,6 @@ def guess_model_type(model: onnx.ModelProto, hint: str = "") -> str | None:
     return "bert"
 
 
-class OpenVinoRunner:
-    """OpenVINO's CPU plugin behind the runner face of :mod:`normdeploy.build`.
-
-    OpenVINO is fastest on static shapes (a dynamic batch axis costs it milliseconds per
-    call on small models), so, as its documentation advises, the model is reshaped to each
-    input shape it is called with and compiled once per shape.
-    """
-
-    def __init__(self, model: onnx.ModelProto, threads: int):
-        import openvino as ov
-
-        self.core = ov.Core()
-        self.model_bytes = model.SerializeToString()
-        self.threads = threads
-        self.config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_PRECISION_HINT": "f32"}
-        probe = self.core.read_model(self.model_bytes)
-        self.input_names = [i.get_any_name() for i in probe.inputs]
-        self.output_names = [o.get_any_name() for o in probe.outputs]
-        self._compiled: dict[tuple, tuple] = {}
-
-    def _request(self, feed: dict[str, np.ndarray]):
-        key = tuple((n, feed[n].shape) for n in self.input_names)
-        if key not in self._compiled:
-            m = self.core.read_model(self.model_bytes)
-            m.reshape({n: list(feed[n].shape) for n in self.input_names})
-            compiled = self.core.compile_model(m, "CPU", self.config)
-            self._compiled[key] = (compiled, compiled.create_infer_request())
-        return self._compiled[key]
-
-    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        compiled, request = self._request(feed)
-        res = request.infer({n: feed[n] for n in self.input_names})
-        return [np.array(res[o]) for o in compiled.outputs]
-
-
 class TorchEagerRunner:
     """The torch module in eval mode with a fixed thread count (:class:`normdeploy.build.TorchRunner`)."""
 
@@ -191,9 +144,10 @@ class TorchEagerRunner:
 
 
 def _ort(model: onnx.ModelProto, target: str, threads: int, level: str = "all"):
-    from ..build import OrtRunner
+    from ..build import PROVIDERS, OrtRunner
 
-    return OrtRunner(model, target, threads, graph_optimization=level)
+    # the ONNX Runtime peers of a non-ONNX-Runtime target (openvino) run on ONNX Runtime's CPU provider
+    return OrtRunner(model, target if target in PROVIDERS else "ort-cpu", threads, graph_optimization=level)
 
 
 def _transformers(original: onnx.ModelProto, inlined: onnx.ModelProto, hint: str, target: str, threads: int) -> Peer:
@@ -271,9 +225,9 @@ def build(names: tuple[str, ...] | list[str], original: onnx.ModelProto, loaded,
                 elif name == "onnxoptimizer":
                     peer = _onnxoptimizer(inlined, target, threads)
                 elif name == "openvino":
-                    try:
-                        import openvino  # noqa: F401
-                    except ImportError:
+                    from ..build import openvino as ov_build
+
+                    if ov_build.version() is None:
                         peer.status = "n/a: OpenVINO is not installed (pip install openvino)"
                     else:
                         with _quiet():

@@ -5,6 +5,8 @@ Every runner has the same face: ``input_names``, ``output_names`` and
 
 * :class:`OrtRunner`: an ONNX Runtime session (``ort-cpu`` here; ``ort-cuda``/``ort-trt``
   pick those execution providers), sequential execution, a fixed thread count.
+* :class:`normdeploy.build.openvino.OpenVinoRunner`: OpenVINO's CPU plugin at f32 (the ``openvino``
+  target); :func:`make_runner` picks the runner of a target.
 * :class:`TorchRunner`: the original torch module in eval mode (export fidelity).
 * :class:`Recorded`: the outputs another runner gave for a list of feeds, replayed, so that
   verification needs only one session alive at a time.
@@ -33,6 +35,10 @@ PROVIDERS = {
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+#: targets whose models run on another runtime than ONNX Runtime: target -> (runtime, module here)
+OTHER_RUNTIMES = {"openvino": "OpenVINO"}
 
 
 class Runner(Protocol):
@@ -141,6 +147,21 @@ class OrtRunner:
             self._tmp.cleanup()
             self._tmp = None
         return_freed_memory()
+
+
+def make_runner(model, target: str, threads: int | None = None, **ort_options):
+    """The runner of ``target`` for ``model``: :class:`OrtRunner` for ort-* targets (``ort_options`` are its
+    keywords), :class:`normdeploy.build.openvino.OpenVinoRunner` for ``openvino`` (f32, ``threads``)."""
+    if target == "openvino":
+        from .openvino import OpenVinoRunner
+
+        return OpenVinoRunner(model, threads)
+    return OrtRunner(model, target, threads, **ort_options)
+
+
+def runtime_name(target: str) -> str:
+    """The runtime a target's models run on, as the report names it."""
+    return OTHER_RUNTIMES.get(target, "ONNX Runtime")
 
 
 def return_freed_memory() -> None:

@@ -1,11 +1,14 @@
-"""Lower canonical normalization nodes to standard ops for ONNX Runtime (DESIGN.md section 4).
+"""Lower canonical normalization nodes to standard ops for ONNX Runtime (DESIGN.md section 4), and for
+OpenVINO (the ``openvino`` target, which reads the same ONNX: :mod:`normdeploy.lower.openvino`).
 
 Per op, what ONNX Runtime runs fastest while computing the same function:
 
 * RMSNorm      -> ``RMSNormalization`` (opset >= 23) or ONNX Runtime's
                   ``SimplifiedLayerNormalization`` (default domain, any opset) when the
                   model's opset is older. Both compute ``g x / sqrt(mean(x^2) + eps)`` with
-                  fp32 statistics (``stash_type`` 1).
+                  fp32 statistics (``stash_type`` 1). For ``openvino`` (:func:`rms_form`
+                  "decomposed"): ``Mul(x, x)``, ``ReduceMean``, ``Add(eps)``, ``Sqrt``, ``Div``,
+                  ``Mul(g)``, standard ops at any opset, which OpenVINO fuses into its RMS kernel.
 * GroupScaling -> Reshape ``[..., G, C/G]`` -> the RMSNorm op above with unit gain -> Reshape back.
 * PowerNorm    -> GroupScaling as above, then ``Mul(w / sqrt(phi + eps))``, ``Add(b)``
                   (constants computed in float64, stored once in the model's dtype).
@@ -74,7 +77,24 @@ def _reduce_inputs(e: _Emitter, x, axes: list[int], opset: int, since: int) -> t
     return [x], {"axes": axes}
 
 
-def _rms(e: _Emitter, x, gain, eps: float, opset: int) -> ir.Value:
+#: how RMSNorm is written: ONNX Runtime's "simplified" op or opset-23 "standard" RMSNormalization (the
+#: opset decides, see :func:`raise_opset_for_rmsnormalization`), or "decomposed" standard ops
+RMS_FORMS = ("simplified", "standard", "decomposed")
+
+
+def rms_form(ctx: PassContext) -> str:
+    """The RMSNorm form for ``ctx.target``: "decomposed" for openvino (:mod:`normdeploy.lower.openvino`
+    says why), else the op the opset allows (``--ort-rms-op``)."""
+    return "decomposed" if ctx.target == "openvino" else ctx.ort_rms_op
+
+
+def _rms(e: _Emitter, x, gain, eps: float, opset: int, form: str = "simplified") -> ir.Value:
+    if form == "decomposed":
+        normed = _rms_decomposed(e, x, eps, opset)
+        gain_value = const_value(gain)
+        if gain_value is not None and np.all(np.asarray(gain_value) == 1):
+            return normed  # a unit gain (GroupScaling) is the identity
+        return e("Mul", [normed, gain])
     if opset >= 23:
         return e("RMSNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
     return e("SimplifiedLayerNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
@@ -94,27 +114,28 @@ def _rms_decomposed(e: _Emitter, x, eps: float, opset: int) -> ir.Value:
     return e("Div", [x, e("Sqrt", [e("Add", [ms, e.const("eps", eps)])])])
 
 
-def _group_scaling(e: _Emitter, x, groups: int, eps: float, opset: int, channels: int | None) -> ir.Value | None:
+def _group_scaling(e: _Emitter, x, groups: int, eps: float, opset: int, channels: int | None,
+                   form: str = "simplified") -> ir.Value | None:
     if groups == 1:
         if channels is None:
             return None
-        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, opset)
+        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, opset, form)
     if channels is None or channels % groups:
         return None
     size = channels // groups
     rank = rank_of(x)
     if rank is not None:  # static shapes with 0 = "copy this dimension": no shape arithmetic at run time
         grouped = e("Reshape", [x, e.const("gshape", [0] * (rank - 1) + [groups, size], np.int64)])
-        if size < SHORT_ROW:
+        if size < SHORT_ROW or form == "decomposed":
             normed = _rms_decomposed(e, grouped, eps, opset)
         else:
-            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
+            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset, form)
         return e("Reshape", [normed, e.const("shape", [0] * (rank - 1) + [channels], np.int64)])
     shape = e("Shape", [x], dtype=np.int64)
     lead = e("Slice", [shape, e.const("s0", [0], np.int64), e.const("s1", [-1], np.int64)], dtype=np.int64)
     grouped_shape = e("Concat", [lead, e.const("gshape", [groups, size], np.int64)], dtype=np.int64, axis=0)
     grouped = e("Reshape", [x, grouped_shape])
-    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
+    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset, form)
     return e("Reshape", [normed, shape])
 
 
@@ -149,7 +170,7 @@ def _why_not_lowerable(node: ir.Node) -> str | None:
     return None
 
 
-def _lower_node(node: ir.Node, namer: Namer, opset: int) -> None:
+def _lower_node(node: ir.Node, namer: Namer, opset: int, form: str = "simplified") -> None:
     """Emit the standard ops computing ``node``; they take over its output (the runner drops ``node``)."""
     x, y = node.inputs[0], node.outputs[0]
     op = node.op_type
@@ -172,11 +193,11 @@ def _lower_node(node: ir.Node, namer: Namer, opset: int) -> None:
         return t
 
     if op == "RMSNorm":
-        out = _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], opset)
+        out = _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], opset, form)
     elif op == "GroupScaling":
-        out = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels)
+        out = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels, form)
     elif op == "PowerNorm":
-        out = affine(_group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels))
+        out = affine(_group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels, form))
     elif op == "UnifiedNorm":
         out = affine(x)
     elif op == "DynamicTanh":
@@ -290,9 +311,11 @@ def _note(text: str) -> PassResult:
 
 
 def lower_canonical_to_standard_ops(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
-    """Replace each canonical normdeploy node by the standard ops ONNX Runtime runs fastest."""
+    """Replace each canonical normdeploy node by the standard ops the target's runtime runs fastest
+    (ONNX Runtime; OpenVINO with :func:`rms_form` "decomposed")."""
     namer = Namer(graph)
     opset = opset_of(graph) or 11  # (onnx-graphsurgeon's default, which this pass had before)
+    form = rms_form(ctx)
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type not in ATTRIBUTES:
             continue
@@ -301,13 +324,16 @@ def lower_canonical_to_standard_ops(graph: ir.Graph, ctx: PassContext, result: P
         if reason:
             result.skip(node.name, reason)
             continue
-        _lower_node(node, namer, opset)
+        _lower_node(node, namer, opset, form)
         result.rewrote(f"{node.op_type} {node.name} lowered to standard ops", node.name)
     lowered = [r.node for r in result.rewrites if r.node]
     short = [n.name for n in graph if n.op_type == "ReduceMean" and (n.name or "").endswith("_ReduceMean")
              and any(n.name.startswith(b) for b in lowered)]
-    if short:
+    if short and form != "decomposed":
         result.notes.append(f"{len(short)} GroupScaling statistic(s) over rows shorter than {SHORT_ROW} kept as "
                             "Mul, ReduceMean, Add, Sqrt, Div (faster there than ONNX Runtime's fused kernel)")
     if any(n.op_type == "SimplifiedLayerNormalization" for n in graph):
         result.notes.append("model opset < 23: RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization")
+    if form == "decomposed" and lowered:
+        result.notes.append("RMSNorm and GroupScaling written as Mul, ReduceMean, Add, Sqrt, Div (standard ops at the "
+                            "model's opset), which OpenVINO fuses into its RMS kernel")

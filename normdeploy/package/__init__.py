@@ -154,7 +154,8 @@ def triton_entry_args(result, backend: str = "default") -> dict | None:
 
     default: a TensorRT plan with the optimization profile it was built with (``max_batch_size``
     and dims from that profile, the TensorRT version it needs as a parameter), ONNX Runtime for
-    ort-* targets, nothing for ``--lower-only`` trt-* models (their plugin nodes run nowhere but
+    ort-* targets, OpenVINO IR for Triton's OpenVINO backend on ``openvino`` (``max_batch_size`` 0:
+    :mod:`.triton` says why), nothing for ``--lower-only`` trt-* models (their plugin nodes run nowhere but
     in an engine). python: the ONNX model (trt-*: plugin ops as function bodies) on ONNX Runtime
     in Triton's Python backend, for every target.
     """
@@ -177,6 +178,12 @@ def triton_entry_args(result, backend: str = "default") -> dict | None:
                 "profile": profiles[0] if profiles else [], "parameters": params}
     if target.startswith("trt-"):
         return None
+    if target == "openvino":
+        threads = (report.get("runtime") or {}).get("threads") or 1
+        return {**args, "model": result.optimized_model, "backend": "openvino", "max_batch_size": 0,
+                "preferred_batch_sizes": None, "instance_kind": "KIND_CPU",
+                "parameters": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads),
+                               "NUM_STREAMS": "1"}}
     return {**args, "model": result.optimized_model, "backend": "onnxruntime",
             "max_batch_size": batch_range[2] if batch_range else None,
             "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
@@ -202,6 +209,11 @@ def _checked_summary(name: str, entry: dict) -> dict:
     if entry["backend"] == "tensorrt":
         summary["tensorrt_version"] = entry["parameters"].get("tensorrt_version")
         summary["engine_profile"] = entry.get("profile")
+    if entry["backend"] == "openvino":
+        from .triton import OPENVINO_PRECISION_NOTE
+
+        summary["files"] = ["model.xml", "model.bin"]
+        summary["precision_note"] = OPENVINO_PRECISION_NOTE
     return summary
 
 
@@ -245,11 +257,28 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _runtime_lines(rt: dict | None) -> list[str]:
+    """The report's runtime line: what verified (and timed) the model, and at which precision."""
+    if not rt:
+        return []
+    threads = f", {rt['threads']} threads" if rt.get("threads") else ""
+    return [f"runtime **{rt['name']} {rt.get('version') or ''}**".rstrip() + f"{' ' + rt['device'] if rt.get('device') else ''}"
+            f", inference precision **{rt.get('inference_precision') or 'n/a'}**{threads}", ""]
+
+
+def _runtime_text(r: dict, machine: dict) -> str:
+    rt = r.get("runtime") or {}
+    if rt.get("name") and rt["name"] != "ONNX Runtime":
+        return f"{rt['name']} {rt.get('version')} {rt.get('inference_precision') or ''}".rstrip()
+    return f"onnxruntime {machine['onnxruntime']}"
+
+
 def render_markdown(r: dict) -> str:
     acc, lat = r["accuracy"], r.get("latency")
     lines = [f"# normdeploy report: `{r['input']['path']}`", "",
              f"target **{r['target']}**, input kind {r['input']['kind']}, inputs "
              + ", ".join(f"`{i['name']}` {'x'.join(map(str, i['shape']))} {i['dtype']}" for i in r["input"]["inputs"]), "",
+             *_runtime_lines(r.get("runtime")),
              "## Normalization nodes", "", "| kind | before | after |", "|---|---|---|"]
     kinds = sorted(set(r["norm_nodes"]["before"]) | set(r["norm_nodes"]["after"]))
     lines += [f"| {k} | {r['norm_nodes']['before'].get(k, 0)} | {r['norm_nodes']['after'].get(k, 0)} |" for k in kinds]
@@ -284,7 +313,7 @@ def render_markdown(r: dict) -> str:
     if lat and lat.get("speedup") is not None:
         m = lat["machine"]
         lines += ["", "## Latency", "",
-                  f"{m['machine']} ({m['cpu']}), {lat['threads']} threads, onnxruntime {m['onnxruntime']}, batch {lat['batch']}; "
+                  f"{m['machine']} ({m['cpu']}), {lat['threads']} threads, {_runtime_text(r, m)}, batch {lat['batch']}; "
                   f"{lat['method']}", "", "| model | p50 ms | p90 ms | p99 ms | throughput /s | runs |", "|---|---|---|---|---|---|"]
         for k in ("original", "optimized", "floor"):
             if k in lat:

@@ -6,6 +6,7 @@ Layout Triton loads::
     <repo>/<name>/1/model.onnx               (backend "onnxruntime")
     <repo>/<name>/1/model.plan               (backend "tensorrt")
     <repo>/<name>/1/model.py + model.onnx    (backend "python": :mod:`.triton_python`)
+    <repo>/<name>/1/model.xml + model.bin    (backend "openvino": OpenVINO IR, the ``openvino`` target)
 
 ``config.pbtxt`` is text-format ``inference.ModelConfig``. Batching follows what the served
 artifact accepts:
@@ -22,6 +23,19 @@ artifact accepts:
   max-batch Y"). An axis the profile fixes (MIN == MAX) has that size in the dims, one it
   leaves open is ``-1``. A fixed-batch profile (``--input`` batch B without ``--batch``,
   B > 1) gives ``max_batch_size: 0`` and dims ``[B, ...]``.
+
+* OpenVINO (``triton-inference-server/openvino_backend``, read from its source): it reads
+  ``<version>/model.xml`` (OpenVINO IR, its default; ``default_model_filename`` may name a
+  ``model.onnx`` instead in recent releases; normdeploy writes IR, which every release reads,
+  with weights kept f32: ``compress_to_fp16=False``), runs KIND_CPU instances only, and with
+  ``max_batch_size`` > 0 fixes the model's batch to ``max_batch_size`` (``ov::set_batch``) and
+  refuses any request whose batch differs unless ``ENABLE_BATCH_PADDING`` pads it. So the entry is
+  written with ``max_batch_size: 0`` and full dims (``-1`` for a dynamic axis, which OpenVINO keeps
+  dynamic): every request runs at its own batch, with no batching across requests. Scalar inputs
+  are refused (the backend does not support them). Its parameters are ``PERFORMANCE_HINT``
+  (LATENCY), ``INFERENCE_NUM_THREADS`` and ``NUM_STREAMS`` (1); it has none that pins f32
+  (only ``HINT_BF16: YES``), so on a CPU with AMX or AVX512-BF16 OpenVINO may compute in bf16
+  there, which :data:`OPENVINO_PRECISION_NOTE` says in the report.
 
 Dynamic batching is written only where ``max_batch_size`` > 1, preferred batch sizes only
 inside ``1..max_batch_size``. :func:`check_entry` holds every entry to what the server
@@ -51,11 +65,16 @@ _TYPES = {
 }
 #: backend -> the file Triton loads from the version directory (the Python backend's model.py
 #: loads model.onnx beside it)
-MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
+MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py", "openvino": "model.xml"}
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
 #: instance kinds each backend can run (TensorRT: "does not support KIND_CPU at all"; normdeploy's
 #: model.py runs ONNX Runtime's CPU provider)
-BACKEND_KINDS = {"onnxruntime": INSTANCE_KINDS, "tensorrt": ("KIND_GPU",), "python": ("KIND_CPU",)}
+BACKEND_KINDS = {"onnxruntime": INSTANCE_KINDS, "tensorrt": ("KIND_GPU",), "python": ("KIND_CPU",),
+                 "openvino": ("KIND_CPU",)}  # openvino_backend: "supports only Kind CPU"
+#: what the report says of an OpenVINO entry's precision (see the module docstring)
+OPENVINO_PRECISION_NOTE = ("Triton's OpenVINO backend has no parameter that pins f32 (only HINT_BF16), so it runs "
+                           "OpenVINO's CPU default: f32 on CPUs without bf16 units, possibly bf16 on CPUs with AMX or "
+                           "AVX512-BF16; normdeploy verified and timed the model at f32")
 DEFAULT_MAX_BATCH = 64
 
 
@@ -176,7 +195,7 @@ def plan_entry(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", 
         raise ValueError(f"unknown instance kind {kind!r}; use one of {', '.join(INSTANCE_KINDS)}")
     inputs, outputs = _signature(model)
     shapes = profile_shapes(profile) if backend == "tensorrt" else {}
-    batchable = is_batchable(model)
+    batchable = is_batchable(model) and backend != "openvino"  # it would fix the batch: module docstring
     if shapes:
         batchable = batchable and all(n.name in shapes and shapes[n.name][0][:1] == [1] for n in inputs)
         default_max = min(shapes[n.name][2][0] for n in inputs) if batchable else 0
@@ -233,6 +252,13 @@ def check_entry(entry: Entry, model: onnx.ModelProto, profile=None) -> None:
     if mbs < 0:
         fail(f"max_batch_size {mbs} is negative")
     inputs, outputs = _signature(model)
+    if entry.backend == "openvino":
+        if mbs > 0:
+            fail(f"max_batch_size {mbs}: the OpenVINO backend would fix the model's batch to {mbs} and refuse "
+                 "requests of any other batch (unless ENABLE_BATCH_PADDING pads them); write max_batch_size 0")
+        scalars = [v.name for v in inputs if not _dims(v)]
+        if scalars:
+            fail(f"input {scalars[0]} is a scalar, which the OpenVINO backend does not support")
     if [t.name for t in entry.inputs] != [v.name for v in inputs]:
         fail(f"inputs {[t.name for t in entry.inputs]} are not the model's inputs {[v.name for v in inputs]}")
     model_outputs = {v.name: v for v in outputs}
@@ -375,6 +401,11 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
                     f.write(bytes(artifact))
             else:
                 shutil.copyfile(artifact, target)
+            return
+        if backend == "openvino":
+            from ..build.openvino import save_ir
+
+            save_ir(model, os.path.join(vdir, MODEL_FILES[backend]))  # model.xml + model.bin, weights f32
             return
         save_model(model, os.path.join(vdir, "model.onnx"))  # external data for large models
         if backend == "python":
