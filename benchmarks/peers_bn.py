@@ -21,7 +21,8 @@ compared with the unoptimized original on random inputs (and the digits test set
 spiking CNN): *match* means max |diff| <= 1e-5 * max |original| on every output.
 
 Latency (DESIGN.md section 6): all models of a case (original, the normalization-free floor,
-each tool's output) are timed interleaved with ONNX Runtime (ORT_ENABLE_ALL) after warm-up;
+each tool's output) are timed interleaved with ONNX Runtime (ORT_ENABLE_ALL) after warm-up, in
+``--sessions`` sessions each (normdeploy.bench.timing.interleaved);
 each ratio is p50(model) / p50(floor), so 1.00 means no normalization cost is left.
 """
 from __future__ import annotations
@@ -339,11 +340,15 @@ def verdict(tool_model, tool_floor) -> tuple[str, str]:
     return "kept", what
 
 
-def bench_case(name, make, flags, seconds, threads):
+def bench_case(name, make, flags, seconds, threads, sessions=3):
     original = make()
     floor = floor_model(original)
     ffloor = fold_floor(original)
-    runners = {"original": OrtRunner(original, threads=threads), "floor": OrtRunner(floor, threads=threads)}
+
+    def session(model):
+        return lambda: OrtRunner(model, threads=threads)
+
+    factories = {"original": session(original), "floor": session(floor)}
     reference = OrtRunner(original, threads=threads, graph_optimization="disable")
     feeds = feeds_for(original, flags.get("real", False))
     row = {"case": name, "norms_before": norm_left(original), "tools": {}, "flags": flags}
@@ -362,14 +367,16 @@ def bench_case(name, make, flags, seconds, threads):
             cell["verdict"], cell["left"] = verdict(out, out_floor)
             runner = OrtRunner(out, threads=threads)
             cell["err"] = max_rel_err(reference, runner, feeds)
-            runners[tool] = runner
+            runner.close()
+            factories[tool] = session(out)
         except Exception as e:  # noqa: BLE001 - a peer failing on a graph is a result
             cell["verdict"], cell["error"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         row["tools"][tool] = cell
     feed = feeds[0]
-    res = interleaved(runners, feed, seconds=seconds, warmup=10)
-    row["p50"] = {k: res.p50(k) for k in runners}
-    row["ci"] = {k: res.ratio_interval(k, "floor") for k in runners}
+    res = interleaved(factories, feed, seconds=seconds, warmup=10, sessions=sessions)
+    row["p50"] = {k: res.p50(k) for k in factories}
+    row["ci"] = {k: res.ratio_interval(k, "floor") for k in factories}
+    row["sessions"] = res.sessions
     row["rounds"] = len(res.timings["floor"].samples_ms)
     return row
 
@@ -455,6 +462,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="timing budget per case")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--sessions", type=int, default=3, help="sessions per model, created in rotating order (default 3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "peers_bn.md"))
     ap.add_argument("--only", default=None, help="run the cases whose name contains this text")
     args = ap.parse_args()
@@ -463,7 +471,7 @@ def main() -> int:
     for name, make, flags in CASES:
         if args.only and args.only.lower() not in name.lower():
             continue
-        rows.append(bench_case(name, make, flags, args.seconds, args.threads))
+        rows.append(bench_case(name, make, flags, args.seconds, args.threads, args.sessions))
         t = rows[-1]["tools"]
         print(f"{name}: " + "; ".join(f"{k} {v['verdict']}" for k, v in t.items()), flush=True)
     text = report(rows, args, time.time() - start)

@@ -25,7 +25,7 @@ batch 1. Columns:
 * rewrites applied: passes with the number of rewrites each made;
 * max rel error: worst over random inputs and the model's real inputs, max |opt - ref| /
   max |ref|; with the top-1 agreement on real inputs where the output is a classifier;
-* speedup: p50(original) / p50(optimized), with the 95 % bootstrap interval over rounds;
+* speedup: p50(original) / p50(optimized), with the 95 % bootstrap interval over sessions and rounds;
 * norm cost left: (p50(optimized) - p50(floor)) / (p50(original) - p50(floor)), the floor
   being the original with every normalization replaced by Identity; n/a when the floor is
   not measurably faster than the original (the 95 % interval of p50(original) / p50(floor)
@@ -240,13 +240,24 @@ def render(rows: list[tuple[dict, dict | None]], meta: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def splice(readme: str, body: str) -> str:
-    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
-        raise SystemExit(f"error: README.md must hold the markers {START} and {END}, once each and in that order; "
+def splice(readme: str, body: str, start: str = START, end: str = END) -> str:
+    """``readme`` with what lies between the markers ``start`` and ``end`` replaced by ``body``."""
+    if readme.count(start) != 1 or readme.count(end) != 1 or readme.index(start) > readme.index(end):
+        raise SystemExit(f"error: README.md must hold the markers {start} and {end}, once each and in that order; "
                          "add them where the table goes")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{body.rstrip()}\n{END}{tail}"
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+
+
+def update_readme(body: str, start: str = START, end: str = END, path: str = README) -> str:
+    """The one writer of README.md's generated tables: ``body`` spliced between ``start`` and ``end``
+    (this script's table, and ``benchmarks/peers_models.py --readme``'s). Returns the path."""
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(splice(text, body, start, end))
+    return path
 
 
 # ----------------------------------------------------------------------------- main
@@ -297,11 +308,7 @@ def main(argv=None) -> int:
         f.write("# normdeploy on ort-cpu at batch 1\n\n" + body)
     print(f"wrote {args.out} in {meta['duration_s'] / 60:.1f} min")
     if args.update_readme:
-        with open(README) as f:
-            text = f.read()
-        with open(README, "w") as f:
-            f.write(splice(text, body))
-        print(f"updated {README}")
+        print(f"updated {update_readme(body)}")
     return 0 if all(m is not None for _, m in rows) else 1
 
 

@@ -180,6 +180,18 @@ def render(rows, meta: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def versions_with_transformers() -> dict[str, str]:
+    """:func:`normdeploy.bench.peers.versions` plus transformers' (the models' source)."""
+    versions = peers.versions()
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"CI-sized: models {', '.join(QUICK)}, 0.5 s each, to a temp dir")
@@ -228,13 +240,7 @@ def main(argv=None) -> int:
               flush=True)
         rows.append((e, mb))
 
-    versions = peers.versions()
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    versions = versions_with_transformers()
     cmd = "python benchmarks/run_suite.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     meta = {"started": started, "duration_s": time.time() - t_start, "command": cmd.strip(), "seconds": seconds,
             "threads": args.threads, "versions": versions}

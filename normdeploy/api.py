@@ -31,12 +31,18 @@ def optimize(model, target: str | None = None, *, options: Options | None = None
              **values) -> pipeline.Result:
     """Export, canonicalize, rewrite, lower, build, verify and (unless ``bench=False``) time ``model``.
 
+    With ``autotune=True`` (ort-* targets) the exact lowering and session variants are timed here first and
+    the fastest kept (:mod:`normdeploy.autotune`; the report's ``autotune`` says what and by how much).
     Returns a :class:`~normdeploy.pipeline.Result`: ``.report`` (what report.json holds),
     ``.optimized`` / ``.original`` (ONNX models), ``.plan`` (a TensorRT engine) and
     ``.save(out)``. Raises :class:`~normdeploy.core.errors.NormdeployError` subclasses with a
     one-line message for bad input (2), unsupported models (3), accuracy above tolerance (4).
     """
     opts = _options(options, target, values)
+    if opts.tune.autotune:  # ort-*: the lowering and session choices measured here (normdeploy.autotune)
+        from . import autotune
+
+        return autotune.optimize(model, opts, progress or pipeline._noop)
     return pipeline.optimize(model, opts, progress or pipeline._noop)
 
 

@@ -10,9 +10,10 @@ carries its flag, help text and section, and the flag's default is the field's d
 | :class:`ExportOptions` | inputs, opset, trust_pickle |
 | :class:`RewriteOptions` | allow_approx, calib, max_error, preln_form |
 | :class:`VerifyOptions` | data, tolerance |
-| :class:`BenchOptions` | bench (run it at all), seconds, warmup, threads |
-| :class:`OrtOptions` | rms_op, fp16, engine_cache |
+| :class:`BenchOptions` | bench (run it at all), seconds, warmup, threads, sessions |
+| :class:`OrtOptions` | rms_op, graph_optimization, short_row, cleanup, ort_fusions, fp16, engine_cache |
 | :class:`TrtOptions` | lower_only, io_dtype, workspace, opt_level, hardware_compat, timing_cache |
+| :class:`TuneOptions` | autotune, autotune_seconds |
 
 plus ``target`` and ``batch`` on :class:`Options` itself.
 """
@@ -22,8 +23,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bench.timing import DEFAULT_SESSIONS
 from .core.errors import InputError
-from .core.passes import ORT_RMS_OPS, PRELN_FORMS
+from .core.passes import ORT_GRAPH_LEVELS, ORT_RMS_OPS, PRELN_FORMS, SHORT_ROW
 
 TARGETS = ("ort-cpu", "ort-cuda", "ort-trt", "trt-fp32", "trt-fp16", "trt-bf16", "openvino")
 CLI_TARGETS = TARGETS + ("auto",)
@@ -127,9 +129,13 @@ class BenchOptions:
     warmup: int = field(default=10, metadata=flag("--warmup", help="Untimed calls of every variant first."))
     threads: int | None = field(default=None, metadata=flag(
         "--threads", help="Intra-op threads of every session (default: available cores, at most 8)."))
+    sessions: int = field(default=DEFAULT_SESSIONS, metadata=flag(
+        "--sessions", help="Sessions each variant is timed in (created in rotating order, each interleaved with "
+                           "the others; a session's own bias then enters the 95 % interval instead of the ratio)."))
 
     def __post_init__(self):
         _number(self.seconds, "--seconds (--bench-seconds)", low=0, low_ok=False, example=", such as 3 (seconds)")
+        _number(self.sessions, "--sessions", low=1, low_ok=True, integer=True, example=", such as 3")
         _number(self.warmup, "--warmup", low=0, low_ok=True, integer=True, example=", such as 10")
         if self.threads is not None:
             _number(self.threads, "--threads", low=1, low_ok=True, integer=True, example=", such as 1")
@@ -141,12 +147,34 @@ class OrtOptions:
 
     rms_op: str = field(default="simplified", metadata=flag(
         "--ort-rms-op", choices=ORT_RMS_OPS,
-        help="RMSNorm as ONNX Runtime's SimplifiedLayerNormalization (fastest measured) or as the standard "
-             "opset-23 RMSNormalization (the file then passes onnx.checker)."))
+        help="RMSNorm as ONNX Runtime's SimplifiedLayerNormalization (fastest measured), as the standard "
+             "opset-23 RMSNormalization (the file then passes onnx.checker), or decomposed into "
+             "Mul, ReduceMean, Add, Sqrt, Div."))
+    graph_optimization: str = field(default="all", metadata=flag(
+        "--ort-graph-optimization", choices=ORT_GRAPH_LEVELS,
+        help="ONNX Runtime's session graph optimization level for the optimized model (timed with it, and "
+             "written into the Triton entry's config.pbtxt): disable, basic, extended or all (ONNX Runtime's "
+             "default)."))
+    short_row: int = field(default=SHORT_ROW, metadata=flag(
+        "--ort-short-row", metavar="N",
+        help="GroupScaling (PowerNorm) rows shorter than N stay decomposed ops; longer ones use ONNX Runtime's "
+             "fused RMS kernel (0: always fused)."))
+    cleanup: bool = field(default=True, metadata=flag(
+        "--cleanup/--no-cleanup",
+        help="ort-*: end the lower stage with an exact graph clean-up (constant and shape-arithmetic folding, "
+             "no-op and redundant nodes, Pad into Conv; onnxscript's optimizer rules); the floor gets the same."))
+    ort_fusions: bool = field(default=False, metadata=flag(
+        "--ort-fusions/--no-ort-fusions",
+        help="ort-cpu: fuse each residual Add into the LayerNorm/RMSNorm that reads it (ONNX Runtime's "
+             "SkipLayerNormalization / SkipSimplifiedLayerNormalization; exact). Off by default: no gain "
+             "measured on GPT-2/Llama/ViT/BERT-sized models."))
     fp16: bool = field(default=False, metadata=flag(
         "--fp16", is_flag=True, help="Run the optimized model in fp16, normalization statistics in fp32."))
     engine_cache: str | None = field(default=None, metadata=flag(
         "--engine-cache", metavar="DIR", help="ort-trt: directory for ONNX Runtime's TensorRT engine and timing caches."))
+
+    def __post_init__(self):
+        _number(self.short_row, "--ort-short-row", low=0, low_ok=True, integer=True, example=", such as 64")
 
 
 @dataclass(frozen=True)
@@ -172,8 +200,24 @@ class TrtOptions:
             _number(self.opt_level, "--opt-level", low=0, low_ok=True, high=5, integer=True)
 
 
+@dataclass(frozen=True)
+class TuneOptions:
+    """Choices made by measurement on this machine (:mod:`normdeploy.autotune`, ort-* targets)."""
+
+    autotune: bool = field(default=False, metadata=flag(
+        "--autotune", is_flag=True,
+        help="ort-*: build every exact variant of the lowering and session settings (RMSNorm form, GroupScaling "
+             "short rows, graph optimization level), time them interleaved here and keep the fastest; the "
+             "report says each one's speedup against the default and the flags that reproduce the choice."))
+    autotune_seconds: float = field(default=10.0, metadata=flag(
+        "--autotune-seconds", help="Time budget of the autotune's interleaved timing (all candidates together)."))
+
+    def __post_init__(self):
+        _number(self.autotune_seconds, "--autotune-seconds", low=0, low_ok=False, example=", such as 10 (seconds)")
+
+
 GROUPS = {"export": ExportOptions, "rewrite": RewriteOptions, "verify": VerifyOptions, "bench": BenchOptions,
-          "ort": OrtOptions, "trt": TrtOptions}
+          "ort": OrtOptions, "trt": TrtOptions, "tune": TuneOptions}
 
 
 @dataclass(frozen=True)
@@ -193,6 +237,7 @@ class Options:
     bench: BenchOptions = BenchOptions()
     ort: OrtOptions = OrtOptions()
     trt: TrtOptions = TrtOptions()
+    tune: TuneOptions = TuneOptions()
 
     @classmethod
     def from_flat(cls, base: Options | None = None, **values: Any) -> Options:

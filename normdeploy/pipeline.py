@@ -23,6 +23,7 @@ from .canonicalize.crmsnorm import recognize_crmsnorm
 from .canonicalize.layernorm import recognize_layernorm
 from .canonicalize.leftovers import describe_normalizations, find_leftovers
 from .canonicalize.naming import name_norms_after_modules
+from .canonicalize.noop_casts import remove_noop_casts
 from .canonicalize.powernorm import recognize_powernorm
 from .canonicalize.rmsnorm import recognize_rmsnorm
 from .canonicalize.scalenorm import recognize_scalenorm
@@ -38,9 +39,11 @@ from .core.store import TensorStore, release_mappings, spilling
 from .core.version import __version__
 from .export import to_onnx
 from .load import Loaded, load
+from .lower.cleanup import clean_up_graph
 from .lower.groupnorm import lower_groupnorm_to_instance_norm
 from .lower.openvino import inline_canonical_functions
-from .lower.ort import lower_canonical_to_standard_ops, raise_opset_for_rmsnormalization
+from .lower.ort import ORT_TARGETS, lower_canonical_to_standard_ops, raise_opset_for_rmsnormalization
+from .lower.skip_norm import fuse_residual_add_into_norm
 from .lower.trt import lower_to_trt_plugins
 from .options import CLI_TARGETS, TARGETS, Options
 from .rewrite.fold_affine import fold_affine_into_linear
@@ -66,6 +69,7 @@ CANONICALIZE: tuple[Step, ...] = (
     Pass("recognize_crmsnorm", recognize_crmsnorm),
     Pass("recognize_dyt", recognize_dyt),
     Pass("recognize_groupnorm", recognize_groupnorm),  # reports GroupNorm / EvoNorm; rewrites nothing
+    ModelStep("remove_noop_casts", remove_noop_casts),  # before the rewrites: a no-op Cast on a Pre-LN stream
     ModelStep("name_norms_after_modules", name_norms_after_modules),
 )
 REWRITE: tuple[Step, ...] = (
@@ -82,7 +86,13 @@ LOWER_ORT: tuple[Step, ...] = (
               when=lambda ctx: ctx.ort_rms_op == "standard"),
     Pass("lower_groupnorm_to_instance_norm", lower_groupnorm_to_instance_norm),
     Pass("lower_canonical_to_standard_ops", lower_canonical_to_standard_ops),
+    ModelStep("clean_up_graph", clean_up_graph, when=lambda ctx: ctx.cleanup and ctx.target in ORT_TARGETS),
+    ModelStep("fuse_residual_add_into_norm", fuse_residual_add_into_norm,  # after the clean-up: it reads shapes
+              when=lambda ctx: ctx.ort_fusions and ctx.target == "ort-cpu"),
 )
+#: the lower-stage steps the floor gets too, so that optimized and floor are cleaned alike and the share of
+#: normalization cost left stays comparable (a floor left uncleaned could be slower than the optimized model)
+FLOOR_STEPS: tuple[Step, ...] = tuple(s for s in LOWER_ORT if s.name == "clean_up_graph")
 LOWER_TRT: tuple[Step, ...] = (
     Pass("lower_to_trt_plugins", lower_to_trt_plugins),
 )
@@ -177,7 +187,8 @@ def context(target: str, options: Options, specs: list[InputSpec]) -> PassContex
     if rw.allow_approx and rw.calib:
         calib = batches(load_data(rw.calib, specs), 16)
     return PassContext(target=target, allow_approx=rw.allow_approx, ort_version=onnxruntime.__version__,
-                       preln_form=rw.preln_form, ort_rms_op=options.ort.rms_op, calib_feeds=calib)
+                       preln_form=rw.preln_form, ort_rms_op=options.ort.rms_op, cleanup=options.ort.cleanup,
+                       ort_fusions=options.ort.ort_fusions, ort_short_row=options.ort.short_row, calib_feeds=calib)
 
 
 def _as_proto(model):
@@ -190,7 +201,8 @@ class Transformed:
 
     ``canonical_model``: after canonicalize, what normalizations are there (counted, floored);
     ``optimized_model``: after rewrite and lower for the target; ``floor_model``: the canonical
-    model with every normalization replaced by Identity. ``.canonical``, ``.optimized`` and
+    model with every normalization replaced by Identity, then (ort-* targets, ``--cleanup``) given the same
+    graph clean-up as the optimized model (:data:`FLOOR_STEPS`). ``.canonical``, ``.optimized`` and
     ``.floor`` are ``onnx.ModelProto`` copies, for models under 2 GB.
     """
 
@@ -244,6 +256,8 @@ def transform(original, ctx: PassContext, until: str = "lower", progress: Progre
             if stage == until:
                 break
     floor = floor_model(canonical)
+    if table["lower"] is LOWER_ORT:  # also for until="canonicalize": `bench --optimized` times this floor
+        run_steps(floor, FLOOR_STEPS, ctx)  # cleaned as the optimized model is; its notes are not reported
     release()
     return Transformed(canonical, model, floor, results)
 
@@ -366,16 +380,48 @@ def compute_dtype(model: ir.Model) -> str:
     return max(counts, key=lambda k: (counts[k], k == "float32"))
 
 
-def optimize(source, options: Options | None = None, progress: Progress = _noop) -> Result:
+#: the graph optimization level of verify-only sessions of a half-precision model on ort-cpu (see below)
+HALF_VERIFY_LEVEL = "disable"
+HALF_VERIFY_NOTE = ("the model computes in half precision and no latency run was asked for: the verification sessions "
+                    "ran at ONNX Runtime graph optimization level '{level}', so that they keep the half-precision weights "
+                    "instead of constant-folded float32 copies (about 3x the weights per session at the default level), "
+                    "without ONNX Runtime's memory arena; both models ran so")
+
+
+def verify_optimization_level(original: ir.Model, target: str, timed: bool) -> str:
+    """The ONNX Runtime graph optimization level of the verification sessions: ``all`` (the default) but for
+    verify-only sessions of a float16/bfloat16 model on ``ort-cpu``, which get :data:`HALF_VERIFY_LEVEL`.
+
+    Why: the CPU provider has no half-precision kernels for most ops; its InsertCastTransformer puts
+    a Cast to float32 in front of them, and constant folding (part of every level but
+    ``disable``) then stores a float32 copy of every weight it reaches, twice the half-precision
+    bytes, next to them: a session of a 2.2 GB fp16 Llama held 6.5 GB. Without folding the Cast
+    runs per call (slower, the same values: a half-to-float cast is exact). The comparison stays
+    like with like (original and optimized at the same level); what differs from the default is
+    only which ONNX Runtime fusions run, which is no part of normdeploy's rewrite. These sessions
+    are also lean (:class:`normdeploy.build.OrtRunner`: no arena, priority order, so the per-call
+    float32 casts are not all alive at once). Measured on a 2.2 GB fp16 Llama, one session's peak
+    RSS: 6.4 GB at the defaults, 4.1 GB so. Timed sessions (a latency run) keep ONNX Runtime's
+    defaults, and verify on them.
+    """
+    if timed or target != "ort-cpu" or compute_dtype(original) == "float32":
+        return "all"
+    return HALF_VERIFY_LEVEL
+
+
+def optimize(source, options: Options | None = None, progress: Progress = _noop,
+             prepared: Prepared | None = None) -> Result:
     """Every stage for ``source`` (a path, an ``nn.Module``, an ``ExportedProgram`` or an ``onnx.ModelProto``).
 
     The report's ``resources`` says where time and memory went: wall seconds, resident
     memory at the end and at the peak of each stage, the resident memory the process had
     before the run (``start_rss_mb``: interpreter and libraries) and the model's weight bytes.
+    ``prepared``: :func:`prepare`'s result for ``source`` with these options, when the caller has it
+    (:mod:`normdeploy.autotune` exports once for its candidates and the final run).
     """
     profile = StageProfile(progress)
     try:
-        result = _optimize(source, options or Options(), profile)
+        result = _optimize(source, options or Options(), profile, prepared)
     finally:
         stages = profile.finish()
     result.report["resources"] = {"stages": stages, "peak_rss_mb": round(peak_rss_bytes() / (1 << 20), 1),
@@ -384,20 +430,14 @@ def optimize(source, options: Options | None = None, progress: Progress = _noop)
     return result
 
 
-def _optimize(source, options: Options, progress: Progress) -> Result:
-    from .build import trt as trt_build
-
-    target = resolve_target(options)
-    batch_range = trt_build.parse_batch(options.batch)
-    prepared = prepare(source, options, progress)
-    specs = prepared.specs
-    notes = list(prepared.notes) + norms.validate_parameters(prepared.original)
-    release_mappings(prepared.original)  # the statistics it read
+def run_tolerance(options: Options, original: ir.Model, notes: list[str] | None = None) -> float:
+    """The run's accuracy limit (max relative error): ``--tolerance``, else by the model's compute dtype
+    (:data:`DEFAULT_TOLERANCE`, said in ``notes``); ``--max-error`` with ``--allow-approx``."""
     tolerance = options.verify.tolerance
     if tolerance is None:
-        dtype = compute_dtype(prepared.original)
+        dtype = compute_dtype(original)
         tolerance = DEFAULT_TOLERANCE[dtype]
-        if dtype != "float32":
+        if dtype != "float32" and notes is not None:
             notes.append(f"the model computes in {dtype}: accuracy tolerance {tolerance:g} (a reordered sum or a "
                          f"folded weight rounds differently by about {dtype}'s precision per layer); "
                          "pass --tolerance to set another")
@@ -405,6 +445,19 @@ def _optimize(source, options: Options, progress: Progress) -> Result:
         if not options.rewrite.calib:
             raise InputError("--allow-approx needs calibration inputs", "pass --calib FILE.npz with one array per model input")
         tolerance = options.rewrite.max_error
+    return tolerance
+
+
+def _optimize(source, options: Options, progress: Progress, prepared: Prepared | None = None) -> Result:
+    from .build import trt as trt_build
+
+    target = resolve_target(options)
+    batch_range = trt_build.parse_batch(options.batch)
+    prepared = prepared or prepare(source, options, progress)
+    specs = prepared.specs
+    notes = list(prepared.notes) + norms.validate_parameters(prepared.original)
+    release_mappings(prepared.original)  # the statistics it read
+    tolerance = run_tolerance(options, prepared.original, notes)
     ctx = context(target, options, specs)
     transformed = transform(prepared.original, ctx, progress=progress)
     batch = batch_range[1] if batch_range else specs[0].shape[0]
@@ -415,19 +468,35 @@ def _optimize(source, options: Options, progress: Progress) -> Result:
     return _optimize_trt(run, progress) if target.startswith("trt-") else _optimize_ort(run, progress)  # ort-*, openvino
 
 
+def ort_providers(options: Options, target: str) -> list | None:
+    """The execution providers (with their options) of ``target``'s sessions; None: :class:`OrtRunner`'s default."""
+    if target not in ("ort-cuda", "ort-trt"):
+        return None
+    from .build import trt as trt_build
+
+    return trt_build.ort_providers(target, cache_dir=options.ort.engine_cache,
+                                   workspace_bytes=trt_build.parse_size(options.trt.workspace),
+                                   opt_level=options.trt.opt_level, hardware_compat=options.trt.hardware_compat)
+
+
+def lower_variant(rewritten: ir.Model, ctx: PassContext) -> tuple[ir.Model, list[PassResult]]:
+    """The lower stage of ``ctx.target`` on a copy of ``rewritten`` (a :func:`transform` ``until="rewrite"``
+    result's ``optimized_model``, left as it is; the copy shares its weights): one lowering of several
+    from the same rewritten model (:mod:`normdeploy.autotune`)."""
+    model = rewritten.clone()
+    results = run_steps(model, pass_table(ctx.target)["lower"], ctx)
+    failure = infer_shapes(model)
+    if failure and results:
+        results[-1].notes.append(f"after the lower stage: {failure}")
+    return model, results
+
+
 def _optimize_ort(run: _Run, progress: Progress) -> Result:
     """ort-* and openvino: verify against the original on the same runtime, then time original, optimized
     and floor on it (openvino: OpenVINO's CPU plugin at f32, :mod:`normdeploy.build.openvino`)."""
-    from .build import trt as trt_build
-
     options, target = run.options, run.target
     optimized = run.transformed.optimized_model
-    providers = None
-    if target in ("ort-cuda", "ort-trt"):
-        providers = trt_build.ort_providers(target, cache_dir=options.ort.engine_cache,
-                                            workspace_bytes=trt_build.parse_size(options.trt.workspace),
-                                            opt_level=options.trt.opt_level,
-                                            hardware_compat=options.trt.hardware_compat)
+    providers = ort_providers(options, target)
     if options.ort.fp16:
         from .lower import precision
 
@@ -442,31 +511,46 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
     if options.bench.bench and not timed:
         run.notes.append(NOT_TIMED)
 
-    def session(model: ir.Model):  # timed sessions keep ONNX Runtime's defaults
+    verify_level = verify_optimization_level(run.prepared.original, target, timed)
+    if verify_level != "all":
+        run.notes.append(HALF_VERIFY_NOTE.format(level=verify_level))
+    # --ort-graph-optimization: the optimized model's and the floor's level; the original keeps ONNX Runtime's default
+    level = options.ort.graph_optimization if verify_level == "all" else verify_level
+
+    def session(model: ir.Model, graph_optimization: str = verify_level):
         if target == "openvino":
             return make_runner(model, target, threads)
-        return OrtRunner(model, target, threads, providers=providers, prepack=timed)
+        return OrtRunner(model, target, threads, providers=providers, prepack=timed,
+                         graph_optimization=graph_optimization, lean=verify_level != "all")
 
     progress("build", None)
     run_orig = session(run.prepared.original)
     progress("verify", None)
     # without a latency run one session at a time: the original's outputs are recorded, then it is freed
-    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized), run, keep_original=timed)
+    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized, level), run, keep_original=timed)
     bench = None
     if timed:
         from .bench.timing import interleaved
 
         progress("bench", 0.0)
-        runners = {"original": run_orig, "optimized": run_opt, "floor": session(run.transformed.floor_model)}
+        floor = run.transformed.floor_model
+        factories = {"original": lambda: session(run.prepared.original), "optimized": lambda: session(optimized, level),
+                     "floor": lambda: session(floor, level)}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
-        bench = interleaved(runners, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
+        # the verified sessions are the first block's; each block's sessions are closed before the next is made
+        bench = interleaved(factories, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
+                            sessions=options.bench.sessions, first={"original": run_orig, "optimized": run_opt},
                             progress=lambda f: progress("bench", f))
-        for r in runners.values():
-            r.close()
     else:
         run_opt.close()
-    report = build_report(run, optimized, accuracies, fidelity, bench_latency(bench, run.batch))
+    latency = bench_latency(bench, run.batch)
+    if latency is not None and level != "all" and target != "openvino":
+        latency["method"] += (f"; the optimized model and the floor run at ONNX Runtime graph optimization level "
+                              f"{level} (--ort-graph-optimization), the original at ONNX Runtime's default (all)")
+    report = build_report(run, optimized, accuracies, fidelity, latency)
     report["runtime"] = runtime_report(target, run_opt, threads, options.ort.fp16)
+    if target != "openvino":
+        report["ort_session"] = ort_session(level)
     if target == "openvino":
         report["norm_nodes"]["openvino_layers"] = {"original": run_orig.layers, "optimized": run_opt.layers}
         report["notes"].append(
@@ -474,10 +558,25 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
             f"normalization layers OpenVINO compiled (norm_nodes.openvino_layers): original {_layers(run_orig.layers)}, "
             f"optimized {_layers(run_opt.layers)}")
     if bench is not None and target == "openvino":
-        report["latency"]["method"] = ("OpenVINO CPU plugin (f32, LATENCY hint, one compiled model per input shape), "
-                                       "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)")
+        report["latency"]["method"] = ("OpenVINO CPU plugin (f32, LATENCY hint, one compiled model per input shape); "
+                                       + report["latency"]["method"])
     return Result(run.prepared.original, optimized, run.transformed.floor_model, report, bench, run.prepared.loaded,
                   run.prepared.specs)
+
+
+#: ``--ort-graph-optimization`` -> ONNX Runtime's ``GraphOptimizationLevel`` name
+ORT_LEVEL_NAMES = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                   "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(level: str) -> dict:
+    """report.json's ``ort_session``: the session settings model.onnx was verified and timed with, which a
+    server must set too (the Triton entry carries the level: :data:`normdeploy.package.triton.TRITON_GRAPH_LEVEL`)."""
+    from .package.triton import TRITON_GRAPH_LEVEL
+
+    return {"graph_optimization": level, "graph_optimization_level": ORT_LEVEL_NAMES[level],
+            "triton_graph_level": TRITON_GRAPH_LEVEL[level],
+            "flag": f"--ort-graph-optimization {level}"}
 
 
 def _optimize_trt(run: _Run, progress: Progress) -> Result:
@@ -639,8 +738,11 @@ def verify(run_orig, run_opt, run: _Run, label: str = "", keep_original: bool = 
     reference = Recorded(run_orig, [f for feeds, _ in sets.values() for f in feeds])
     if not keep_original:
         run_orig.close()
-    run_opt = run_opt() if callable(run_opt) else run_opt
-    accuracies = {key: compare(reference, run_opt, feeds, what) for key, (feeds, what) in sets.items()}
+    try:
+        run_opt = run_opt() if callable(run_opt) else run_opt
+        accuracies = {key: compare(reference, run_opt, feeds, what) for key, (feeds, what) in sets.items()}
+    finally:
+        reference.close()  # its spilled outputs
     gated = {k: a for k, a in accuracies.items() if not (approx and k == "random")}
     check_tolerance(gated.values(), run.tolerance,
                     "approximate rewrites: raise --max-error or drop --allow-approx" if approx
@@ -703,7 +805,12 @@ def bench_latency(bench, batch: int) -> dict | None:
         "speedup_note": bench.interval_note("original", "optimized"),
         "norm_cost_left": left,
         "norm_cost_left_note": why,
-        "method": "interleaved rounds after warm-up; speedup = p50(original) / p50(optimized)",
+        "sessions": bench.sessions,
+        "session_spread_ms": {name: t.to_json()["session_spread_ms"] for name, t in bench.timings.items()},
+        "speedup_sessions": bench.session_ratios("original", "optimized"),
+        "method": (f"{bench.sessions} session(s) per variant, created in rotating order, each timed in interleaved "
+                   "rounds after warm-up; p50 = median over sessions of each session's p50; speedup = "
+                   "p50(original) / p50(optimized), 95 % interval by a bootstrap over sessions, then rounds within them"),
         "batch": batch, "threads": bench.threads, "machine": bench.machine,
     })
     return latency
@@ -811,7 +918,8 @@ def measure(source, options: Options | None = None, *, candidates: dict[str, onn
         identical["floor"] = "identical to the original: no normalization to remove"
     mb = compare_variants(loaded.path, loaded, original, given, floor, target=options.target,
                           threads=options.bench.threads, batch=batch, data=options.verify.data, peers=peers,
-                          hint=hint, seconds=options.bench.seconds, warmup=options.bench.warmup, notes=notes,
+                          hint=hint, seconds=options.bench.seconds, warmup=options.bench.warmup,
+                          sessions=options.bench.sessions, notes=notes,
                           norm_nodes=norm_nodes, progress=progress)
     for name, why in identical.items():
         mb.variants[name].info["identical_to_original"] = why

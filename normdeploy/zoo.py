@@ -549,13 +549,14 @@ THIRD_PARTY: dict[str, ThirdParty] = {
 }
 
 
-def third_party_model(name: str) -> nn.Module:
-    """The Hugging Face model of ``THIRD_PARTY[name]`` (seeded; norm parameters randomized unless trained)."""
+def third_party_model(name: str | ThirdParty) -> nn.Module:
+    """The Hugging Face model of ``THIRD_PARTY[name]``, or of a :class:`ThirdParty` given whole (the
+    benchmarks' real-size configs), seeded; norm parameters randomized unless trained."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    spec = THIRD_PARTY[name]
+    spec = THIRD_PARTY[name] if isinstance(name, str) else name
     model = spec.build().eval()
     return randomize_norms(model) if spec.randomize else model
 
@@ -572,7 +573,8 @@ class OneTensor(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def third_party(name: str, model: nn.Module | None = None) -> OneTensor:
-    """``THIRD_PARTY[name]`` as a one-tensor module; normdeploy takes it with ``inputs=(spec.input_text,)``."""
-    spec = THIRD_PARTY[name]
+def third_party(name: str | ThirdParty, model: nn.Module | None = None) -> OneTensor:
+    """``THIRD_PARTY[name]`` (or a :class:`ThirdParty` given whole) as a one-tensor module; normdeploy takes
+    it with ``inputs=(spec.input_text,)``."""
+    spec = THIRD_PARTY[name] if isinstance(name, str) else name
     return OneTensor(model if model is not None else third_party_model(name), spec.input_name)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..core.graph import to_proto
-from .timing import BenchResult, interleaved, machine_info, provenance
+from .timing import DEFAULT_SESSIONS, BenchResult, interleaved, machine_info, provenance
 
 # ----------------------------------------------------------------------------- one model, many variants
 
@@ -31,6 +31,7 @@ class Variant:
     runner: object | None = None
     status: str = "ok"  # "ok" or "n/a: <reason>"
     info: dict = field(default_factory=dict)  # "identical_to_original": why, where the variant is the original itself
+    factory: object | None = None  # makes a fresh runner like ``runner``: the variant's further timed sessions
     accuracy: dict = field(default_factory=dict)  # input set ("random", "data") -> verify.Accuracy
 
 
@@ -119,6 +120,7 @@ class ModelBench:
             "model": self.model, "kind": self.kind, "inputs": self.inputs, "batch": self.batch,
             "threads": self.threads, "machine": self.machine, "versions": self.versions,
             "method": METHOD, "rounds": len(self.result.timings["original"].samples_ms) if self.result else 0,
+            "sessions": self.result.sessions if self.result else 0,
             "wall_seconds": self.wall_seconds,
             "norm_cost_left": {c: v for c, (v, _) in left.items()},
             "norm_cost_left_notes": {c: why for c, (_, why) in left.items() if why},
@@ -126,10 +128,13 @@ class ModelBench:
         }
 
 
-METHOD = ("interleaved: warm-up, then every variant called once per round in rotating order (A B C, B C A, ...), each timed "
+METHOD = ("sessions: every variant timed in several sessions, one of each variant per block, created in rotating order "
+          "(A1 B1 C1, B2 C2 A2, ...) and closed after their block; interleaved within a block: warm-up, then every variant "
+          "called once per round in rotating order (A B C, B C A, ...), each timed "
           "call preceded by one untimed call of the same variant (steady state, not the previous runtime's cold caches); "
-          "p50/p90/p99 over rounds; speedup = p50(original) / p50(variant) with a 95 % bootstrap interval "
-          "over paired rounds; accuracy against the original on the same inputs")
+          "p50 = median over sessions of each session's p50, p90/p99 over all calls; speedup = p50(original) / "
+          "p50(variant) with a 95 % bootstrap interval over sessions, then paired rounds within them (the session-to-session "
+          "spread included); accuracy against the original on the same inputs")
 
 
 
@@ -149,13 +154,13 @@ def variant_rows(mb: ModelBench) -> list[dict]:
     """One row per variant, formatted: the body of the terminal and Markdown tables."""
     rows = []
     for name, v in mb.variants.items():
-        row = {"variant": name, "p50_ms": "n/a", "p90_ms": "n/a", "p99_ms": "n/a", "per_s": "n/a",
+        row = {"variant": name, "p50_ms": "n/a", "sessions": "n/a", "p90_ms": "n/a", "p99_ms": "n/a", "per_s": "n/a",
                "speedup": "n/a", "max_rel_err": "n/a", "top1": "n/a", "status": v.status}
         if name in mb.timed:
             t = mb.result.timings[name]
             tj = t.to_json()
             row.update(p50_ms=fmt_ms(tj["p50_ms"]), p90_ms=fmt_ms(tj["p90_ms"]), p99_ms=fmt_ms(tj["p99_ms"]),
-                       per_s=f"{tj['throughput_per_s']:,.0f}")
+                       per_s=f"{tj['throughput_per_s']:,.0f}", sessions=session_text(tj))
             s, ci = mb.speedup(name), mb.speedup_ci(name)
             if s is None:
                 row["speedup"] = "n/a: identical to the original"
@@ -180,7 +185,16 @@ def variant_rows(mb: ModelBench) -> list[dict]:
     return rows
 
 
-COLUMNS = (("variant", "variant"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
+def session_text(timing_json: dict) -> str:
+    """The session spread of one variant as printed: ``min..max (k)`` of its per-session p50s."""
+    spread, k = timing_json.get("session_spread_ms"), timing_json.get("sessions", 1)
+    if not spread:
+        return "n/a"
+    return f"{fmt_ms(spread[0])}..{fmt_ms(spread[1])} ({k})" if k > 1 else f"{fmt_ms(spread[0])} (1)"
+
+
+COLUMNS = (("variant", "variant"), ("p50_ms", "p50 ms"), ("sessions", "p50 per session (n)"),
+           ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
            ("per_s", "samples/s"), ("speedup", "speedup vs original [95% CI]"), ("max_rel_err", "max rel err"),
            ("top1", "top-1 agr."), ("status", "what / status"))
 
@@ -198,7 +212,8 @@ def markdown(mb: ModelBench, title: str | None = None) -> str:
     """A Markdown section for one model: provenance line, variant table, normalization cost left."""
     lines = [f"### {title or mb.model}", "",
              f"batch {mb.batch}, {len(mb.result.timings['original'].samples_ms) if mb.result else 0} interleaved rounds "
-             f"in {mb.wall_seconds:.1f} s; {provenance(mb.machine, mb.threads)}", "",
+             f"in {mb.result.sessions if mb.result else 0} session(s) per variant, {mb.wall_seconds:.1f} s; "
+             f"{provenance(mb.machine, mb.threads)}", "",
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in variant_rows(mb):
         lines.append("| " + " | ".join(str(r[k]).replace("|", "/") for k, _ in COLUMNS) + " |")
@@ -217,16 +232,26 @@ def _noop(stage: str, fraction: float | None = None) -> None:
 
 def compare_variants(model: str, loaded, original, candidates: dict, floor, *, target: str, threads: int | None,
                      batch: int, data: str | None = None, peers: tuple[str, ...] = (), hint: str | None = None,
-                     seconds: float = 3.0, warmup: int = 10, settle: int = 1, notes: list[str] | None = None,
-                     norm_nodes: dict | None = None, progress=_noop) -> ModelBench:
+                     seconds: float = 3.0, warmup: int = 10, settle: int = 1, sessions: int = DEFAULT_SESSIONS,
+                     notes: list[str] | None = None,
+                     norm_nodes: dict | None = None, progress=_noop, prepared_peers: list | None = None,
+                     verify: bool = True, min_rounds: int = 10) -> ModelBench:
     """Build every variant of one model, check each against the original, time them all in one interleaved run.
 
-    ``candidates`` maps a name to ``(onnx.ModelProto, what it is)``: normdeploy's optimized
-    model, or models given to ``gate --optimized``. ``floor`` is the floor model;
-    ``peers`` names entries of :data:`.peers.PEERS`, built from ``original``. ``settle``
-    untimed calls precede every timed call (see :func:`.timing.interleaved`). Original, candidates
-    and floor run on the target's runtime (``openvino``: OpenVINO's CPU plugin at f32, where the
-    ``openvino`` peer is the original column itself); the ONNX Runtime peers on ONNX Runtime.
+    ``candidates`` maps a name to ``(model, what it is)``: normdeploy's optimized model, or
+    models given to ``gate --optimized``; ``model`` is an ``onnx.ModelProto`` run on the
+    target's runtime, or a callable that makes a new runner of it per call (a candidate another
+    runtime runs; an object with ``run``). ``floor`` is the floor model; ``peers`` names
+    entries of :data:`.peers.PEERS`, built from ``original``, or ``prepared_peers`` gives them
+    already prepared (:func:`.peers.prepare`: a benchmark over several thread counts rewrites
+    each model once). ``settle`` untimed calls precede every timed call and at least
+    ``min_rounds`` rounds are timed; every variant is timed in ``sessions`` sessions, the
+    runners built here being the first of each, closed when it is done (see
+    :func:`.timing.interleaved`). Original, candidates and floor run on the target's runtime
+    (``openvino``: OpenVINO's CPU plugin at f32, where the ``openvino`` peer is the original column
+    itself); the ONNX Runtime peers on ONNX Runtime. ``verify=False`` skips the accuracy
+    check (a caller that checked the same variants at another batch or thread count); each
+    variant is still called once on the timed input, and a peer that fails there is ``n/a``.
     """
     from ..build import default_threads, make_runner, runtime_name
     from ..core.errors import InputError
@@ -246,27 +271,37 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
         return text.replace(" (= ONNX Runtime's default optimizations)", "").replace(
             "ONNX Runtime ORT_ENABLE_ALL", f"{runtime} CPU plugin, f32")
 
+    def on(model):  # a new session of the target's runtime per call
+        return lambda: make_runner(model, target, threads)
+
     run_orig = make_runner(original, target, threads)
-    variants["original"] = Variant("original", "original", on_target(peers_mod.WHAT["original"]), run_orig)
+    variants["original"] = Variant("original", "original", on_target(peers_mod.WHAT["original"]), run_orig,
+                                   factory=on(original))
     progress("build", None)
     for name, (cand, what) in candidates.items():
         what = on_target(what)
-        runner = make_runner(cand, target, threads)
+        factory = cand if callable(cand) else on(cand)  # a model, or a factory of another runtime's runners
+        runner = factory()
         if runner.input_names != run_orig.input_names or len(runner.output_names) != len(run_orig.output_names):
             raise InputError(f"optimized model {name} takes inputs {runner.input_names} and gives "
                              f"{len(runner.output_names)} output(s); the original takes {run_orig.input_names} and "
                              f"gives {len(run_orig.output_names)}", "pass the optimized model built from this original")
-        variants[name] = Variant(name, "candidate", what, runner)
-    variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], make_runner(floor, target, threads))
+        variants[name] = Variant(name, "candidate", what, runner, factory=factory)
+    variants["floor"] = Variant("floor", "floor", peers_mod.WHAT["floor"], make_runner(floor, target, threads),
+                                factory=on(floor))
     same = {"openvino"} if target == "openvino" else set()  # a peer that is the target's runtime on the original
-    if peers:
+    if peers or prepared_peers:
         progress("peers", None)
-        as_proto = to_proto(original)  # the peers read protos
-        for p in peers_mod.build(tuple(p for p in peers if p not in same), as_proto, loaded, threads,
-                                 run_orig.input_names, run_orig.output_names, target,
-                                 hint if hint is not None else model):
-            variants[p.name] = Variant(p.name, "peer", p.what, p.runner, p.status, p.info)
-        for name in (p for p in peers if p in same):
+        if prepared_peers is not None:
+            built = [peers_mod.instantiate(p, threads, target) for p in prepared_peers if p.name not in same]
+        else:
+            built = peers_mod.build(tuple(p for p in peers if p not in same), to_proto(original), loaded, threads,
+                                    run_orig.input_names, run_orig.output_names, target,  # the peers read protos
+                                    hint if hint is not None else model)
+        for p in built:
+            variants[p.name] = Variant(p.name, "peer", p.what, p.runner, p.status, p.info, factory=p.factory)
+        asked = list(peers) if peers else [q.name for q in prepared_peers]
+        for name in (n for n in asked if n in same):
             variants[name] = Variant(name, "peer", peers_mod.WHAT[name], None,
                                      f"n/a: target {target} runs the original on {runtime}: the original column")
 
@@ -280,21 +315,28 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
         if v.runner is None or v.role in ("original", "floor"):
             continue
         try:
-            for key, (fs, label) in sets.items():
+            if not verify:
+                v.runner.run(feed)
+            for key, (fs, label) in (sets.items() if verify else ()):
                 v.accuracy[key] = compare(run_orig, v.runner, fs, label)
         except Exception as e:  # noqa: BLE001
             if v.role == "candidate":
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise InputError(f"optimized model {name} cannot be compared with the original: {first}",
                                  "pass the optimized model built from this original") from e
-            v.runner, v.accuracy, v.status = None, {}, peers_mod._reason(e)
+            close = getattr(v.runner, "close", None)
+            if callable(close):
+                close()
+            v.runner, v.factory, v.accuracy, v.status = None, None, {}, peers_mod._reason(e)
 
-    runners = {n: v.runner for n, v in variants.items() if v.runner is not None}
+    timed = [n for n, v in variants.items() if v.runner is not None]
     progress("bench", 0.0)
     t0 = time.perf_counter()
     try:
-        result = interleaved(runners, feed, seconds=seconds, warmup=warmup, progress=lambda f: progress("bench", f),
-                             settle=settle)
+        # the runners built above are the first session of each variant; the factories make the others
+        result = interleaved({n: variants[n].factory for n in timed}, feed, seconds=seconds, warmup=warmup,
+                             progress=lambda f: progress("bench", f), settle=settle, sessions=sessions,
+                             first={n: variants[n].runner for n in timed}, min_rounds=min_rounds)
     finally:
         if torch_threads is not None:  # the torch peer set the process-wide count; give it back
             import torch

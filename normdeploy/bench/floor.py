@@ -15,7 +15,10 @@ def floor_model(model):
     """The graph with every normalization node replaced by Identity on its data input.
 
     ``model`` is an ``onnx_ir.Model`` (the floor is a clone sharing its weights) or an
-    ``onnx.ModelProto`` (the floor is a copy).
+    ``onnx.ModelProto`` (the floor is a copy). On ort-* targets ``pipeline.transform`` then gives
+    it the same graph clean-up as the optimized model (``pipeline.FLOOR_STEPS``): a floor left
+    uncleaned could be slower than the cleaned optimized model, and the share of normalization
+    cost left would go negative.
     """
     if isinstance(model, onnx.ModelProto):
         return ir.to_proto(floor_model(ir.from_proto(model)))

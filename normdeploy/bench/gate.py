@@ -11,8 +11,11 @@ Checks, each giving one verdict line ``PASS``, ``FAIL`` or ``SKIP``:
     ``r <= 1 + limit``. With ``max_slowdown`` stated, ``limit = max_slowdown`` (a
     fraction: 0.05 allows 5 % slower, -0.10 demands 10 % faster). Otherwise
     ``limit = max(allowance, noise)``, where ``noise`` is the half-width of the 95 %
-    bootstrap interval of r over paired rounds (:meth:`BenchResult.ratio_interval`): the
-    run's own spread, so a noisy machine widens the allowance and a quiet one narrows it,
+    bootstrap interval of r over sessions and the paired rounds within them
+    (:meth:`BenchResult.ratio_interval`): the run's own spread, session-to-session spread
+    included (each variant is timed in ``sessions`` sessions, default 3; a session carries a
+    bias for its whole life that interleaving does not cancel), so a noisy machine widens
+    the allowance and a quiet one narrows it,
     and ``allowance`` (default 0.05) is the smallest slowdown worth failing a build for
     (from fewer than ``timing.MIN_ROUNDS_FOR_INTERVAL`` rounds there is no interval, and the
     limit is the allowance). SKIP (and ``speedup`` too) where the candidate is the original
@@ -37,7 +40,7 @@ The run's floor gives an informational figure, the share of normalization cost l
 Thresholds come from defaults, then a file, then flags (a flag wins). The file is TOML
 (``.toml``; ``tomllib`` on Python 3.11+, ``tomli`` before) or JSON (``.json``); keys are the
 threshold names below, at the top level or under a ``[gate]`` table, plus the run
-settings ``seconds``, ``warmup`` and ``threads``::
+settings ``seconds``, ``warmup``, ``threads`` and ``sessions``::
 
     [gate]
     allowance = 0.05        # or max_slowdown = 0.10 to state the threshold outright
@@ -62,7 +65,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ..core.errors import InputError
 
 THRESHOLD_KEYS = ("max_slowdown", "allowance", "min_speedup", "max_abs_err", "max_rel_err", "min_cosine", "min_top1")
-RUN_KEYS = ("seconds", "warmup", "threads")
+RUN_KEYS = ("seconds", "warmup", "threads", "sessions")
 
 
 @dataclass
@@ -197,15 +200,18 @@ def latency_checks(mb, candidate: str, th: Thresholds, baseline: str = "original
         limit = max(th.allowance, n)
         how = f"1 + max(allowance {th.allowance:.3f}, noise {n:.3f})"
     ok = r <= 1 + limit
-    rounds = len(res.timings[candidate].samples_ms)
+    rounds = res.rounds(candidate, baseline)
+    per_session = res.session_ratios(candidate, baseline)
     ci = f"95% CI {lo:.3f}..{hi:.3f}" if lo == lo else "too few rounds for an interval"
+    spread = (f", per session {min(per_session):.3f}..{max(per_session):.3f}" if len(per_session) > 1 else "")
     checks = [Check("latency", "PASS" if ok else "FAIL", r, 1 + limit,
-                    f"p50 {candidate}/{baseline} = {r:.3f} ({ci}; p50 "
-                    f"{res.p50(candidate):.4f} vs {res.p50(baseline):.4f} ms, {rounds} rounds) "
+                    f"p50 {candidate}/{baseline} = {r:.3f} ({ci}{spread}; p50 "
+                    f"{res.p50(candidate):.4f} vs {res.p50(baseline):.4f} ms, {rounds} rounds in "
+                    f"{res.sessions} session{'s' if res.sessions != 1 else ''}) "
                     f"{'<=' if ok else '>'} {1 + limit:.3f} = {how} {where}",
                     {"ratio": r, "ratio_ci95": [lo, hi], "noise": noise, "allowance": th.allowance,
                      "max_slowdown": th.max_slowdown, "p50_ms": {candidate: res.p50(candidate), baseline: res.p50(baseline)},
-                     "rounds": rounds})]
+                     "rounds": rounds, "sessions": res.sessions, "session_ratios": per_session})]
     if th.min_speedup is not None:
         s = res.ratio(baseline, candidate)
         slo, shi = res.ratio_interval(baseline, candidate)
@@ -292,9 +298,12 @@ def report(mb, th: Thresholds) -> dict:
         "provenance": provenance(mb.machine, mb.threads),
         "batch": mb.batch,
         "rounds": len(mb.result.timings["original"].samples_ms),
+        "sessions": mb.result.sessions,
+        "session_spread_ms": {n: t.to_json()["session_spread_ms"] for n, t in mb.result.timings.items()},
         "wall_seconds": mb.wall_seconds,
         "p50_ms": {"original": mb.result.p50("original"), "floor": mb.result.p50("floor")},
-        "method": "one interleaved run of original, candidate(s) and floor; ratios of medians from that run only",
+        "method": ("one run of original, candidate(s) and floor, each in several sessions created in rotating order and "
+                   "timed interleaved; ratios of medians over sessions from that run only"),
         "candidates": out,
     }
 

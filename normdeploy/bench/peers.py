@@ -10,6 +10,7 @@ original like normdeploy's own output.
 |---|---|
 | ``original`` (not built here) | the exported original on ONNX Runtime at ``ORT_ENABLE_ALL``, which *is* ONNX Runtime's default graph optimization; the "ORT default" peer and normdeploy's baseline are one column |
 | ``ort-basic`` | the same file at ``ORT_ENABLE_BASIC`` (constant folding, redundant-node removal, Conv+BN fold) |
+| ``ort-extended`` | the same file at ``ORT_ENABLE_EXTENDED`` (basic plus ONNX Runtime's contrib-op fusions: LayerNorm, GELU, attention), without ``ENABLE_ALL``'s layout passes |
 | ``ort-disable`` | the same file at ``ORT_DISABLE_ALL``: what ONNX Runtime's graph optimizer buys at all |
 | ``ort-transformers`` | ``onnxruntime.transformers.optimizer.optimize_model(path, model_type, num_heads=0, hidden_size=0)`` (0 = detect), then ``ORT_ENABLE_ALL``; ``model_type`` is guessed (:func:`guess_model_type`), and a model without attention is not given to it |
 | ``onnxslim`` | ``onnxslim.slim(model)``, then ``ORT_ENABLE_ALL`` |
@@ -22,21 +23,28 @@ from their ONNX function bodies (``onnx.inliner.inline_local_functions``): stand
 only, which is what they would see from a plain export. ONNX Runtime inlines the same
 bodies itself. A peer that refuses the model, crashes, or is not installed is kept as a
 column reading ``n/a: <reason>``, never dropped silently.
+
+:func:`prepare` does the part of a peer that does not depend on the thread count (the
+tools' rewrites of the model, seconds on a large one) once; :func:`instantiate` makes its
+runner for one thread count, so a benchmark over several thread counts and batch sizes
+rewrites each model once. :func:`build` is the two in one.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
 
-from ..build.openvino import OpenVinoRunner, inline_functions  # noqa: F401 - re-exported for the peers' users
+from ..build.openvino import OpenVinoRunner, inline_functions
 
-PEERS = ("torch", "ort-disable", "ort-basic", "ort-transformers", "onnxslim", "onnxoptimizer", "openvino")
+PEERS = ("torch", "ort-disable", "ort-basic", "ort-extended", "ort-transformers", "onnxslim", "onnxoptimizer", "openvino")
 
 WHAT = {
     "original": "exported original, ONNX Runtime ORT_ENABLE_ALL (= ONNX Runtime's default optimizations)",
@@ -46,6 +54,7 @@ WHAT = {
     "torch": "torch eager, no_grad",
     "ort-disable": "exported original, ONNX Runtime ORT_DISABLE_ALL",
     "ort-basic": "exported original, ONNX Runtime ORT_ENABLE_BASIC",
+    "ort-extended": "exported original, ONNX Runtime ORT_ENABLE_EXTENDED",
     "ort-transformers": "onnxruntime.transformers.optimizer.optimize_model, then ORT_ENABLE_ALL",
     "onnxslim": "onnxslim.slim, then ORT_ENABLE_ALL",
     "onnxoptimizer": "onnxoptimizer.optimize (fuse and eliminate passes), then ORT_ENABLE_ALL",
@@ -64,6 +73,9 @@ class Peer:
     runner: object | None = None
     status: str = "ok"  # "ok" or "n/a: <reason>"
     info: dict = field(default_factory=dict)
+    #: (threads, target) -> runner: what :func:`instantiate` calls; None where the peer is n/a
+    make: Callable[[int, str], object] | None = field(default=None, repr=False, compare=False)
+    factory: object | None = None  # () -> another runner like ``runner``: a further timed session (instantiate)
 
 
 def parse_peers(text: str | None) -> tuple[str, ...]:
@@ -150,7 +162,31 @@ def _ort(model: onnx.ModelProto, target: str, threads: int, level: str = "all"):
     return OrtRunner(model, target if target in PROVIDERS else "ort-cpu", threads, graph_optimization=level)
 
 
-def _transformers(original: onnx.ModelProto, inlined: onnx.ModelProto, hint: str, target: str, threads: int) -> Peer:
+def _ort_maker(model: onnx.ModelProto, level: str = "all", workdir: str | None = None,
+               name: str = "model") -> Callable[[int, str], object]:
+    """``(threads, target) -> runner``; with ``workdir``, a model past :data:`normdeploy.build.SESSION_FILE_BYTES`
+    is written there once (external data) and every session is made from that file: a session made from a
+    serialized protobuf holds the weights about twice more (measured: 1.2 GB against 0.36 GB a session of
+    GPT-2 small), which a benchmark holding a dozen sessions at once cannot afford."""
+    source = _to_file(model, workdir, name) if workdir else model
+    return lambda threads, target: _ort(source, target, threads, level)
+
+
+def _to_file(model: onnx.ModelProto, workdir: str, name: str) -> onnx.ModelProto | str:
+    """``model`` saved as ``workdir/name.onnx`` with external data (the proto untouched), or ``model`` itself
+    where its weights are small enough to serialize."""
+    import onnx_ir as ir
+
+    from ..build import SESSION_FILE_BYTES
+
+    if sum(len(t.raw_data) for t in model.graph.initializer) <= SESSION_FILE_BYTES:
+        return model
+    path = os.path.join(workdir, f"{name}.onnx")
+    ir.save(ir.from_proto(model), path, external_data=f"{name}.onnx.data")
+    return path
+
+
+def _transformers(original: onnx.ModelProto, inlined: onnx.ModelProto, hint: str, workdir: str | None = None) -> Peer:
     peer = Peer("ort-transformers", WHAT["ort-transformers"])
     model_type = guess_model_type(original, hint)
     if model_type is None:
@@ -173,35 +209,39 @@ def _transformers(original: onnx.ModelProto, inlined: onnx.ModelProto, hint: str
             stats = {k: int(v) for k, v in om.get_fused_operator_statistics().items() if v}
         peer.info["fused"] = stats
         peer.what = f"{WHAT['ort-transformers']} (model_type={model_type!r})"
-        peer.runner = _ort(om.model, target, threads)
+        peer.make = _ort_maker(om.model, workdir=workdir, name="ort-transformers")
     return peer
 
 
-def _onnxslim(inlined: onnx.ModelProto, target: str, threads: int) -> Peer:
+def _onnxslim(inlined: onnx.ModelProto, workdir: str | None = None) -> Peer:
     import onnxslim
 
     with _quiet():
         slim = onnxslim.slim(inlined)
     if slim is None:
         raise RuntimeError("onnxslim returned no model")
-    return Peer("onnxslim", WHAT["onnxslim"], _ort(slim, target, threads),
-                info={"nodes": [len(inlined.graph.node), len(slim.graph.node)]})
+    return Peer("onnxslim", WHAT["onnxslim"], info={"nodes": [len(inlined.graph.node), len(slim.graph.node)]},
+                make=_ort_maker(slim, workdir=workdir, name="onnxslim"))
 
 
-def _onnxoptimizer(inlined: onnx.ModelProto, target: str, threads: int) -> Peer:
+def _onnxoptimizer(inlined: onnx.ModelProto, workdir: str | None = None) -> Peer:
     import onnxoptimizer
 
     with _quiet():
         out = onnxoptimizer.optimize(inlined)
-    return Peer("onnxoptimizer", WHAT["onnxoptimizer"], _ort(out, target, threads),
-                info={"nodes": [len(inlined.graph.node), len(out.graph.node)]})
+    return Peer("onnxoptimizer", WHAT["onnxoptimizer"], info={"nodes": [len(inlined.graph.node), len(out.graph.node)]},
+                make=_ort_maker(out, workdir=workdir, name="onnxoptimizer"))
 
 
-def build(names: tuple[str, ...] | list[str], original: onnx.ModelProto, loaded, threads: int,
-          input_names: list[str], output_names: list[str], target: str = "ort-cpu", hint: str = "") -> list[Peer]:
-    """One :class:`Peer` per name, in order; a peer that cannot be built says why in ``status``."""
+def prepare(names: tuple[str, ...] | list[str], original: onnx.ModelProto, loaded, input_names: list[str],
+            output_names: list[str], hint: str = "", workdir: str | None = None) -> list[Peer]:
+    """One :class:`Peer` per name, in order, with the tool's rewrite of the model done and ``make`` set;
+    a peer that cannot be prepared says why in ``status`` (and has no ``make``). With ``workdir`` the
+    large models the ONNX Runtime peers run are kept there as files, not in memory (:func:`_ort_maker`)."""
     peers: list[Peer] = []
     inlined = None
+    original_source = None
+    levels = {"ort-disable": "disable", "ort-basic": "basic", "ort-extended": "extended"}
     for name in names:
         peer = Peer(name, WHAT.get(name, name))
         try:
@@ -210,36 +250,64 @@ def build(names: tuple[str, ...] | list[str], original: onnx.ModelProto, loaded,
                     peer.status = "n/a: the input is not a torch model"
                 else:
                     module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
-                    peer.runner = TorchEagerRunner(module, input_names, output_names, threads)
-            elif name == "ort-disable":
-                peer.runner = _ort(original, target, threads, "disable")
-            elif name == "ort-basic":
-                peer.runner = _ort(original, target, threads, "basic")
+                    peer.make = lambda threads, target, m=module: TorchEagerRunner(m, input_names, output_names,
+                                                                                  threads)
+            elif name in levels:
+                if original_source is None:  # one file for every level
+                    original_source = _to_file(original, workdir, "original") if workdir else original
+                peer.make = _ort_maker(original_source, levels[name])
             else:
                 if inlined is None:
                     inlined = inline_functions(original)
                 if name == "ort-transformers":
-                    peer = _transformers(original, inlined, hint, target, threads)
+                    peer = _transformers(original, inlined, hint, workdir)
                 elif name == "onnxslim":
-                    peer = _onnxslim(inlined, target, threads)
+                    peer = _onnxslim(inlined, workdir)
                 elif name == "onnxoptimizer":
-                    peer = _onnxoptimizer(inlined, target, threads)
+                    peer = _onnxoptimizer(inlined, workdir)
                 elif name == "openvino":
                     from ..build import openvino as ov_build
 
                     if ov_build.version() is None:
                         peer.status = "n/a: OpenVINO is not installed (pip install openvino)"
                     else:
-                        with _quiet():
-                            peer.runner = OpenVinoRunner(inlined, threads)
+                        def openvino_runner(threads, target, model=inlined):
+                            with _quiet():
+                                return OpenVinoRunner(model, threads)
+
+                        peer.make = openvino_runner
                 else:
                     peer.status = f"n/a: unknown peer {name}"
         except ImportError as e:
-            peer.runner, peer.status = None, f"n/a: not installed ({e.name or e})"
+            peer.make, peer.status = None, f"n/a: not installed ({e.name or e})"
         except Exception as e:  # noqa: BLE001 - a peer that refuses or crashes is a result, not an error
-            peer.runner, peer.status = None, _reason(e)
+            peer.make, peer.status = None, _reason(e)
         peers.append(peer)
     return peers
+
+
+def instantiate(peer: Peer, threads: int, target: str = "ort-cpu") -> Peer:
+    """A copy of a prepared ``peer`` with its runner for ``threads``; one whose runtime refuses the model
+    (a session that fails to load, say) becomes ``n/a`` with the reason."""
+    out = dataclasses.replace(peer, runner=None, info=dict(peer.info))
+    if peer.make is None:
+        return out
+    try:
+        with _quiet():
+            out.runner = peer.make(threads, target)
+        out.factory = lambda: peer.make(threads, target)
+    except ImportError as e:
+        out.status = f"n/a: not installed ({e.name or e})"
+    except Exception as e:  # noqa: BLE001 - a peer that refuses or crashes is a result, not an error
+        out.status = _reason(e)
+    return out
+
+
+def build(names: tuple[str, ...] | list[str], original: onnx.ModelProto, loaded, threads: int,
+          input_names: list[str], output_names: list[str], target: str = "ort-cpu", hint: str = "") -> list[Peer]:
+    """One :class:`Peer` per name, in order, with its runner (:func:`prepare` then :func:`instantiate`);
+    a peer that cannot be built says why in ``status``."""
+    return [instantiate(p, threads, target) for p in prepare(names, original, loaded, input_names, output_names, hint)]
 
 
 def versions() -> dict[str, str]:

@@ -14,7 +14,8 @@ def latency_figure(result: BenchResult, title: str):
     """Box plot of per-call latency per runner, outliers drawn, with what the numbers rest on.
 
     Each box is one runner's calls (whiskers at 1.5 IQR, every call beyond them a point, counted
-    on its label with its slowest time); the subtitle gives the number of interleaved rounds and
+    on its label with its slowest time), and, with several sessions, each session's p50 as a red
+    diamond; the subtitle gives the number of interleaved rounds and sessions and
     the speedup p50(original) / p50(optimized) with its 95 % bootstrap interval (or "too few
     rounds for an interval", :data:`.timing.MIN_ROUNDS_FOR_INTERVAL`) and, where it is a
     measurement, the share of normalization cost left. Latencies spanning more than 20x are
@@ -34,6 +35,12 @@ def latency_figure(result: BenchResult, title: str):
         out = len(fliers.get_xdata())
         ax.annotate(f"p50 {result.p50(n):.3f} ms; {out} outlier{'s' if out != 1 else ''}, slowest {max(d):.3f} ms",
                     (0.01, i + 0.3), xycoords=("axes fraction", "data"), fontsize=8, ha="left")
+        per = result.timings[n].session_p50s()
+        if len(per) > 1:  # each session's p50: the session-to-session spread the interval includes
+            ax.plot(per, [i] * len(per), linestyle="none", marker="D", markersize=4, color="tab:red", alpha=0.8,
+                    label="p50 of one session" if i == 1 else None)
+    if result.sessions > 1:
+        ax.legend(fontsize=7, loc="lower right")
     lo_ms, hi_ms = min(min(d) for d in data), max(max(d) for d in data)
     if lo_ms > 0 and hi_ms / lo_ms > 20:
         ax.set_xscale("log")
@@ -45,7 +52,7 @@ def latency_figure(result: BenchResult, title: str):
 
 def summary(result: BenchResult) -> str:
     """Rounds, speedup with its 95 % interval, and the share of normalization cost left, in one line."""
-    parts = [f"{result.rounds()} interleaved rounds"]
+    parts = [f"{result.rounds()} interleaved rounds in {result.sessions} session{'s' if result.sessions != 1 else ''}"]
     if "original" in result.timings and "optimized" in result.timings:
         s = result.ratio("original", "optimized")
         lo, hi = result.ratio_interval("original", "optimized")
@@ -109,10 +116,11 @@ def speedups_figure(benches: list[ModelBench], title: str, variants: list[str] |
                     error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([i + height * (len(variants) - 1) / 2 for i in range(len(benches))],
-                  [f"{os.path.splitext(os.path.basename(b.model))[0]} ({b.result.rounds()} rounds)" for b in benches],
+                  [f"{os.path.splitext(os.path.basename(b.model))[0]} ({b.result.rounds()} rounds"
+                   + (f", {b.result.sessions} sessions)" if b.result.sessions > 1 else ")") for b in benches],
                   fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup vs original = p50(original) / p50(variant), 95 % bootstrap interval\n"
+    ax.set_xlabel("speedup vs original = p50(original) / p50(variant), 95 % bootstrap interval (sessions, rounds)\n"
                   + (provenance(benches[0].machine, benches[0].threads) if benches else ""), fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")

@@ -1,51 +1,112 @@
-"""Latency of several runners measured side by side (DESIGN.md section 6).
+"""Latency of several variants measured side by side, in several sessions each (DESIGN.md section 6).
 
-After a warm-up, the runners are called in rounds, A B C, B C A, C A B, ... so that
-machine drift and the order itself cancel out; every call is timed with
-``time.perf_counter_ns``. Reported per runner: p50, p90, p99, mean and throughput
-(samples per second at the measured batch). The speedup is the ratio of medians,
+**Sessions.** An ONNX Runtime session carries a bias for its whole life (where its weights
+and arenas landed in memory): four sessions of one byte-identical GPT-2 small file, timed
+interleaved, read 184-215 ms, and interleaving does not cancel that. So every variant is
+timed in ``sessions`` sessions (default :data:`DEFAULT_SESSIONS`), made by factories
+(variant name -> a callable returning a fresh runner). Session ``b`` (0-based) is a block:
+one new session of every variant, created in the order of the variants rotated by ``b``
+(A1 B1 C1, then B2 C2 A2, then C3 A3 B3, ...; :func:`creation_order`), so no variant is
+always the first or the last made; then timed, then closed before the next block is made.
+At most one session per variant is alive at a time, as with a single session (a session of a
+2 GB model holds GBs).
+
+**Within a block** the runners are called, after a warm-up, in rounds A B C, B C A, C A B, ...
+so that machine drift and the order itself cancel out; every call is timed with the clock
+(``time.perf_counter_ns``). The time budget ``seconds`` and the warm-up calls are shared out
+evenly over the blocks, and every block runs at least ``ceil(min_rounds / sessions)`` rounds.
+
+**Figures.** A variant's p50 is the median over its sessions of each session's p50,
+``p50(v) = median_b(median_t x[v, b, t])``: one session with a bias (any size) among three
+moves it not at all, where the median of the pooled calls would move toward it. p90/p99/mean
+are over all calls pooled. The speedup is the ratio of those p50s,
 ``p50(original) / p50(optimized)``; the share of normalization cost left is
-``(p50(opt) - p50(floor)) / (p50(orig) - p50(floor))``. The noise allowance of a ratio is
-derived from the run's own spread: the half-width of the ratio's 95 % bootstrap interval
-over rounds, given only from :data:`MIN_ROUNDS_FOR_INTERVAL` rounds on; the share of
-normalization cost is given only where it is a measurement in [0, 1]
+``(p50(opt) - p50(floor)) / (p50(orig) - p50(floor))``. The session spread is reported per
+variant: the smallest and largest per-session p50.
+
+**Interval.** The 95 % interval of a ratio is a two-stage (cluster) bootstrap: draw ``S``
+blocks with replacement out of the ``S`` blocks, then within each drawn block draw its
+paired rounds with replacement (the same rounds for both variants: a round's two calls
+share the machine's state), take each drawn session's p50, their median per variant, and the
+ratio; the 2.5 and 97.5 percentiles of 400 such ratios. Resampling blocks carries the
+session-to-session spread into the interval (with one session it is the round bootstrap).
+Its limit: the median of ``S`` drawn sessions never leaves the range of the ``S`` sessions, so
+the session part of the interval reaches at most the sessions' range, which holds the median
+session with probability ``1 - 2^(1-S)`` (75 % at 3 sessions, 94 % at 5): more sessions
+(``--sessions``) buy a more honest interval on a machine whose sessions differ. An interval
+is given only from :data:`MIN_ROUNDS_FOR_INTERVAL` paired rounds on (all blocks together);
+the share of normalization cost is given only where it is a measurement in [0, 1]
 (:meth:`BenchResult.norm_cost_share`). Every figure carries :func:`provenance` (CPU model,
 thread count, ONNX Runtime version).
+
+**Fresh processes.** Sessions are made in this process, and no fresh process per session is
+offered: ``benchmarks/session_bias.py --processes`` found sessions within one process already
+as far apart as sessions in fresh processes (GPT-2 small: 7 % within this process, 14 % within
+a fresh one; resnet_bn: 3.1 % here, 1.3-1.5 % in fresh ones; loaded 2-core machine,
+benchmarks/results/session_bias*.md), so new sessions sample the bias without the cost of a
+process (and a second copy of the model) each.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-#: the fewest paired rounds a 95 % interval of a ratio of medians is given from. The bootstrap
-#: resamples rounds, so its bounds are order statistics of the rounds; the distribution-free 95 %
-#: interval of a median of n rounds is [x(k), x(n+1-k)] with P(Binomial(n, 1/2) < k) <= 2.5 %.
-#: Below 6 rounds no such k exists (even [min, max] covers the median with probability
-#: 1 - 2^(1-n) < 95 %); from 20 rounds on k >= 6, so each bound leaves out at least the 5 most
-#: extreme rounds at its end, and no handful of disturbed rounds (a background process, a clock
-#: change) sets a bound by itself. Fewer rounds give a point estimate and "too few rounds".
+#: the fewest paired rounds (all sessions together) a 95 % interval of a ratio of medians is given
+#: from. The bootstrap resamples rounds, so its bounds are order statistics of the rounds; the
+#: distribution-free 95 % interval of a median of n rounds is [x(k), x(n+1-k)] with
+#: P(Binomial(n, 1/2) < k) <= 2.5 %. Below 6 rounds no such k exists (even [min, max] covers the
+#: median with probability 1 - 2^(1-n) < 95 %); from 20 rounds on k >= 6, so each bound leaves out
+#: at least the 5 most extreme rounds at its end, and no handful of disturbed rounds (a background
+#: process, a clock change) sets a bound by itself. Fewer rounds give a point estimate and "too few rounds".
 MIN_ROUNDS_FOR_INTERVAL = 20
+
+#: sessions per variant by default (``--sessions``); see the module docstring for what more buy
+DEFAULT_SESSIONS = 3
 
 
 @dataclass
 class Timing:
+    """One variant's calls: ``samples_ms`` all of them, ``session_ms`` the same split by session (block).
+
+    A Timing made from a flat list alone is one session.
+    """
+
     name: str
     samples_ms: list[float] = field(default_factory=list)
     batch: int = 1
+    session_ms: list[list[float]] = field(default_factory=list)
+
+    def per_session(self) -> list[list[float]]:
+        return [s for s in self.session_ms if s] if self.session_ms else ([self.samples_ms] if self.samples_ms else [])
+
+    def session_p50s(self) -> list[float]:
+        return [float(np.median(s)) for s in self.per_session()]
+
+    def p50(self) -> float:
+        """Median over sessions of each session's p50 (the plain median with one session)."""
+        p = self.session_p50s()
+        return float(np.median(p)) if p else float("nan")
 
     def pct(self, q: float) -> float:
+        """Percentile ``q`` of all calls pooled, except q = 50: :meth:`p50`."""
+        if q == 50:
+            return self.p50()
         return float(np.percentile(self.samples_ms, q)) if self.samples_ms else float("nan")
 
     def to_json(self) -> dict:
         s = np.asarray(self.samples_ms)
+        p50s = self.session_p50s()
         return {"p50_ms": self.pct(50), "p90_ms": self.pct(90), "p99_ms": self.pct(99),
                 "mean_ms": float(s.mean()) if s.size else float("nan"),
-                "throughput_per_s": float(self.batch * 1000.0 / np.median(s)) if s.size else float("nan"),
-                "runs": int(s.size), "batch": self.batch}
+                "throughput_per_s": float(self.batch * 1000.0 / self.p50()) if s.size else float("nan"),
+                "runs": int(s.size), "batch": self.batch, "sessions": len(p50s), "session_p50_ms": p50s,
+                "session_spread_ms": [min(p50s), max(p50s)] if p50s else None}
 
 
 @dataclass
@@ -55,25 +116,55 @@ class BenchResult:
     machine: dict
 
     def p50(self, name: str) -> float:
-        return self.timings[name].pct(50)
+        return self.timings[name].p50()
 
     def ratio(self, num: str, den: str) -> float:
         return self.p50(num) / self.p50(den)
 
+    @property
+    def sessions(self) -> int:
+        """Sessions per variant (blocks) of the run."""
+        return max((len(t.per_session()) for t in self.timings.values()), default=0)
+
+    def _blocks(self, num: str, den: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per block, the paired rounds of ``num`` and ``den`` (blocks with no round left out)."""
+        a, b = self.timings[num].per_session(), self.timings[den].per_session()
+        out = []
+        for x, y in zip(a, b):
+            n = min(len(x), len(y))
+            if n:
+                out.append((np.asarray(x[:n], dtype=float), np.asarray(y[:n], dtype=float)))
+        return out
+
     def rounds(self, *names: str) -> int:
-        """The paired rounds of ``names`` (every runner of the run when none is named)."""
-        return min(len(self.timings[n].samples_ms) for n in (names or self.timings))
+        """The paired rounds of ``names`` over all sessions (every runner of the run when none is named)."""
+        names = names or tuple(self.timings)
+        per = [t.per_session() for t in (self.timings[n] for n in names)]
+        if not per or not per[0]:
+            return 0
+        return sum(min(len(p[b]) if b < len(p) else 0 for p in per) for b in range(max(len(p) for p in per)))
+
+    def session_ratios(self, num: str, den: str) -> list[float]:
+        """p50(num) / p50(den) within each session (block): the session-to-session spread of a ratio."""
+        return [float(np.median(x) / np.median(y)) for x, y in self._blocks(num, den)]
 
     def ratio_interval(self, num: str, den: str, seed: int = 0, n_boot: int = 400) -> tuple[float, float]:
-        """95 % bootstrap interval of the ratio of medians, resampling paired rounds; NaNs from fewer
-        than :data:`MIN_ROUNDS_FOR_INTERVAL` rounds (:meth:`interval_note` says so)."""
-        a, b = np.asarray(self.timings[num].samples_ms), np.asarray(self.timings[den].samples_ms)
-        n = min(len(a), len(b))
-        if n < MIN_ROUNDS_FOR_INTERVAL:
+        """95 % two-stage bootstrap interval of the ratio (blocks, then paired rounds within them; module
+        docstring); NaNs from fewer than :data:`MIN_ROUNDS_FOR_INTERVAL` rounds (:meth:`interval_note`)."""
+        blocks = self._blocks(num, den)
+        if sum(len(x) for x, _ in blocks) < MIN_ROUNDS_FOR_INTERVAL:
             return float("nan"), float("nan")
         rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, (n_boot, n))
-        r = np.median(a[:n][idx], axis=1) / np.median(b[:n][idx], axis=1)
+        s = len(blocks)
+        pick = rng.integers(0, s, (n_boot, s)) if s > 1 else np.zeros((n_boot, 1), dtype=int)
+        med_a, med_b = np.empty((n_boot, s)), np.empty((n_boot, s))
+        for j in range(s):  # draw slot j of every replicate: an independent resample of the block it drew
+            for k, (x, y) in enumerate(blocks):
+                rows = np.flatnonzero(pick[:, j] == k)
+                if rows.size:
+                    idx = rng.integers(0, len(x), (rows.size, len(x)))
+                    med_a[rows, j], med_b[rows, j] = np.median(x[idx], axis=1), np.median(y[idx], axis=1)
+        r = np.median(med_a, axis=1) / np.median(med_b, axis=1)
         return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
 
     def interval_note(self, num: str, den: str) -> str | None:
@@ -141,35 +232,91 @@ def machine_info(threads: int) -> dict:
             "cores": len(os.sched_getaffinity(0))}
 
 
-def interleaved(runners: dict, feed: dict, seconds: float = 3.0, warmup: int = 5, min_rounds: int = 10,
-                max_rounds: int = 200_000, progress=None, settle: int = 0) -> BenchResult:
-    """Time every runner on ``feed`` in rotating order until ``seconds`` have passed.
+def creation_order(names: list[str], block: int) -> list[str]:
+    """The order the sessions of block ``block`` (0-based) are created in: ``names`` rotated by ``block``
+    (A B C, then B C A, then C A B, ...), so every variant is made first, and last, equally often."""
+    k = block % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
 
-    ``settle`` untimed calls precede each timed call of a runner within a round, so that a
-    runner is not charged for the caches and thread pools the previous runner (another
-    runtime, say torch or OpenVINO) left cold: what is timed is back-to-back, steady-state
-    inference, as when one model serves alone.
+
+def _close(runner) -> None:
+    close = getattr(runner, "close", None)
+    if callable(close):
+        close()
+
+
+def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds: float = 3.0, warmup: int = 5,
+                min_rounds: int = 10, max_rounds: int = 200_000, progress=None, settle: int = 0,
+                sessions: int = DEFAULT_SESSIONS, first: dict | None = None, clock=time.perf_counter_ns,
+                on_create=None) -> BenchResult:
+    """Time every variant on ``feed`` in ``sessions`` sessions each, interleaved (module docstring).
+
+    ``factories`` maps a variant's name to a callable that makes a new runner of it (an object with
+    ``run(feed)``, and ``close()`` where it holds memory). ``first`` may give already-built runners
+    for the first block (those verification made), so they are not built twice; every runner is
+    closed when its block is done, ``first`` ones included. ``seconds`` is the budget of all the
+    timed rounds together, shared out evenly over the blocks; every block runs at least
+    ``ceil(min_rounds / sessions)`` rounds and at most ``max_rounds / sessions``. The ``warmup`` untimed
+    calls of every variant are shared out the same way, ``ceil(warmup / sessions)`` per session (each
+    session is new and warms up on its own; on GPT-2 small at 1 thread, 10 warm-up calls in each of 3
+    sessions took 50 s of a 130 s bench stage, the rounds being few anyway). ``settle`` untimed calls
+    precede each timed call of a runner within a round, so that a runner is not charged for the caches
+    and thread pools the previous runner (another runtime, say torch or OpenVINO) left cold: what is
+    timed is back-to-back, steady-state inference, as when one model serves alone. ``clock`` returns
+    nanoseconds (tests inject a fake one); ``on_create(block, name)`` is called as each session is made.
     """
-    names = list(runners)
+    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
+        raise ValueError(f"sessions must be an integer >= 1, not {sessions!r}")
+    for n, f in factories.items():
+        if not callable(f):
+            raise TypeError(f"interleaved: the factory of {n!r} is a {type(f).__name__}, not a callable that "
+                            "returns a runner (wrap it: lambda: runner)")
+    names = list(factories)
+    first = dict(first or {})
     batch = next(iter(feed.values())).shape[0] if feed else 1
-    for _ in range(warmup):
-        for n in names:
-            runners[n].run(feed)
     timings = {n: Timing(n, batch=batch) for n in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < seconds):
-        order = names[rounds % len(names):] + names[:rounds % len(names)]
-        for n in order:
-            for _ in range(settle):
-                runners[n].run(feed)
-            t0 = time.perf_counter_ns()
-            runners[n].run(feed)
-            timings[n].samples_ms.append((time.perf_counter_ns() - t0) / 1e6)
-        rounds += 1
-        if progress is not None:
-            progress(min(1.0, (time.perf_counter() - start) / seconds))
-    threads = getattr(next(iter(runners.values())), "threads", 1)
+    per_block_s = seconds / sessions
+    block_min = max(1, math.ceil(min_rounds / sessions))
+    block_max = max(1, max_rounds // sessions)
+    block_warmup = math.ceil(warmup / sessions) if warmup > 0 else 0
+    threads = 1
+    for block in range(sessions):
+        runners = {}
+        try:
+            for n in creation_order(names, block):
+                runners[n] = first.pop(n) if block == 0 and n in first else factories[n]()
+                if on_create is not None:
+                    on_create(block, n)
+            if block == 0:
+                threads = getattr(next(iter(runners.values())), "threads", 1) if runners else 1
+            for _ in range(block_warmup):
+                for n in names:
+                    runners[n].run(feed)
+            samples = {n: [] for n in names}
+            start = clock()
+            rounds = 0
+            while rounds < block_max and (rounds < block_min or (clock() - start) / 1e9 < per_block_s):
+                order = names[rounds % len(names):] + names[:rounds % len(names)]
+                for n in order:
+                    for _ in range(settle):
+                        runners[n].run(feed)
+                    t0 = clock()
+                    runners[n].run(feed)
+                    samples[n].append((clock() - t0) / 1e6)
+                rounds += 1
+                if progress is not None:
+                    done = min(1.0, (clock() - start) / 1e9 / per_block_s) if per_block_s > 0 else 1.0
+                    progress(min(1.0, (block + done) / sessions))
+        finally:
+            for r in runners.values():
+                _close(r)
+            if block == 0:
+                for r in first.values():  # given but not asked for: closed all the same
+                    _close(r)
+                first = {}
+        for n in names:
+            timings[n].session_ms.append(samples[n])
+            timings[n].samples_ms.extend(samples[n])
     return BenchResult(timings, threads, machine_info(threads))
 
 

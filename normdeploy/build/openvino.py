@@ -68,6 +68,31 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def readable_source(model) -> tuple:
+    """What ``ov.Core().read_model`` reads for ``model``, with local functions inlined (OpenVINO's ONNX
+    frontend does not read them): serialized bytes, or for a model over 1 GiB of weights a file with
+    external data in a temporary directory (a protobuf cannot pass 2 GiB). Returns ``(source, tmpdir)``;
+    ``tmpdir`` (or None) is the caller's to clean up."""
+    import onnx_ir as ir
+
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    if isinstance(model, ir.Model) and weight_bytes(model) > (1 << 30):
+        from onnx_ir.passes.common import InlinePass
+
+        clone = model.clone()
+        InlinePass()(clone)
+        tmp = tempfile.TemporaryDirectory(prefix="normdeploy-openvino-")
+        path = os.path.join(tmp.name, "model.onnx")
+        ir.save(clone, path, external_data="model.onnx.data")
+        return path, tmp
+    if isinstance(model, ir.Model):
+        model = to_proto(model)
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"cannot build an OpenVINO model from a {type(model).__name__}")
+    return inline_functions(model).SerializeToString(), None
+
+
 class OpenVinoRunner:
     """OpenVINO's CPU plugin behind the runner face of :mod:`normdeploy.build`.
 
@@ -86,8 +111,7 @@ class OpenVinoRunner:
         self.core = ov.Core()
         self.threads = int(threads or default_threads())
         self.config = {**CONFIG, "INFERENCE_NUM_THREADS": self.threads}
-        self._tmp = None
-        self._source = self._model_source(model)
+        self._source, self._tmp = readable_source(model)
         try:
             probe = self.core.read_model(self._source)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with its C++ trace
@@ -99,26 +123,6 @@ class OpenVinoRunner:
         self._compiled: dict[tuple, tuple] = {}
         self.precision: str | None = None  # what the compiled model reports, after the first call
         self.layers: dict[str, int] = {}  # normalization layers of the last compiled model (layer_counts)
-
-    def _model_source(self, model):
-        import onnx_ir as ir
-
-        if isinstance(model, bytes):
-            model = onnx.load_from_string(model)
-        if isinstance(model, ir.Model) and weight_bytes(model) > (1 << 30):
-            from onnx_ir.passes.common import InlinePass
-
-            clone = model.clone()
-            InlinePass()(clone)
-            self._tmp = tempfile.TemporaryDirectory(prefix="normdeploy-openvino-")
-            path = os.path.join(self._tmp.name, "model.onnx")
-            ir.save(clone, path, external_data="model.onnx.data")
-            return path
-        if isinstance(model, ir.Model):
-            model = to_proto(model)
-        if not isinstance(model, onnx.ModelProto):
-            raise TypeError(f"cannot build an OpenVINO model from a {type(model).__name__}")
-        return inline_functions(model).SerializeToString()
 
     def _request(self, feed: dict[str, np.ndarray]):
         key = tuple((n, feed[n].shape) for n in self.input_names)
@@ -202,11 +206,12 @@ def save_ir(model, path: str) -> list[str]:
     """
     import openvino as ov
 
-    runner = OpenVinoRunner(model, 1)  # holds the inlined source (a temporary file for a large model)
+    source, tmp = readable_source(model)
     try:
-        ov.save_model(runner.core.read_model(runner._source), path, compress_to_fp16=False)
+        ov.save_model(ov.Core().read_model(source), path, compress_to_fp16=False)
     finally:
-        runner.close()
+        if tmp is not None:
+            tmp.cleanup()
     return [path, os.path.splitext(path)[0] + ".bin"]
 
 

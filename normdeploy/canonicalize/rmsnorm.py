@@ -46,15 +46,21 @@ or read outside the match (a Shape computing the match's own Reshape target exce
 output keeps its name. A mean of squares of ``x - mean(x)`` is a LayerNorm and is left to
 :mod:`.layernorm`.
 
-Spellings that are a different function are matched only to be reported, never rewritten
-(no canonical form computes them exactly):
+bzhangGo/rmsnorm's variants become the canonical node with its variant attributes
+(:mod:`normdeploy.core.ops`), exact as above; every consumer reads them (the ONNX Runtime and
+TensorRT lowerings write them out as standard ops, the gain folds as any RMSNorm gain)::
 
-* eps outside the root, ``x / (||x||_2 d^-1/2 + eps)`` (bzhangGo/rmsnorm rmsnorm_torch.py,
-  ``ReduceL2`` or ``Sqrt`` of a mean of squares, then ``Add(eps)``): ``1 / (r + eps)`` and
-  ``1 / sqrt(r^2 + eps')`` differ for every eps, eps' > 0;
-* partial RMSNorm (the same file's ``p``, and rmsnorm_tensorflow.py): the statistic of
-  ``Split`` / ``Slice`` of the first k channels divides all d of them; the canonical op takes
-  it over the whole normalized axis.
+    x / (||x_s||_2 k^-1/2 + eps) [* g]   (ReduceL2, Mul(k^-1/2) or Div(sqrt k), Add eps, Div or Reciprocal+Mul)
+    x / (sqrt(mean(x_s^2)) + eps) [* g]  -> RMSNorm(x, g, eps_outside=1, partial=k or 0)
+    x * rsqrt(mean(x_s^2) + eps) [* g]   -> RMSNorm(x, g, partial=k)
+
+* eps outside the root (rmsnorm_torch.py): ``1 / (r + eps)``, a different function from
+  ``1 / sqrt(r^2 + eps')`` for every eps, eps' > 0, hence its own attribute; the 2-norm's scale
+  must be k^-1/2 (or a division by sqrt k) to float32 rounding, k the channels of the statistic;
+* partial RMSNorm (the same file's ``p``, and rmsnorm_tensorflow.py): ``x_s`` is the first k
+  channels of x, taken by ``Split`` (output 0, last axis) or ``Slice`` (start 0, step 1, last
+  axis); k = d (p = 1) is the plain statistic; k = 0 (p = 0, the mean of nothing: NaN in the
+  module) is refused. Both over the last axis only (no library writes them channels-first).
 """
 from __future__ import annotations
 
@@ -78,6 +84,7 @@ from ..core.pattern import (
     fold,
     match,
     op,
+    reduce_axes,
     same_value,
     static_shape,
     strip_noop,
@@ -95,18 +102,18 @@ RMSNORM = any_of(op("Mul", NORMALIZED, Var("g_post")), NORMALIZED)
 #: what counts as an RMSNorm candidate: a mean (or sum) of squares
 CANDIDATE = op("ReduceMean", SQUARES, name="ms", extra_inputs=True)
 
-# ---- spellings that are NOT the canonical RMSNorm, matched only to say why they are left alone
-#: bzhangGo/rmsnorm's torch RMSNorm: ``x / (||x||_2 d^-1/2 + eps)``, eps outside the root
-_L2 = any_of(op("ReduceL2", Var("stat_x"), name="l2", extra_inputs=True),
-             op("Sqrt", mean_over(any_of(op("Pow", Var("stat_x"), Lit(2.0)), op("Mul", Var("stat_x"), Var("stat_x"))),
-                                  "l2"), name="root"))
-_RMS = any_of(op("Mul", _L2, Var("k")), op("Div", _L2, Var("k")), _L2)
-EPS_OUTSIDE = any_of(op("Div", Var("num"), op("Add", _RMS, Var("eps"), name="outside")),
-                     op("Mul", Var("num"), op("Reciprocal", op("Add", _RMS, Var("eps"), name="outside"))))
-#: partial RMSNorm (bzhang's ``p``): the statistic of a slice of x divides all of x
-PARTIAL = divided_by_sqrt(any_of(op("Mul", Var("num"), Var("g_pre")), Var("num")),
-                          op("Add", mean_over(any_of(op("Pow", Var("stat_x"), Lit(2.0)),
-                                                     op("Mul", Var("stat_x"), Var("stat_x"))), "ms"), Var("eps")))
+# ---- bzhangGo/rmsnorm's variants: the statistic of ``stat_x`` (x itself, or a leading slice of it)
+SX = Var("stat_x")
+SQUARES_S = any_of(op("Pow", SX, Lit(2.0)), op("Mul", SX, SX))
+#: partial RMSNorm with eps inside the root (rmsnorm_tensorflow.py's ``p``): the mean of squares of a slice of x
+PARTIAL_INSIDE = divided_by_sqrt(NUMERATOR, op("Add", mean_over(SQUARES_S, "ms"), Var("eps")))
+#: eps outside the root (rmsnorm_torch.py): ``x / (||x_s||_2 k^-1/2 + eps)`` or ``x / (sqrt(mean(x_s^2)) + eps)``
+_L2 = op("ReduceL2", SX, name="ms", extra_inputs=True)
+_RMS = any_of(op("Mul", _L2, Var("k"), name="rms_scale"), op("Div", _L2, Var("k"), name="rms_scale"),
+              op("Sqrt", mean_over(SQUARES_S, "ms"), name="root"))
+_OUTSIDE = op("Add", _RMS, Var("eps"), name="outside")
+EPS_OUTSIDE = any_of(op("Div", NUMERATOR, _OUTSIDE), op("Mul", NUMERATOR, op("Reciprocal", _OUTSIDE)))
+VARIANT = any_of(*(any_of(op("Mul", core, Var("g_post")), core) for core in (EPS_OUTSIDE, PARTIAL_INSIDE)))
 
 _CENTRED = op("Sub", Var("a"), mean_over(Var("a"), "centre"))
 
@@ -250,64 +257,171 @@ def _sliced_from(part: ir.Value, whole: ir.Value) -> ir.Node | None:
     return node
 
 
-def _why_eps_outside(graph: ir.Graph, m: Match) -> str | None:
-    partial = ""
-    if not same_value(m.bound["num"], m.bound["stat_x"]):
-        node = _sliced_from(m.bound["stat_x"], m.bound["num"])
+def _leading_channels(node: ir.Node, part: ir.Value, whole: ir.Value) -> int | str:
+    """How many leading channels of the last axis of ``whole`` the Slice / Split ``node`` gives as ``part``,
+    or why it is not such a slice (another axis, a start other than 0, a step, a later Split output)."""
+    rank, d = rank_of(whole), (static_shape(whole) or [None])[-1]
+    if rank is None or d is None:
+        return f"the width of {whole.name} is not static (needed to check {node.op_type} {node.name})"
+    what = f"{node.op_type} {node.name}"
+    if node.op_type == "Split":
+        if attr(node, "axis", 0) % rank != rank - 1:
+            return f"{what} splits axis {attr(node, 'axis', 0)}, not the normalized last axis"
+        if part.index() != 0:
+            return f"the statistic reads output {part.index()} of {what}, not the leading channels"
+        k = (static_shape(part) or [None])[-1]
+        if k is None:
+            sizes = fold(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            sizes = sizes if sizes is not None else node.attributes.get_ints("split", None)
+            k = int(np.asarray(sizes).reshape(-1)[0]) if sizes is not None and len(np.asarray(sizes).reshape(-1)) \
+                else None
+    else:
+        vals = [fold(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                for i in range(1, 5)]
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None) \
+                or (len(node.inputs) > 4 and node.inputs[4] is not None and steps is None):
+            return f"{what} bounds are not constants"
+        axes = [0] if axes is None else [int(a) for a in axes.reshape(-1)]
+        if len(axes) != 1 or axes[0] % rank != rank - 1:
+            return f"{what} slices axes {axes}, not the normalized last axis only"
+        if int(starts.reshape(-1)[0]) != 0 or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+            return f"{what} does not take the leading channels (start {int(starts.reshape(-1)[0])}, step 1)"
+        end = int(ends.reshape(-1)[0])
+        k = min(end if end >= 0 else d + end, d)
+    if k is None:
+        return f"the channel count of {what} is not known"
+    return int(k)
+
+
+@dataclass
+class VariantPlan:
+    x: ir.Value
+    gain: np.ndarray
+    epsilon: float
+    eps_outside: int
+    partial: int  # leading channels of the statistic; 0: every channel
+    width: int
+    anchor: str
+
+
+def _variant_gain(m: Match, x: ir.Value, width: int) -> np.ndarray | str:
+    raw = _gains(m)
+    if isinstance(raw, str):
+        return raw
+    gains = [_gain_vector(g, rank_of(x), "gain") for g in raw]
+    for g in gains:
+        if isinstance(g, str):
+            return g
+    if any(g.size not in (1, width) for g in gains):
+        return f"gain of size {[g.size for g in gains]} does not match the normalized dimension {width}"
+    dtype = dtype_of(x) or (gains[0].dtype if gains else np.dtype(np.float32))
+    gain = np.ones(width, np.float64)
+    for g in gains:  # before and after the product: multiplied once, in float64
+        gain = gain * g.astype(np.float64)
+    return np.ascontiguousarray(gain.astype(dtype))
+
+
+def _plan_variant(graph: ir.Graph, m: Match) -> VariantPlan | str | None:
+    """Conditions for bzhangGo/rmsnorm's eps-outside and partial RMSNorm -> RMSNorm(eps_outside, partial)."""
+    x, sx = strip_noop(m.bound["x"]), strip_noop(m.bound["stat_x"])
+    outside = "outside" in m.bound
+    what = "eps-outside RMSNorm" if outside else "partial RMSNorm"
+    if same_value(sx, x):
+        if not outside:
+            return None  # the plain RMSNorm: RMSNORM_RECOGNIZER's business
+        k = None
+    else:
+        node = _sliced_from(sx, x)
         if node is None:
-            return None
-        partial = f"partial RMSNorm (the statistic of {node.op_type} {node.name}, part of the channels), "
+            return None  # the statistic of another tensor: not a normalization of x
+        k = _leading_channels(node, sx, x)
+        if isinstance(k, str):
+            return f"{what}: {k}"
+    if _is_centred(x):
+        return None
+    width = (static_shape(x) or [None])[-1]
+    if width is None:
+        return f"{what}: the normalized dimension of {x.name} is not static"
+    if k is not None and k <= 0:
+        return (f"{what}: the statistic covers no channel (p = 0): the mean of an empty slice is undefined, "
+                "and the module computes NaN")
+    partial = 0 if k is None or k >= width else k
     eps = scalar_value(m.bound["eps"], "epsilon")
-    k = scalar_value(m.bound["k"], "scale") if "k" in m.bound else 1.0
-    if isinstance(eps, str) or isinstance(k, str):
-        return None
-    add = m.bound["outside"]
-    return (f"{partial}eps {eps:g} added to the RMS outside the square root by {add.op_type} {add.name} "
-            f"(x / (rms + eps), bzhangGo/rmsnorm's torch RMSNorm): a different function from RMSNorm's "
-            f"x / sqrt(mean(x^2) + eps), left as it is")
+    if isinstance(eps, str):
+        return eps
+    stat = m.bound["ms"]
+    axes = reduce_axes(stat, rank_of(sx)) if stat.op_type == "ReduceL2" else mean_axes(m, "ms", sx)
+    if isinstance(axes, str):
+        return axes
+    if axes != [-1]:
+        return (f"{what}: {stat.op_type} {stat.name} reduces over axes {axes}; the variant RMSNorm is recognized "
+                "over the last axis only")
+    if stat.op_type == "ReduceL2":  # ||x_s||_2 k^-1/2 (Mul) or ||x_s||_2 / sqrt(k) (Div) is the RMS
+        n = partial or width
+        c = scalar_value(m.bound["k"], "scale of the 2-norm")
+        if isinstance(c, str):
+            return c
+        scale_op = m.bound["rms_scale"].op_type
+        want = n ** -0.5 if scale_op == "Mul" else n ** 0.5
+        if not abs(c - want) <= 1e-6 * want:
+            how = "multiplied" if scale_op == "Mul" else "divided"
+            return (f"{what}: the 2-norm {stat.name} over {n} channels is {how} by {c:g}, not {want:g} "
+                    f"({n}^{'-' if scale_op == 'Mul' else ''}1/2): not an RMS")
+    gain = _variant_gain(m, x, width)
+    if isinstance(gain, str):
+        return gain
+    reason = outside_reader(m)
+    if reason:
+        return reason
+    return VariantPlan(x, gain, eps, int(outside), partial, width, stat.name)
 
 
-def _why_partial(graph: ir.Graph, m: Match) -> str | None:
-    num, part = m.bound["num"], m.bound["stat_x"]
-    if same_value(num, part):
-        return None
-    node = _sliced_from(part, num)
-    if node is None:
-        return None
-    k, d = (static_shape(part) or [None])[-1], (static_shape(num) or [None])[-1]
-    if k is not None and k == d:
-        return (f"partial RMSNorm with p = 1: {node.op_type} {node.name} keeps all {d} channels of {num.name}, "
-                f"but the RMSNorm pattern does not look through it; left as it is")
-    return (f"partial RMSNorm: the mean of squares of {node.op_type} {node.name} ({k} of the {d} channels of "
-            f"{num.name}) divides all of {num.name}: a different function from RMSNorm, whose statistic covers "
-            f"every normalized channel; left as it is")
+def _rewrite_variant(graph: ir.Graph, m: Match, plan: VariantPlan, namer: Namer) -> tuple[str, str, str]:
+    root = m.nodes[0]
+    base = root.name or "rmsnorm"
+    attrs = {"epsilon": float(plan.epsilon)}
+    forms = []
+    if plan.eps_outside:
+        attrs["eps_outside"] = 1
+        forms.append("eps outside the root")
+    if plan.partial:
+        attrs["partial"] = int(plan.partial)
+        forms.append(f"partial: the statistic of {plan.partial} of {plan.width} channels")
+    g = constant(namer, base, "rms_gain", plan.gain)
+    node = add_node(namer, "RMSNorm", [plan.x, g], base=base, domain=DOMAIN, attrs=attrs)
+    take_over(root, node.outputs[0])
+    label = ", ".join(forms + [f for f in [statistics_label(m, ("ms",))] if f])
+    shown = ", ".join(f"{k}={v}" for k, v in attrs.items() if k != "epsilon")
+    return (f"decomposed RMSNorm ending at {root.name} ({', '.join(forms)}; bzhangGo/rmsnorm's spelling) -> "
+            f"{DOMAIN}::RMSNorm {node.name} ({shown})", node.name, label)
 
 
-def _never(graph, m, plan, namer):  # pragma: no cover - the reason recognizers never rewrite
-    raise AssertionError("a reason-only recognizer rewrote")
+def _recognize_variants(graph: ir.Graph, result: PassResult) -> None:
+    """bzhangGo/rmsnorm's eps-outside and partial RMSNorm -> RMSNorm(eps_outside, partial); a candidate the
+    plain spellings reported as incomplete takes this recognizer's outcome (its rewrite, or its reason)."""
+    anchors: list[str] = []
 
+    def rewrite(g, m, plan, namer):
+        anchors.append(plan.anchor)
+        return _rewrite_variant(g, m, plan, namer)
 
-#: spellings matched only to say why they are not RMSNorm (no candidates of their own)
-NOT_RMSNORM = (
-    Recognizer(pattern=EPS_OUTSIDE, anchor="l2", root_ops=frozenset({"Div", "Mul"}), plan=_why_eps_outside,
-               rewrite=_never, candidate=CANDIDATE, incomplete="", candidate_ops=frozenset()),
-    Recognizer(pattern=PARTIAL, anchor="ms", root_ops=frozenset({"Div", "Mul"}), plan=_why_partial,
-               rewrite=_never, candidate=CANDIDATE, incomplete="", candidate_ops=frozenset()),
-)
-
-
-def _explain_left_alone(graph: ir.Graph, result: PassResult) -> None:
-    """Give the candidates no RMSNorm spelling took the specific reason a NOT_RMSNORM pattern finds."""
-    for rec in NOT_RMSNORM:
-        found = PassResult(result.name, exact=True)
-        rec.run(graph, found)
-        for skip in found.skipped:
-            same = [s for s in result.skipped if s.node == skip.node]
-            if same:
-                same[0].reason = skip.reason
-            else:
-                result.matched += 1
-                result.skipped.append(skip)
+    found = PassResult(result.name, exact=True)
+    Recognizer(pattern=VARIANT, anchor="ms", root_ops=frozenset({"Div", "Mul"}), plan=_plan_variant,
+               rewrite=rewrite, candidate=CANDIDATE, incomplete="", candidate_ops=frozenset()).run(graph, found)
+    for name in anchors:
+        before = len(result.skipped)
+        result.skipped = [s for s in result.skipped if s.node != name]
+        if len(result.skipped) == before:
+            result.matched += 1
+    result.rewrites.extend(found.rewrites)
+    for skip in found.skipped:
+        same = [s for s in result.skipped if s.node == skip.node]
+        if same:
+            same[0].reason = skip.reason
+        else:
+            result.matched += 1
+            result.skipped.append(skip)
 
 
 @dataclass
@@ -379,7 +493,7 @@ def _rewrite_rms_normalization(graph: ir.Graph, node: ir.Node, plan, namer: Name
 def recognize_rmsnorm(graph: ir.Graph, ctx: PassContext, result: PassResult) -> None:
     """Rewrite decomposed RMSNorm and ONNX RMSNormalization (last axis) to normdeploy::RMSNorm."""
     RMSNORM_RECOGNIZER.run(graph, result)
-    _explain_left_alone(graph, result)
+    _recognize_variants(graph, result)
     namer = Namer(graph)
     for node in list(graph):
         if node.op_type != "RMSNormalization" or node.domain not in DEFAULT_DOMAINS:

@@ -34,7 +34,7 @@ def main():
 
 @main.command(cls=SectionedCommand, epilog=EXAMPLE)
 @click.argument("model", type=click.Path())
-@group_options("target", "export", "rewrite", "verify", "bench", "ort", "trt")
+@group_options("target", "export", "rewrite", "verify", "bench", "ort", "trt", "tune")
 @plain("--out", "out", type=click.Path(file_okay=False), default=None, section="output",
        help="Output directory (default: <model name>.normdeploy in the current directory).")
 @plain("--force", is_flag=True, section="output", help="Replace an existing non-empty output directory.")
@@ -99,6 +99,13 @@ def _print_summary(r: dict, path: str) -> None:
                 + (f", normalization cost left {left:.0%}" if left is not None
                    else f", normalization cost left n/a ({lat.get('norm_cost_left_note')})")
                 + f"  [{lat['machine']['machine']}, {lat['threads']} threads, onnxruntime {lat['machine']['onnxruntime']}]")
+    tuned = r.get("autotune")
+    if tuned:
+        for cand in tuned["candidates"]:
+            if cand["timed"] and cand["name"] != "default":
+                ci = cand["speedup_ci95"]
+                c.print(f"autotune: {cand['name']}: p50 {cand['p50_ms']:.4f} ms, {cand['speedup_vs_default']:.3f}x the "
+                        "default" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (no interval)"))
     for n in r["notes"]:
         c.print(f"note: {n}")
     prec = (r.get("precision") or {}).get("accuracy")

@@ -18,7 +18,7 @@ Examples:
 
 #: what bench and gate take of the option groups (no accuracy gate of its own, no TensorRT build)
 MEASURE_GROUPS = ("target", "export", "rewrite", "verify", "bench", "ort")
-MEASURE_ONLY = {"verify": ("data",), "bench": ("seconds", "warmup", "threads"), "ort": ("rms_op",)}
+MEASURE_ONLY = {"verify": ("data",), "bench": ("seconds", "warmup", "threads", "sessions"), "ort": ("rms_op",)}
 
 
 def check_target(target: str) -> None:
@@ -32,7 +32,7 @@ def check_target(target: str) -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @group_options(*MEASURE_GROUPS, only=MEASURE_ONLY)
 @plain("--peers", "peer_list", default="all", show_default=True, metavar="LIST", section="bench_cmd",
-       help="Comma-separated peers to time alongside: torch, ort-disable, ort-basic, ort-transformers, "
+       help="Comma-separated peers to time alongside: torch, ort-disable, ort-basic, ort-extended, ort-transformers, "
             "onnxslim, onnxoptimizer, openvino; or 'all' / 'none'.")
 @plain("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, section="bench_cmd",
        help="Write a PNG: speedup of every variant vs the original, with 95 % intervals.")
@@ -90,14 +90,21 @@ def _print_bench(results) -> None:
     c = Console(width=max(Console().width, 160))
     for r in results:
         rounds = len(r.result.timings["original"].samples_ms)
-        t = Table(title=f"{r.model}: batch {r.batch}, {rounds} interleaved rounds in {r.wall_seconds:.1f} s",
+        t = Table(title=f"{r.model}: batch {r.batch}, {rounds} interleaved rounds in {r.result.sessions} session(s) "
+                        f"per variant, {r.wall_seconds:.1f} s",
                   caption=provenance(r.machine, r.threads), title_justify="left", caption_justify="left")
-        for key, head in COLUMNS:
+        columns = [(k, h) for k, h in COLUMNS if k != "sessions"]  # the spread is a line below: the table stays narrow
+        for key, head in columns:
             t.add_column(head, justify="left" if key in ("variant", "status") else "right",
                          overflow="fold", max_width=60 if key == "status" else None)
-        for row in variant_rows(r):
-            t.add_row(*(str(row[k]) for k, _ in COLUMNS))
+        rows = variant_rows(r)
+        for row in rows:
+            t.add_row(*(str(row[k]) for k, _ in columns))
         c.print(t)
+        spread = {row["variant"]: row["sessions"] for row in rows if row["sessions"] != "n/a"}
+        if spread:
+            c.print(f"p50 per session, min..max ({r.result.sessions} session(s) per variant, created in rotating order): "
+                    + ", ".join(f"{k} {v.rsplit(' (', 1)[0]}" for k, v in spread.items()))
         for k, v in cost_left_texts(r).items():
             c.print(f"normalization cost left ({k}): {v}  [{provenance(r.machine, r.threads)}]")
         for n in r.notes:

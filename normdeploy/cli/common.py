@@ -22,6 +22,7 @@ from ..options import GROUPS, Options
 #: the heading each option group has in --help
 SECTIONS = {"target": "Target", "export": "Model and export", "rewrite": "Rewrites", "verify": "Accuracy",
             "bench": "Latency", "ort": "ONNX Runtime targets (ort-*)", "trt": "TensorRT targets (trt-*)",
+            "tune": "Autotune (ort-*)",
             "output": "Output", "bench_cmd": "Benchmark", "gate": "Gate thresholds", "serve": "Server",
             "general": "General"}
 

@@ -68,7 +68,7 @@ def _threshold_options(fn):
        help="Optimized .onnx to judge against MODEL; repeatable (all are measured in the same run). "
             "Default: normdeploy's pipeline output, built in memory.")
 @plain("--thresholds", "thresholds_file", type=click.Path(dir_okay=False), default=None, section="gate",
-       help="TOML (.toml) or JSON (.json) file of thresholds and run settings (seconds, warmup, threads); "
+       help="TOML (.toml) or JSON (.json) file of thresholds and run settings (seconds, warmup, threads, sessions); "
             "flags override it.")
 @_threshold_options
 @common_flags
@@ -95,7 +95,7 @@ def gate(model, optimized, thresholds_file, as_json, debug, **values):
             file_th, run = gate_mod.read_file(thresholds_file)
             th = th.updated(file_th, validate=False)  # validated once flags are applied
         th = th.updated({k: v for k, v in flags.items() if v is not None})
-        settings = {k: run[k] for k in ("seconds", "warmup", "threads") if k in run and not given(k)}
+        settings = {k: run[k] for k in ("seconds", "warmup", "threads", "sessions") if k in run and not given(k)}
         for name, v, lo in [(k, v, -1 if k == "warmup" else 0) for k, v in
                             {**dataclasses.asdict(opts.bench), **settings}.items() if k != "bench"]:
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= lo):
@@ -121,7 +121,8 @@ def gate(model, optimized, thresholds_file, as_json, debug, **values):
         sys.exit(1)
 
 def _print_gate(rep: dict) -> None:
-    click.echo(f"gate: {rep['model']}, batch {rep['batch']}, {rep['rounds']} interleaved rounds in "
+    click.echo(f"gate: {rep['model']}, batch {rep['batch']}, {rep['rounds']} interleaved rounds ({rep['sessions']} "
+               f"session{'s' if rep['sessions'] != 1 else ''} per variant) in "
                f"{rep['wall_seconds']:.1f} s on {rep['provenance']}")
     click.echo(f"      original p50 {rep['p50_ms']['original']:.4f} ms, floor p50 {rep['p50_ms']['floor']:.4f} ms")
     n_checks = n_failed = 0

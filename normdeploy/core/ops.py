@@ -9,12 +9,20 @@ a NumPy reference (:data:`REFERENCE`) that tests and emulators compare against.
 | UnifiedNorm  | X, R, W, B           | epsilon=1e-5, axis=1        | W X / sqrt(R + eps) + B, per channel on ``axis`` |
 | PowerNorm    | X, Phi, W, B         | groups=1, epsilon=1e-5      | W GroupScaling(X) / sqrt(Phi + eps) + B, channels last |
 | GroupScaling | X                    | groups=1, epsilon=1e-5      | X / sqrt(mean_group(X^2) + eps), channels last |
-| RMSNorm      | X, G                 | epsilon=1e-6                | G X / sqrt(mean(X^2) + eps), last axis |
+| RMSNorm      | X, G                 | epsilon=1e-6 (eps_outside=0, partial=0) | G X / sqrt(mean(X^2) + eps) |
 | CRMSNorm     | X, G                 | epsilon=1e-6                | G X / sqrt((sum X^2 + (sum X)^2) / (d) + eps), d = width + 1 |
 | DynamicTanh  | X, Alpha, W, B       | axis=-1                     | W tanh(Alpha X) + B, per channel on ``axis`` |
 | ScaleNorm    | X, G                 | epsilon=1e-5                | G X / max(norm2(X), eps), last axis, G scalar |
 
 Per-channel parameters are 1-D of length C; ``axis`` names the channel axis of X.
+
+RMSNorm's variant attributes (bzhangGo/rmsnorm, rmsnorm_torch.py and rmsnorm_tensorflow.py):
+``eps_outside=1`` adds eps to the RMS outside the root, ``G X / (sqrt(mean(X_s^2)) + eps)``;
+``partial=k`` (0 < k < C) takes the statistic over the first k channels only, ``X_s = X[..., :k]``,
+and divides all C of them (partial RMSNorm, the paper's ``p``, k = int(C p)); ``partial=0`` is
+every channel. With both at 0 the op is the plain RMSNorm above. The function body of RMSNorm
+handles the variant attributes only where a node of the model uses them (:func:`attach_functions`),
+so that a model of plain RMSNorms keeps the plain body, which ONNX Runtime fuses as it is.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ ATTRIBUTES: dict[str, dict[str, float | int]] = {
     "UnifiedNorm": {"epsilon": _EPS5, "axis": 1},
     "PowerNorm": {"groups": 1, "epsilon": _EPS5},
     "GroupScaling": {"groups": 1, "epsilon": _EPS5},
-    "RMSNorm": {"epsilon": _EPS6},
+    "RMSNorm": {"epsilon": _EPS6, "eps_outside": 0, "partial": 0},
     "CRMSNorm": {"epsilon": _EPS6},
     "DynamicTanh": {"axis": -1},
     "ScaleNorm": {"epsilon": _EPS5},
@@ -80,9 +88,12 @@ def _ref_power(x, phi, w, b, groups=1, epsilon=1e-5):
     return xs * (w / np.sqrt(phi + np.asarray(epsilon, phi.dtype))) + b
 
 
-def _ref_rms(x, g, epsilon=1e-6):
+def _ref_rms(x, g, epsilon=1e-6, eps_outside=0, partial=0):
     xf = x.astype(np.float32)
-    ms = np.mean(xf * xf, axis=-1, keepdims=True)
+    xs = xf[..., :partial] if partial else xf
+    ms = np.mean(xs * xs, axis=-1, keepdims=True)
+    if eps_outside:
+        return (g * (xf / (np.sqrt(ms) + np.float32(epsilon)))).astype(x.dtype)
     return (g * (xf / np.sqrt(ms + np.float32(epsilon)))).astype(x.dtype)
 
 
@@ -117,10 +128,12 @@ REFERENCE = {
 # ----------------------------------------------------------------------------- function bodies
 
 class _Body:
-    """Collects the nodes of one function body; names are local to the function."""
+    """Collects the nodes of one function body; names are local to the function.
 
-    def __init__(self, opset: int):
-        self.opset, self.nodes, self._n = opset, [], 0
+    ``variant``: write the body that also reads RMSNorm's ``eps_outside`` and ``partial``."""
+
+    def __init__(self, opset: int, variant: bool = False):
+        self.opset, self.nodes, self._n, self.variant = opset, [], 0, variant
 
     def __call__(self, op: str, *inputs: str, **attrs) -> str:
         self._n += 1
@@ -192,8 +205,36 @@ def _body_power(f: _Body) -> list[str]:
 
 def _body_rms(f: _Body) -> list[str]:
     eps = f.cast_like(f.attr_const("epsilon", onnx.AttributeProto.FLOAT), "X")
-    ms = f.reduce("ReduceMean", f("Mul", "X", "X"), [-1])
-    return [f("Mul", "G", f("Div", "X", f("Sqrt", f("Add", ms, eps))))]
+    if not f.variant:
+        ms = f.reduce("ReduceMean", f("Mul", "X", "X"), [-1])
+        return [f("Mul", "G", f("Div", "X", f("Sqrt", f("Add", ms, eps))))]
+    # the variant body: s = X[..., :end] with end = partial, or every channel where partial is 0;
+    # den = sqrt(mean(s^2) + eps * (1 - o)) + eps * o with o = eps_outside in {0, 1}: each of the two eps
+    # terms is eps or exactly 0, and adding 0 changes nothing, so either form is computed exactly
+    k = f.attr_const("partial", onnx.AttributeProto.INT)
+    zero = f("Constant", value=helper.make_tensor("zero", TensorProto.INT64, [], [0]))
+    every = f("Constant", value=helper.make_tensor("every", TensorProto.INT64, [], [2**62]))
+    end = f("Reshape", f("Where", f("Equal", k, zero), every, k), f.ints(1))
+    s = f("Slice", "X", f.ints(0), end, f.ints(-1))
+    ms = f.reduce("ReduceMean", f("Mul", s, s), [-1])
+    o = f.cast_like(f.attr_const("eps_outside", onnx.AttributeProto.INT), "X")
+    one = f.cast_like(f("Constant", value=helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])), "X")
+    inside, outside = f("Mul", eps, f("Sub", one, o)), f("Mul", eps, o)
+    return [f("Mul", "G", f("Div", "X", f("Add", f("Sqrt", f("Add", ms, inside)), outside)))]
+
+
+#: RMSNorm attributes whose non-default values need the variant body
+RMS_VARIANT_ATTRIBUTES = ("eps_outside", "partial")
+
+
+def rms_variant(attrs) -> dict[str, int]:
+    """The variant attributes of an RMSNorm node (``onnx_ir.Node``, ``onnx.NodeProto`` or an attribute dict)
+    that differ from the plain RMSNorm (``{}`` for a plain one)."""
+    if isinstance(attrs, onnx.NodeProto):
+        attrs = {a.name: helper.get_attribute_value(a) for a in attrs.attribute}
+    elif not isinstance(attrs, dict):
+        attrs = {k: a.value for k, a in attrs.attributes.items()}
+    return {k: int(attrs[k]) for k in RMS_VARIANT_ATTRIBUTES if int(attrs.get(k, 0) or 0) != 0}
 
 
 def _body_crms(f: _Body) -> list[str]:
@@ -228,9 +269,10 @@ _BODIES = {
 }
 
 
-def function_proto(op: str, opset: int) -> onnx.FunctionProto:
-    """The ONNX function body of canonical ``op``, written for default-domain ``opset``."""
-    f = _Body(opset)
+def function_proto(op: str, opset: int, variant: bool = False) -> onnx.FunctionProto:
+    """The ONNX function body of canonical ``op``, written for default-domain ``opset``; ``variant``: RMSNorm's
+    body that reads ``eps_outside`` and ``partial`` too (the plain one computes only their defaults)."""
+    f = _Body(opset, variant and op == "RMSNorm")
     (out,) = _BODIES[op](f)
     f.nodes.append(helper.make_node("Identity", [out], ["Y"]))
     defaults = [helper.make_attribute(name, value) for name, value in ATTRIBUTES[op].items()]
@@ -258,7 +300,8 @@ def attach_functions(model):
     """Give ``model`` (an ``onnx_ir.Model``, or an ``onnx.ModelProto``) the function bodies of the
     canonical ops it uses, and no others.
 
-    Idempotent; bodies are regenerated for the model's default-domain opset.
+    Idempotent; bodies are regenerated for the model's default-domain opset. RMSNorm gets the
+    variant body where one of its nodes has ``eps_outside`` or ``partial`` set (:func:`rms_variant`).
     """
     if isinstance(model, onnx.ModelProto):
         return _attach_functions_proto(model)
@@ -268,8 +311,9 @@ def attach_functions(model):
     for key in [k for k in model.functions if k[0] == DOMAIN]:
         del model.functions[key]
     opset = model_opset(model)
+    variant = any(rms_variant(n) for n in model.graph.all_nodes() if n.domain == DOMAIN and n.op_type == "RMSNorm")
     for op in used:
-        fn = ir.serde.deserialize_function(function_proto(op, opset))
+        fn = ir.serde.deserialize_function(function_proto(op, opset, variant))
         model.functions[fn.identifier()] = fn
     if used and DOMAIN not in model.opset_imports:
         model.opset_imports[DOMAIN] = VERSION
@@ -282,7 +326,8 @@ def _attach_functions_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.functions[:]
     model.functions.extend(keep)
     opset = model_opset(model)
-    model.functions.extend(function_proto(op, opset) for op in used)
+    variant = any(rms_variant(n) for n in _all_nodes(model.graph) if n.domain == DOMAIN and n.op_type == "RMSNorm")
+    model.functions.extend(function_proto(op, opset, variant) for op in used)
     if used and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return model

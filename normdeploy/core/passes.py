@@ -74,7 +74,11 @@ class Refuse(Exception):
 
 
 PRELN_FORMS = ("rmsnorm", "crmsnorm")
-ORT_RMS_OPS = ("simplified", "standard")
+ORT_RMS_OPS = ("simplified", "standard", "decomposed")
+#: ONNX Runtime session graph optimization levels (``SessionOptions.graph_optimization_level``), weakest first
+ORT_GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+#: the default of ``PassContext.ort_short_row`` (:mod:`normdeploy.lower.ort`, GroupScaling rows)
+SHORT_ROW = 64
 
 
 @dataclass
@@ -89,7 +93,10 @@ class PassContext:
     allow_approx: bool = False
     ort_version: str | None = None
     preln_form: str = "rmsnorm"  # what pre-LN LayerNorms become: "rmsnorm" | "crmsnorm"
-    ort_rms_op: str = "simplified"  # ort-* RMSNorm: "simplified" (ORT's op) | "standard" (opset 23)
+    ort_rms_op: str = "simplified"  # ort-* RMSNorm: "simplified" (ORT's op) | "standard" (opset 23) | "decomposed"
+    ort_short_row: int = SHORT_ROW  # ort-* GroupScaling rows shorter than this stay decomposed ops
+    cleanup: bool = True  # ort-*: graph clean-up at the end of the lower stage (lower.cleanup)
+    ort_fusions: bool = False  # ort-cpu: residual Add + norm -> com.microsoft Skip*Normalization (lower.skip_norm)
     calib_feeds: list[dict[str, np.ndarray]] | None = None  # real inputs for approximate rewrites
     ln_stds: dict[str, float] | None = None  # LayerNorm name -> calibrated std (set by calibration)
 

@@ -6,10 +6,22 @@ Per op, what ONNX Runtime runs fastest while computing the same function:
 * RMSNorm      -> ``RMSNormalization`` (opset >= 23) or ONNX Runtime's
                   ``SimplifiedLayerNormalization`` (default domain, any opset) when the
                   model's opset is older. Both compute ``g x / sqrt(mean(x^2) + eps)`` with
-                  fp32 statistics (``stash_type`` 1). For ``openvino`` (:func:`rms_form`
-                  "decomposed"): ``Mul(x, x)``, ``ReduceMean``, ``Add(eps)``, ``Sqrt``, ``Div``,
-                  ``Mul(g)``, standard ops at any opset, which OpenVINO fuses into its RMS kernel.
-* GroupScaling -> Reshape ``[..., G, C/G]`` -> the RMSNorm op above with unit gain -> Reshape back.
+                  fp32 statistics (``stash_type`` 1). Decomposed (:func:`rms_form`: for
+                  ``openvino``, which fuses these ops into its RMS kernel, and with
+                  ``--ort-rms-op decomposed``, an autotune candidate): ``Mul(x, x)``,
+                  ``ReduceMean``, ``Add(eps)``, ``Sqrt``, ``Div``, ``Mul(g)``, standard ops at any
+                  opset, the same formula with statistics in the model's dtype (exact for float32
+                  models, where the fused kernels' fp32 statistics are that dtype; verification
+                  judges the others).
+  ... with ``eps_outside`` or ``partial`` (bzhangGo/rmsnorm's variants) -> standard ops
+                  (:func:`rms_variant_ops`): neither fused op can add eps outside the root or
+                  take the statistic of the first k channels only, so the formula is written out:
+                  ``Slice(x, 0, k)`` (partial), ``ReduceL2 * k^-1/2`` (eps outside: the RMS, as
+                  the reference module computes it) or ``ReduceMean(s * s)``, ``Sqrt``, ``Add(eps)``,
+                  ``Div(x, .)``, ``Mul(g)`` (left out where g is all ones).
+* GroupScaling -> Reshape ``[..., G, C/G]`` -> the RMSNorm op above with unit gain -> Reshape back;
+                  rows shorter than ``ctx.ort_short_row`` (default :data:`SHORT_ROW`) as the
+                  decomposed ops.
 * PowerNorm    -> GroupScaling as above, then ``Mul(w / sqrt(phi + eps))``, ``Add(b)``
                   (constants computed in float64, stored once in the model's dtype).
 * UnifiedNorm  -> ``Mul(w / sqrt(r + eps))``, ``Add(b)`` shaped for its channel axis.
@@ -46,8 +58,8 @@ from ..core.graph import (
     shape_of,
     value,
 )
-from ..core.ops import ATTRIBUTES, DOMAIN
-from ..core.passes import PassContext, PassResult
+from ..core.ops import ATTRIBUTES, DOMAIN, rms_variant
+from ..core.passes import SHORT_ROW, PassContext, PassResult
 
 ORT_TARGETS = ("ort-cpu", "ort-cuda", "ort-trt")
 
@@ -55,8 +67,10 @@ ORT_TARGETS = ("ort-cpu", "ort-cuda", "ort-trt")
 class _Emitter:
     """Appends standard nodes to a graph with deterministic names derived from one base."""
 
-    def __init__(self, namer: Namer, base: str, dtype):
+    def __init__(self, namer: Namer, base: str, dtype, rms_op: str = "simplified", short_row: int = SHORT_ROW):
         self.namer, self.base, self.dtype = namer, base, dtype
+        self.rms_op, self.short_row = rms_op, short_row
+        self.short_rows = 0  # GroupScaling statistics emitted as decomposed ops for their short rows
 
     def __call__(self, op: str, inputs: list, dtype=None, **attrs) -> ir.Value:
         out = value(self.namer, self.base, op.lower(), dtype=self.dtype if dtype is None else dtype)
@@ -77,33 +91,26 @@ def _reduce_inputs(e: _Emitter, x, axes: list[int], opset: int, since: int) -> t
     return [x], {"axes": axes}
 
 
-#: how RMSNorm is written: ONNX Runtime's "simplified" op or opset-23 "standard" RMSNormalization (the
-#: opset decides, see :func:`raise_opset_for_rmsnormalization`), or "decomposed" standard ops
-RMS_FORMS = ("simplified", "standard", "decomposed")
-
-
 def rms_form(ctx: PassContext) -> str:
-    """The RMSNorm form for ``ctx.target``: "decomposed" for openvino (:mod:`normdeploy.lower.openvino`
-    says why), else the op the opset allows (``--ort-rms-op``)."""
+    """The RMSNorm form for ``ctx.target`` (one of ``core.passes.ORT_RMS_OPS``): "decomposed" for openvino
+    (:mod:`normdeploy.lower.openvino` says why), else ``--ort-rms-op`` ("simplified": the op the opset allows)."""
     return "decomposed" if ctx.target == "openvino" else ctx.ort_rms_op
 
 
-def _rms(e: _Emitter, x, gain, eps: float, opset: int, form: str = "simplified") -> ir.Value:
-    if form == "decomposed":
+def _rms(e: _Emitter, x, gain, eps: float, opset: int) -> ir.Value:
+    if e.rms_op == "decomposed":
         normed = _rms_decomposed(e, x, eps, opset)
-        gain_value = const_value(gain)
-        if gain_value is not None and np.all(np.asarray(gain_value) == 1):
-            return normed  # a unit gain (GroupScaling) is the identity
-        return e("Mul", [normed, gain])
+        unit = gain.const_value is not None and np.all(gain.const_value.numpy() == 1)
+        return normed if unit else e("Mul", [normed, gain])
     if opset >= 23:
         return e("RMSNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
     return e("SimplifiedLayerNormalization", [x, gain], axis=-1, epsilon=float(eps), stash_type=1)
 
 
-#: Below this row length ONNX Runtime 1.31's CPU SimplifiedLayerNormalization kernel was slower than the
-#: decomposed ops (PowerNorm with groups of 48 in a ViT-Tiny-sized model: 225.6 ms against 219.4 ms at
-#: batch 16, interleaved); such rows stay decomposed.
-SHORT_ROW = 64
+#: SHORT_ROW (:mod:`normdeploy.core.passes`, 64), the default of ``ctx.ort_short_row``: below this row
+#: length ONNX Runtime 1.31's CPU SimplifiedLayerNormalization kernel was slower than the decomposed ops
+#: (PowerNorm with groups of 48 in a ViT-Tiny-sized model: 225.6 ms against 219.4 ms at batch 16,
+#: interleaved); such rows stay decomposed. ``--ort-short-row`` sets it, ``--autotune`` measures it.
 
 
 def _rms_decomposed(e: _Emitter, x, eps: float, opset: int) -> ir.Value:
@@ -114,28 +121,65 @@ def _rms_decomposed(e: _Emitter, x, eps: float, opset: int) -> ir.Value:
     return e("Div", [x, e("Sqrt", [e("Add", [ms, e.const("eps", eps)])])])
 
 
-def _group_scaling(e: _Emitter, x, groups: int, eps: float, opset: int, channels: int | None,
-                   form: str = "simplified") -> ir.Value | None:
+def variant_width(node: ir.Node) -> int | None:
+    """The channels an RMSNorm variant's statistic covers (``partial``, else the static width of the last axis,
+    else the gain's length), or None when unknown."""
+    attrs = {**ATTRIBUTES["RMSNorm"], **{k: attr(node, k) for k in node.attributes}}
+    if int(attrs["partial"]):
+        return int(attrs["partial"])
+    c = _last_dim(node.inputs[0])
+    g = const_value(node.inputs[1])
+    return c if c is not None else (int(g.size) if g is not None and g.size > 1 else None)
+
+
+def rms_variant_ops(e: _Emitter, x, gain: np.ndarray, eps: float, eps_outside: int, partial: int, channels: int,
+                    opset: int) -> ir.Value:
+    """RMSNorm's variants as standard ops (every opset from 13), exact: the function of :mod:`normdeploy.core.ops`.
+
+    ``s = x[..., :partial]`` (all of x when ``partial`` is 0); eps outside the root:
+    ``g x / (ReduceL2(s) k^-1/2 + eps)`` with k = ``channels``, the channels of s (the RMS as bzhangGo/rmsnorm's
+    torch module computes it); eps inside: ``g x / sqrt(mean(s^2) + eps)``. Used by the TensorRT
+    lowering too, for the variants the RMSNorm plugin kernel does not compute.
+    """
+    s = x
+    if partial:
+        s = e("Slice", [x, e.const("start", [0], np.int64), e.const("end", [int(partial)], np.int64),
+                        e.const("axis", [-1], np.int64)])
+    if eps_outside:
+        inputs, axes = _reduce_inputs(e, s, [-1], opset, since=18)
+        rms = e("Mul", [e("ReduceL2", inputs, keepdims=1, **axes), e.const("inv_sqrt_k", channels ** -0.5)])
+        den = e("Add", [rms, e.const("eps", eps)])
+    else:
+        inputs, axes = _reduce_inputs(e, e("Mul", [s, s]), [-1], opset, since=18)
+        den = e("Sqrt", [e("Add", [e("ReduceMean", inputs, keepdims=1, **axes), e.const("eps", eps)])])
+    out = e("Div", [x, den])
+    if np.any(np.asarray(gain) != 1):
+        out = e("Mul", [out, e.const("gain", gain)])
+    return out
+
+
+def _group_scaling(e: _Emitter, x, groups: int, eps: float, opset: int, channels: int | None) -> ir.Value | None:
     if groups == 1:
         if channels is None:
             return None
-        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, opset, form)
+        return _rms(e, x, e.const("unit_gain", np.ones(channels)), eps, opset)
     if channels is None or channels % groups:
         return None
     size = channels // groups
     rank = rank_of(x)
     if rank is not None:  # static shapes with 0 = "copy this dimension": no shape arithmetic at run time
         grouped = e("Reshape", [x, e.const("gshape", [0] * (rank - 1) + [groups, size], np.int64)])
-        if size < SHORT_ROW or form == "decomposed":
+        if size < e.short_row or e.rms_op == "decomposed":
+            e.short_rows += 1
             normed = _rms_decomposed(e, grouped, eps, opset)
         else:
-            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset, form)
+            normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
         return e("Reshape", [normed, e.const("shape", [0] * (rank - 1) + [channels], np.int64)])
     shape = e("Shape", [x], dtype=np.int64)
     lead = e("Slice", [shape, e.const("s0", [0], np.int64), e.const("s1", [-1], np.int64)], dtype=np.int64)
     grouped_shape = e("Concat", [lead, e.const("gshape", [groups, size], np.int64)], dtype=np.int64, axis=0)
     grouped = e("Reshape", [x, grouped_shape])
-    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset, form)
+    normed = _rms(e, grouped, e.const("unit_gain", np.ones(size)), eps, opset)
     return e("Reshape", [normed, shape])
 
 
@@ -161,6 +205,9 @@ def _why_not_lowerable(node: ir.Node) -> str | None:
         return "rank of the input is unknown"
     if op in ("GroupScaling", "PowerNorm", "CRMSNorm") and channels is None:
         return "the width of the last axis is unknown"
+    if op == "RMSNorm" and int(attrs["eps_outside"]) and variant_width(node) is None:
+        return ("the width of the last axis is unknown (eps outside the root: the 2-norm is scaled by "
+                "width^-1/2)")
     if op in ("GroupScaling", "PowerNorm") and channels % int(attrs["groups"]):
         return f"{channels} channels are not divisible into {attrs['groups']} groups"
     if op in ("PowerNorm", "UnifiedNorm", "DynamicTanh"):
@@ -170,8 +217,10 @@ def _why_not_lowerable(node: ir.Node) -> str | None:
     return None
 
 
-def _lower_node(node: ir.Node, namer: Namer, opset: int, form: str = "simplified") -> None:
-    """Emit the standard ops computing ``node``; they take over its output (the runner drops ``node``)."""
+def _lower_node(node: ir.Node, namer: Namer, opset: int, ctx: PassContext | None = None) -> int:
+    """Emit the standard ops computing ``node``; they take over its output (the runner drops ``node``).
+
+    Returns how many GroupScaling statistics were emitted as decomposed ops for their short rows."""
     x, y = node.inputs[0], node.outputs[0]
     op = node.op_type
     dtype = dtype_of(x)
@@ -181,7 +230,8 @@ def _lower_node(node: ir.Node, namer: Namer, opset: int, form: str = "simplified
     aff = affine_of(node) if op in ("PowerNorm", "UnifiedNorm", "DynamicTanh") else None
     attrs = _attrs(node)
     channels = _last_dim(x)
-    e = _Emitter(namer, node.name or op, dtype)
+    ctx = ctx or PassContext()
+    e = _Emitter(namer, node.name or op, dtype, rms_form(ctx), ctx.ort_short_row)
 
     def affine(t) -> ir.Value:
         """``t * a + c`` with the node's affine (:func:`normdeploy.core.affine.affine_of`); unit parts left out."""
@@ -192,12 +242,15 @@ def _lower_node(node: ir.Node, namer: Namer, opset: int, form: str = "simplified
             t = e("Add", [t, e.const("shift", aff.shift)])
         return t
 
-    if op == "RMSNorm":
-        out = _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], opset, form)
+    if op == "RMSNorm" and rms_variant(attrs):
+        out = rms_variant_ops(e, x, params[0].reshape(-1), attrs["epsilon"], int(attrs["eps_outside"]),
+                              int(attrs["partial"]), variant_width(node), opset)
+    elif op == "RMSNorm":
+        out = _rms(e, x, e.const("gain", params[0]), attrs["epsilon"], opset)
     elif op == "GroupScaling":
-        out = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels, form)
+        out = _group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels)
     elif op == "PowerNorm":
-        out = affine(_group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels, form))
+        out = affine(_group_scaling(e, x, int(attrs["groups"]), attrs["epsilon"], opset, channels))
     elif op == "UnifiedNorm":
         out = affine(x)
     elif op == "DynamicTanh":
@@ -221,6 +274,7 @@ def _lower_node(node: ir.Node, namer: Namer, opset: int, form: str = "simplified
     if y.dtype is not None:
         out.dtype = y.dtype
     replace_value(y, out)
+    return e.short_rows
 
 
 _RMS_LIKE = ("RMSNorm", "GroupScaling", "PowerNorm")
@@ -316,6 +370,7 @@ def lower_canonical_to_standard_ops(graph: ir.Graph, ctx: PassContext, result: P
     namer = Namer(graph)
     opset = opset_of(graph) or 11  # (onnx-graphsurgeon's default, which this pass had before)
     form = rms_form(ctx)
+    short = 0
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type not in ATTRIBUTES:
             continue
@@ -324,16 +379,21 @@ def lower_canonical_to_standard_ops(graph: ir.Graph, ctx: PassContext, result: P
         if reason:
             result.skip(node.name, reason)
             continue
-        _lower_node(node, namer, opset, form)
-        result.rewrote(f"{node.op_type} {node.name} lowered to standard ops", node.name)
-    lowered = [r.node for r in result.rewrites if r.node]
-    short = [n.name for n in graph if n.op_type == "ReduceMean" and (n.name or "").endswith("_ReduceMean")
-             and any(n.name.startswith(b) for b in lowered)]
+        short += _lower_node(node, namer, opset, ctx)
+        variant = rms_variant(_attrs(node)) if node.op_type == "RMSNorm" else {}
+        if variant:
+            result.rewrote(f"RMSNorm {node.name} ({', '.join(f'{k}={v}' for k, v in variant.items())}) lowered to "
+                           "standard ops (Slice, ReduceL2 or ReduceMean, Sqrt, Add, Div, Mul): neither "
+                           "SimplifiedLayerNormalization nor RMSNormalization adds eps outside the root or takes the "
+                           "statistic of part of the channels", node.name)
+        else:
+            result.rewrote(f"{node.op_type} {node.name} lowered to standard ops", node.name)
     if short and form != "decomposed":
-        result.notes.append(f"{len(short)} GroupScaling statistic(s) over rows shorter than {SHORT_ROW} kept as "
+        result.notes.append(f"{short} GroupScaling statistic(s) over rows shorter than {ctx.ort_short_row} kept as "
                             "Mul, ReduceMean, Add, Sqrt, Div (faster there than ONNX Runtime's fused kernel)")
+    if form == "decomposed" and result.rewrites:
+        result.notes.append("RMSNorm and GroupScaling written as Mul, ReduceMean, Add, Sqrt, Div (standard ops at the "
+                            "model's opset)" + (", which OpenVINO fuses into its RMS kernel" if ctx.target == "openvino"
+                                                else " (--ort-rms-op decomposed)"))
     if any(n.op_type == "SimplifiedLayerNormalization" for n in graph):
         result.notes.append("model opset < 23: RMSNorm runs as ONNX Runtime's SimplifiedLayerNormalization")
-    if form == "decomposed" and lowered:
-        result.notes.append("RMSNorm and GroupScaling written as Mul, ReduceMean, Add, Sqrt, Div (standard ops at the "
-                            "model's opset), which OpenVINO fuses into its RMS kernel")

@@ -9,6 +9,7 @@
 | canonical node | becomes | exact |
 |---|---|---|
 | RMSNorm(X, G)        | NormdeployRMSNorm(X, G), attribute epsilon | yes |
+| RMSNorm, eps_outside / partial | standard ops: the kernel adds eps inside the root, whole rows | yes |
 | CRMSNorm(X, G)       | NormdeployCRMSNorm(X, G): a kernel variant that sums x and x^2 in one pass | yes |
 | GroupScaling(X)      | NormdeployGroupScaling(X), attributes groups, epsilon | yes |
 | ScaleNorm(X, G)      | NormdeployScaleNorm(X), attributes scale = G (a constant scalar), epsilon | yes |
@@ -41,8 +42,19 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.affine import affine_of
-from ..core.graph import Namer, add_node, attr, const_value, constant, dtype_of, rank_of, shape_of, value
-from ..core.ops import ATTRIBUTES, DOMAIN
+from ..core.graph import (
+    Namer,
+    add_node,
+    attr,
+    const_value,
+    constant,
+    dtype_of,
+    opset_of,
+    rank_of,
+    shape_of,
+    value,
+)
+from ..core.ops import ATTRIBUTES, DOMAIN, rms_variant
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import take_over
 from .plugins.trt_plugins import NAMESPACE, PLUGINS, plugin_attributes
@@ -147,8 +159,37 @@ def _affine(namer: Namer, node: ir.Node, x: ir.Value, a: np.ndarray, b: np.ndarr
 
 # ----------------------------------------------------------------------------- per op
 
+def _lower_rms_variant(graph, namer, node, result, variant: dict) -> str | None:
+    """bzhangGo/rmsnorm's eps-outside / partial RMSNorm: no plugin (the RMSNorm kernel adds eps inside the root and
+    takes the statistic of the whole row), so standard ops inside the TensorRT graph, the formula written out
+    exactly as for ONNX Runtime (:func:`normdeploy.lower.ort.rms_variant_ops`); TensorRT's reductions run them."""
+    from .ort import _Emitter, rms_variant_ops, variant_width
+
+    g = const_value(node.inputs[1])
+    if g is None:
+        return (f"RMSNorm with {variant}: the gain is not a constant, and the NormdeployRMSNorm plugin computes "
+                "neither eps outside the root nor a partial statistic; left to the op's function body")
+    width = variant_width(node)
+    if variant.get("eps_outside") and width is None:
+        return "the width of the last axis is unknown (eps outside the root: the 2-norm is scaled by width^-1/2)"
+    a = _attrs(node)
+    x = node.inputs[0]
+    e = _Emitter(namer, node.name or node.op_type, _dtype_of(x, g))
+    out = rms_variant_ops(e, x, np.asarray(g, np.float64).reshape(-1), float(a["epsilon"]), int(a["eps_outside"]),
+                          int(a["partial"]), width, opset_of(graph) or 17)
+    take_over(node, out)
+    shown = ", ".join(f"{k}={v}" for k, v in variant.items())
+    result.rewrote(f"RMSNorm ({shown}) -> standard ops (Slice, ReduceL2 or ReduceMean, Sqrt, Add, Div, Mul), not the "
+                   "NormdeployRMSNorm plugin, whose kernel adds eps inside the root and takes the statistic of the "
+                   "whole row", node=node.name)
+    return None
+
+
 def _lower_rms(graph, namer, node, result) -> str | None:
     x, g = node.inputs[0], node.inputs[1]
+    variant = rms_variant(_attrs(node)) if node.op_type == "RMSNorm" else {}
+    if variant:
+        return _lower_rms_variant(graph, namer, node, result, variant)
     gv, why = _channel_param(namer, node, g, _channels(x), "gain")
     if why:
         return why

@@ -14,7 +14,7 @@ import tempfile
 from ..core.errors import InputError, UnsupportedError
 from ..core.graph import save_model, signature
 from . import files
-from .triton import EntryError, check_entry, model_name, plan_entry, write_repository
+from .triton import TRITON_GRAPH_LEVEL, EntryError, check_entry, model_name, plan_entry, write_repository
 
 #: ``--triton-backend``: "default" is ONNX Runtime for ort-* targets and TensorRT where an engine was
 #: built; "python" serves the ONNX model with ONNX Runtime from Triton's Python backend (PyPI's tritonserver)
@@ -165,11 +165,15 @@ def triton_entry_args(result, backend: str = "default") -> dict | None:
     target = report["target"]
     batch_range = report.get("batch_range")
     args = {"preferred_batch_sizes": [batch_range[1]] if batch_range else None}
+    level = (report.get("ort_session") or {}).get("graph_optimization", "all")
     if backend == "python":
         from .triton_python import served_onnx
 
-        return {**args, "model": served_onnx(result.optimized_model, target), "backend": "python",
-                "max_batch_size": batch_range[2] if batch_range else None}
+        python = {**args, "model": served_onnx(result.optimized_model, target), "backend": "python",
+                  "max_batch_size": batch_range[2] if batch_range else None}
+        if level != "all":  # model.py reads it (the Python backend has no optimization block of its own)
+            python["parameters"] = {"graph_optimization_level": level}
+        return python
     if result.plan is not None:
         engine = report.get("engine") or {}
         profiles = engine.get("profiles") or []
@@ -186,17 +190,18 @@ def triton_entry_args(result, backend: str = "default") -> dict | None:
                                "NUM_STREAMS": "1"}}
     return {**args, "model": result.optimized_model, "backend": "onnxruntime",
             "max_batch_size": batch_range[2] if batch_range else None,
-            "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU"}
+            "instance_kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU",
+            "graph_level": TRITON_GRAPH_LEVEL[level]}
 
 
 def _checked_summary(name: str, entry: dict) -> dict:
     """The entry as report.json shows it; raises the one-line error for an entry Triton would refuse."""
-    keys = ("max_batch_size", "instance_kind", "profile", "preferred_batch_sizes", "parameters")
+    keys = ("max_batch_size", "instance_kind", "profile", "preferred_batch_sizes", "parameters", "graph_level")
     plan_args = {k: entry[k] for k in keys if k in entry}
     if entry["backend"] == "python":
         from .triton_python import entry_parameters
 
-        plan_args["parameters"] = entry_parameters()
+        plan_args["parameters"] = {**entry_parameters(), **(entry.get("parameters") or {})}
     try:
         sig = signature(entry["model"])
         planned = plan_entry(sig, name, entry["backend"], **plan_args)
@@ -273,6 +278,29 @@ def _runtime_text(r: dict, machine: dict) -> str:
     return f"onnxruntime {machine['onnxruntime']}"
 
 
+def render_autotune(t: dict) -> list[str]:
+    """report.md's autotune section: every candidate, its p50 and speedup against the default, the choice."""
+    m = t.get("machine") or {}
+    where = (f" on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), {m.get('threads', '?')} threads, onnxruntime "
+             f"{m.get('onnxruntime', '?')}" if m else "")
+    lines = ["", "## Autotune", "", f"{t['method']}; budget {t['budget_s']:g} s{where}.", "",
+             "| candidate | flags | exact (max rel err) | p50 ms | speedup vs default [95 % CI] | note |",
+             "|---|---|---|---|---|---|"]
+    for c in t["candidates"]:
+        err = c.get("max_rel_err")
+        exact = "n/a" if c["exact"] is None else ("yes" if c["exact"] else "no") + (f" ({err:.2g})" if err is not None
+                                                                                  else "")
+        ci = c.get("speedup_ci95")
+        speed = ("" if c.get("speedup_vs_default") is None else f"{c['speedup_vs_default']:.3f}x"
+                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        lines.append(f"| {c['name']} | `{c['flags'] or '(as given)'}` | {exact} | "
+                     f"{'' if c['p50_ms'] is None else format(c['p50_ms'], '.4f')} | {speed} | {_cell(c['note'] or '')} |")
+    lines += ["", f"chosen: **{t['chosen']}**: {t['why']}" + (f"; the same model without --autotune: `{t['flags']}`"
+                                                              if t["flags"] else "")]
+    lines += [f"- {n}" for n in t.get("notes") or []]
+    return lines
+
+
 def render_markdown(r: dict) -> str:
     acc, lat = r["accuracy"], r.get("latency")
     lines = [f"# normdeploy report: `{r['input']['path']}`", "",
@@ -314,16 +342,23 @@ def render_markdown(r: dict) -> str:
         m = lat["machine"]
         lines += ["", "## Latency", "",
                   f"{m['machine']} ({m['cpu']}), {lat['threads']} threads, {_runtime_text(r, m)}, batch {lat['batch']}; "
-                  f"{lat['method']}", "", "| model | p50 ms | p90 ms | p99 ms | throughput /s | runs |", "|---|---|---|---|---|---|"]
+                  f"{lat['method']}", "", "| model | p50 ms | p50 per session, min..max (n) | p90 ms | p99 ms | throughput /s | runs |",
+                  "|---|---|---|---|---|---|---|"]
         for k in ("original", "optimized", "floor"):
             if k in lat:
                 t = lat[k]
-                lines.append(f"| {k} | {t['p50_ms']:.4f} | {t['p90_ms']:.4f} | {t['p99_ms']:.4f} | {t['throughput_per_s']:.1f} | {t['runs']} |")
+                spread = t.get("session_spread_ms")
+                per = (f"{spread[0]:.4f}..{spread[1]:.4f} ({t.get('sessions', 1)})" if spread else "n/a")
+                lines.append(f"| {k} | {t['p50_ms']:.4f} | {per} | {t['p90_ms']:.4f} | {t['p99_ms']:.4f} | "
+                             f"{t['throughput_per_s']:.1f} | {t['runs']} |")
         lo, hi = lat["speedup_ci95"]
         interval = (f"95 % interval {_fmt(lo, '.3f')} to {_fmt(hi, '.3f')}" if lo is not None and lo == lo
                     else lat.get("speedup_note") or "no interval")
         left = lat["norm_cost_left"]
         left = _fmt(left, ".1%") if left is not None else f"n/a ({lat.get('norm_cost_left_note') or 'not measured'})"
+        per = lat.get("speedup_sessions") or []
+        if len(per) > 1:
+            interval += f"; per session {min(per):.3f}x to {max(per):.3f}x over {len(per)} sessions"
         lines += ["", f"speedup **{lat['speedup']:.3f}x** ({interval}); share of normalization cost left {left}", "",
                   "![latency](latency.png)"]
     elif lat:
@@ -331,6 +366,12 @@ def render_markdown(r: dict) -> str:
                   f"{lat['method']}. {lat.get('note', '')}"]
     else:
         lines += ["", "## Latency", "", "not measured (see notes)"]
+    if r.get("autotune"):
+        lines += render_autotune(r["autotune"])
+    if r.get("ort_session") and r["ort_session"].get("graph_optimization") != "all":
+        o = r["ort_session"]
+        lines += ["", f"ONNX Runtime session: graph optimization level {o['graph_optimization_level']} "
+                  f"(`{o['flag']}`), written into the Triton entry"]
     if r.get("precision"):
         pa = r["precision"].get("accuracy") or {}
         lines += ["", "## Precision", "", f"`{json.dumps(r['precision'].get('precision', {}))[:400]}`"]

@@ -76,6 +76,10 @@ OPENVINO_PRECISION_NOTE = ("Triton's OpenVINO backend has no parameter that pins
                            "OpenVINO's CPU default: f32 on CPUs without bf16 units, possibly bf16 on CPUs with AMX or "
                            "AVX512-BF16; normdeploy verified and timed the model at f32")
 DEFAULT_MAX_BATCH = 64
+#: ``--ort-graph-optimization`` -> ``optimization { graph { level: N } }`` of the onnxruntime backend. Its
+#: src/onnxruntime.cc maps -1 to ORT_ENABLE_BASIC, 1 to ORT_ENABLE_EXTENDED, 2 to ORT_DISABLE_ALL and
+#: anything else (or no ``graph`` block) to ORT_ENABLE_ALL; None: the block is left out (the default, all)
+TRITON_GRAPH_LEVEL = {"disable": 2, "basic": -1, "extended": 1, "all": None}
 
 
 class EntryError(ValueError):
@@ -152,6 +156,7 @@ class Entry:
     instances: int = 1
     gpus: list[int] | None = None
     parameters: dict[str, str] = field(default_factory=dict)
+    graph_level: int | None = None  # onnxruntime backend: optimization { graph { level } } (TRITON_GRAPH_LEVEL)
 
     def to_pbtxt(self) -> str:
         lines = [f'name: "{self.name}"', f'backend: "{self.backend}"', f"max_batch_size: {self.max_batch_size}",
@@ -168,6 +173,8 @@ class Entry:
         if self.gpus and self.instance_kind == "KIND_GPU":
             group.append(f"    gpus: [ {', '.join(map(str, self.gpus))} ]")
         lines.append("instance_group [\n  {\n" + "\n".join(group) + "\n  }\n]")
+        if self.graph_level is not None:
+            lines.append(f"optimization {{\n  graph {{ level: {int(self.graph_level)} }}\n}}")
         lines += [f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}'
                   for k, v in self.parameters.items()]
         return "\n".join(lines) + "\n"
@@ -176,14 +183,19 @@ class Entry:
         return {"name": self.name, "backend": self.backend, "max_batch_size": self.max_batch_size,
                 "dynamic_batching": self.dynamic_batching, "preferred_batch_sizes": list(self.preferred_batch_sizes),
                 "inputs": {t.name: t.dims for t in self.inputs}, "outputs": {t.name: t.dims for t in self.outputs},
-                "instance_kind": self.instance_kind, "instances": self.instances, "parameters": dict(self.parameters)}
+                "instance_kind": self.instance_kind, "instances": self.instances, "parameters": dict(self.parameters),
+                "graph_level": self.graph_level}
 
 
 def plan_entry(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", max_batch_size: int | None = None,
                instance_kind: str | None = None, instances: int = 1, *, profile=None, dynamic_batching: bool = True,
                preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
-               gpus: list[int] | None = None, parameters: dict[str, str] | None = None) -> Entry:
+               gpus: list[int] | None = None, parameters: dict[str, str] | None = None,
+               graph_level: int | None = None) -> Entry:
     """The entry serving ``model`` (or the engine built from it with ``profile``) with ``backend``.
+
+    ``graph_level`` (onnxruntime backend): the session graph optimization level as Triton spells it
+    (:data:`TRITON_GRAPH_LEVEL`); None leaves ONNX Runtime's default (all).
 
     ``max_batch_size`` None: 64 for ONNX, the profile's MAX batch for an engine; a model
     that cannot batch gets 0 whatever is asked. Not checked here: see :func:`check_entry`.
@@ -224,7 +236,7 @@ def plan_entry(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", 
     preferred = sorted({int(b) for b in (preferred_batch_sizes or []) if 0 < int(b) <= mbs}) if dyn else []
     return Entry(name, backend, mbs, [tensor(v, True) for v in inputs], [tensor(v, False) for v in outputs],
                  dyn, preferred, max_queue_delay_us if dyn else None, kind, int(instances), gpus,
-                 dict(parameters or {}))
+                 dict(parameters or {}), graph_level)
 
 
 def check_entry(entry: Entry, model: onnx.ModelProto, profile=None) -> None:
@@ -248,6 +260,11 @@ def check_entry(entry: Entry, model: onnx.ModelProto, profile=None) -> None:
         fail(f"instance kind {entry.instance_kind} is not one the backend runs ({kinds})")
     if entry.instances < 1:
         fail("an instance group needs count >= 1")
+    if entry.graph_level is not None:
+        if entry.backend != "onnxruntime":
+            fail("optimization { graph { level } } is read by the onnxruntime backend only")
+        if entry.graph_level not in (-1, 1, 2):
+            fail(f"graph optimization level {entry.graph_level} is none the onnxruntime backend knows (-1, 1, 2)")
     mbs = entry.max_batch_size
     if mbs < 0:
         fail(f"max_batch_size {mbs} is negative")
@@ -325,11 +342,13 @@ def check_entry(entry: Entry, model: onnx.ModelProto, profile=None) -> None:
 def config_pbtxt(model: onnx.ModelProto, name: str, backend: str = "onnxruntime", max_batch_size: int | None = None,
                  instance_kind: str = "KIND_CPU", instances: int = 1, *, profile=None, dynamic_batching: bool = True,
                  preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
-                 gpus: list[int] | None = None, parameters: dict[str, str] | None = None) -> str:
+                 gpus: list[int] | None = None, parameters: dict[str, str] | None = None,
+                 graph_level: int | None = None) -> str:
     """The text of ``config.pbtxt`` for ``model`` served by ``backend`` (see :func:`plan_entry`)."""
     return plan_entry(model, name, backend, max_batch_size, instance_kind, instances, profile=profile,
                       dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
-                      max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=parameters).to_pbtxt()
+                      max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=parameters,
+                      graph_level=graph_level).to_pbtxt()
 
 
 def parse_config(text: str):
@@ -355,7 +374,7 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
                      dynamic_batching: bool = True, preferred_batch_sizes: list[int] | None = None,
                      max_queue_delay_us: int | None = None, gpus: list[int] | None = None,
                      parameters: dict[str, str] | None = None, intra_op_threads: int = 1,
-                     replace: bool = True) -> str:
+                     graph_level: int | None = None, replace: bool = True) -> str:
     """Write ``<repo_dir>/<name>/config.pbtxt`` and ``<repo_dir>/<name>/<version>/model.*``.
 
     ``model`` (an ``onnx.ModelProto`` or ``onnx_ir.Model``) gives the I/O signature and is itself the served
@@ -388,7 +407,7 @@ def write_repository(repo_dir: str, name: str, model, artifact: bytes | str | No
     sig = signature(model)  # inputs and outputs only, weights left out
     entry = plan_entry(sig, name, backend, max_batch_size, instance_kind, instances, profile=profile,
                        dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
-                       max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=params)
+                       max_queue_delay_us=max_queue_delay_us, gpus=gpus, parameters=params, graph_level=graph_level)
     check_entry(entry, sig, profile)
     text = entry.to_pbtxt()
     _check_schema(text)

@@ -3,7 +3,7 @@
 This file is copied into ``<repo>/<name>/<version>/model.py`` and runs inside Triton's
 Python backend stub, in the serving environment (numpy < 2 for tritonserver 2.51, and
 onnxruntime); it never imports normdeploy. Everything comes from config.pbtxt: the ONNX
-file and the thread count from its ``parameters``, the tensors and ``max_batch_size``
+file, the thread count and the graph optimization level from its ``parameters``, the tensors and ``max_batch_size``
 from its ``input``/``output`` sections.
 
 Requests the dynamic batcher hands over together are grouped by their non-batch shapes,
@@ -37,6 +37,11 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_num_threads", "1"))
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        level = params.get("graph_optimization_level", "all")  # what normdeploy verified and timed model.onnx with
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.max_batch = int(config.get("max_batch_size", 0))
         self.inputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])), self._dims(t))

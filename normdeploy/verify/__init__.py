@@ -64,10 +64,23 @@ class Accuracy:
                 "top1_agreement": self.top1_agreement, "outputs": [o.__dict__ for o in self.outputs]}
 
 
+#: a comparison converts at most this many entries of an output to float64 at a time
+CHUNK_ENTRIES = 1 << 20
+
+
 @dataclass
 class _Tally:
-    """The parts of :class:`OutputComparison` that combine over batches of samples (max, min, sums), so that
-    a comparison never holds more than one feed's outputs in float64 (an LM's logits are large)."""
+    """The parts of :class:`OutputComparison` that combine over batches of samples and over blocks of
+    entries (max, min, sums), so that a comparison never holds more than :data:`CHUNK_ENTRIES` entries of
+    an output in float64 (an LM's logits are large: 78 MB of float32 per Qwen2 feed, five times that in
+    the float64 temporaries of a whole-array comparison). ``ref`` and ``opt`` may be memory-mapped
+    (:class:`normdeploy.build.Recorded`): they are read block by block, never copied whole.
+
+    Per sample (row ``i`` of the output flattened to ``[rows, cols]``) the cosine is
+    ``sum(r*o) / sqrt(sum(r*r) * sum(o*o))``, its three sums accumulated over column blocks in
+    float64 (what ``np.linalg.norm`` computes, in another summation order: equal to about 1e-16).
+    Max, min and counts are order-free, so exact. Top-1 is ``argmax`` over whole rows of the arrays
+    as given (argmax is the same in any float dtype that holds the values exactly)."""
 
     name: str
     max_abs: float = 0.0
@@ -79,9 +92,34 @@ class _Tally:
     top1_rows: int = 0
 
     def add(self, ref: np.ndarray, opt: np.ndarray) -> None:
-        ref64, opt64 = np.asarray(ref, np.float64), np.asarray(opt, np.float64)
-        if ref64.shape != opt64.shape:
-            raise ValueError(f"output {self.name}: shape {opt64.shape} differs from the original's {ref64.shape}")
+        ref, opt = np.asarray(ref), np.asarray(opt)
+        if ref.shape != opt.shape:
+            raise ValueError(f"output {self.name}: shape {opt.shape} differs from the original's {ref.shape}")
+        rows = ref.shape[0] if ref.ndim else 1
+        if rows == 0:
+            return
+        r2d, o2d = ref.reshape(rows, -1), opt.reshape(rows, -1)
+        cols = r2d.shape[1]
+        dot, rr, oo = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+        row_step = max(1, CHUNK_ENTRIES // max(cols, 1))
+        col_step = min(max(cols, 1), CHUNK_ENTRIES)
+        for i in range(0, rows, row_step):
+            for j in range(0, cols, col_step):
+                blk = (slice(i, i + row_step), slice(j, j + col_step))
+                d, rr_b, oo_b = self._block(np.asarray(r2d[blk], np.float64), np.asarray(o2d[blk], np.float64))
+                dot[blk[0]] += d
+                rr[blk[0]] += rr_b
+                oo[blk[0]] += oo_b
+        nr, no = np.sqrt(rr), np.sqrt(oo)
+        cos = np.where((nr == 0) & (no == 0), 1.0, dot / np.maximum(nr * no, 1e-300))
+        self.cosine_min = min(self.cosine_min, float(cos.min()))
+        if ref.ndim == 2 and ref.shape[1] > 1 and np.issubdtype(ref.dtype, np.floating):
+            for i in range(0, rows, row_step):
+                self.top1_hits += int(np.sum(ref[i:i + row_step].argmax(1) == opt[i:i + row_step].argmax(1)))
+            self.top1_rows += rows
+
+    def _block(self, ref64: np.ndarray, opt64: np.ndarray):
+        """Fold one float64 block into the running max, min and counts; its per-row sums for the cosine."""
         ref_finite, opt_finite = np.isfinite(ref64), np.isfinite(opt64)
         self.nonfinite += int(np.sum(~opt_finite & ref_finite))  # non-finite where the original is finite
         both = ref_finite & opt_finite
@@ -90,19 +128,13 @@ class _Tally:
             np.where(np.isinf(ref64), ref64, 0), np.where(np.isinf(opt64), opt64, 0)))
         r = np.where(both, ref64, 0.0)
         o = np.where(both, opt64, 0.0)
+        del ref64, opt64, both
         if r.size:
             with np.errstate(over="ignore"):  # a difference of two large finite values may overflow: inf, as it is
                 self.max_abs = max(self.max_abs, float(np.abs(o - r).max()))
             self.scale = max(self.scale, float(np.abs(r).max()))
-        if r.ndim == 0 or r.shape[0] > 0:  # a 0-d output (a scalar loss, a count) is one sample of one entry
-            rows = r.shape[0] if r.ndim else 1
-            r2, o2 = r.reshape(rows, -1), o.reshape(rows, -1)
-            nr, no = np.linalg.norm(r2, axis=1), np.linalg.norm(o2, axis=1)
-            cos = np.where((nr == 0) & (no == 0), 1.0, (r2 * o2).sum(1) / np.maximum(nr * no, 1e-300))
-            self.cosine_min = min(self.cosine_min, float(cos.min()))
-        if ref64.ndim == 2 and ref64.shape[1] > 1 and np.issubdtype(np.asarray(ref).dtype, np.floating):
-            self.top1_hits += int(np.sum(ref64.argmax(1) == opt64.argmax(1)))
-            self.top1_rows += ref64.shape[0]
+        with np.errstate(over="ignore"):
+            return (r * o).sum(1), (r * r).sum(1), (o * o).sum(1)
 
     def result(self) -> OutputComparison:
         max_abs = self.max_abs if self.same_nonfinite else float("inf")
@@ -119,7 +151,10 @@ def compare_arrays(name: str, ref: np.ndarray, opt: np.ndarray) -> OutputCompari
 
 
 def compare(original: Runner, optimized: Runner, feeds: list[dict[str, np.ndarray]], label: str) -> Accuracy:
-    """Run both models on every feed; compare output by output (outputs matched by position), feed by feed."""
+    """Run both models on every feed; compare output by output (outputs matched by position), feed by feed.
+
+    Streaming: one feed's outputs of each model are alive at a time (a :class:`normdeploy.build.Recorded`
+    original replays them memory-mapped), and each is compared block by block (:class:`_Tally`)."""
     tallies: dict[int, _Tally] = {}
     samples = 0
     for feed in feeds:
@@ -127,6 +162,7 @@ def compare(original: Runner, optimized: Runner, feeds: list[dict[str, np.ndarra
         samples += next(iter(feed.values())).shape[0] if feed else 1
         for i, (r, o) in enumerate(zip(ref, opt)):
             tallies.setdefault(i, _Tally(original.output_names[i])).add(r, o)
+        ref = opt = r = o = None  # before the next feed's outputs exist: one set alive at a time
     acc = Accuracy(label, samples)
     acc.outputs.extend(t.result() for t in tallies.values())
     return acc

@@ -5,6 +5,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from onnx import helper
 from torch import nn
 
 from normdeploy.core import ops
@@ -20,6 +21,7 @@ from tests.graph_helpers import (
     export_torch,
     initializer,
     op_counts,
+    run_step,
 )
 
 PASS = "recognize_rmsnorm"
@@ -383,22 +385,96 @@ def test_corpus_rmsnorm_spellings_make_trt_plugins(spelling, way, tmp_path):
     assert [node.op_type for node in plugins] == ["NormdeployRMSNorm"] * n, [node.op_type for node in plugins]
 
 
-#: spellings that are a different function from RMSNorm: left alone, with what the reason must say
-NOT_RMSNORM = {
-    "bzhang RMSNorm (torch), eps outside the root": (lambda: corpus.BzhangRMSNorm(16), "outside the square root"),
-    "bzhang partial RMSNorm (torch), p = 0.5": (lambda: corpus.BzhangRMSNorm(16, p=0.5), "partial RMSNorm"),
-    "bzhang partial rms_norm (tensorflow), p = 0.5": (lambda: corpus.BzhangRMSNormTF(16, p=0.5), "partial RMSNorm"),
+#: bzhangGo/rmsnorm's variants: factory, the canonical node's variant attributes, what the recorded spelling says
+RMSNORM_VARIANTS = {
+    "bzhang RMSNorm (torch), eps outside the root": (lambda: corpus.BzhangRMSNorm(16), {"eps_outside": 1},
+                                                    "eps outside the root: ReduceL2"),
+    "bzhang RMSNorm (torch), eps outside, with offset": (lambda: corpus.BzhangRMSNorm(16, bias=True),
+                                                        {"eps_outside": 1}, "eps outside the root: ReduceL2"),
+    "bzhang partial RMSNorm (torch), p = 0.5": (lambda: corpus.BzhangRMSNorm(16, p=0.5),
+                                                {"eps_outside": 1, "partial": 8}, "partial: the statistic of 8 of 16"),
+    "bzhang partial RMSNorm (torch), p = 1": (lambda: corpus.BzhangRMSNorm(16, p=1.0), {"eps_outside": 1},
+                                              "eps outside the root: ReduceL2"),
+    "bzhang partial rms_norm (tensorflow), p = 0.5": (lambda: corpus.BzhangRMSNormTF(16, p=0.5), {"partial": 8},
+                                                      "partial: the statistic of 8 of 16"),
+    "bzhang partial rms_norm (tensorflow), p = 0.3, offset": (lambda: corpus.BzhangRMSNormTF(16, p=0.3, bias=True),
+                                                              {"partial": 4}, "partial: the statistic of 4 of 16"),
 }
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("opset", [17, 23])
 @pytest.mark.parametrize("way", harness.WAYS)
-@pytest.mark.parametrize("spelling", list(NOT_RMSNORM))
-def test_corpus_not_rmsnorm_is_left_alone_with_the_reason(spelling, way, tmp_path):
-    factory, why = NOT_RMSNORM[spelling]
-    result = harness.check(_corpus_module(factory), (torch.randn(2, 5, 16),), way, tmp_path, before={}, opset=18)
+@pytest.mark.parametrize("spelling", list(RMSNORM_VARIANTS))
+def test_corpus_rmsnorm_variants_are_recognized_and_exact(spelling, way, opset, tmp_path):
+    """eps outside the root and partial RMSNorm, each way: one RMSNorm with the variant attributes, lowered for
+    ONNX Runtime to standard ops (no fused op computes them), exact against torch."""
+    factory, variant, label = RMSNORM_VARIANTS[spelling]
+    result = harness.check(_corpus_module(factory), (torch.randn(2, 5, 16),), way, tmp_path, before={"RMSNorm": 1},
+                           opset=opset)
     p = _pass_report(result, "recognize_rmsnorm")
-    assert p["rewrites"] == [] and len(p["skipped"]) == 1 and why in p["skipped"][0]["reason"], p
+    assert len(p["rewrites"]) == 1 and p["skipped"] == [], p
+    assert label in p["rewrites"][0]["spelling"], p["rewrites"]
+    shown = ", ".join(f"{k}={v}" for k, v in variant.items())
+    assert p["rewrites"][0]["what"].endswith(f"({shown})"), p["rewrites"]  # the canonical node's attributes
+    lowered = {n.op_type for n in result.optimized_model.graph}
+    assert not lowered & {"SimplifiedLayerNormalization", "RMSNormalization"}, lowered
+    assert ("Slice" in lowered) == ("partial" in variant) and ("ReduceL2" in lowered) == ("eps_outside" in variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", harness.WAYS)
+def test_corpus_rmsnorm_variant_is_a_function_body_exact_and_reported_by_inspect(way, tmp_path):
+    """The canonical model (the variant body travels with it) is exact against torch, and inspect names the kind
+    and the spelling matched."""
+    import normdeploy
+    from normdeploy.core.passes import PassContext, run_steps
+    from normdeploy.options import Options
+    from normdeploy.pipeline import CANONICALIZE, prepare
+    from tests.conftest import ort_run
+
+    module = _corpus_module(lambda: corpus.BzhangRMSNorm(16, p=0.5))
+    path = harness.export(module, (torch.randn(2, 5, 16),), way, str(tmp_path), opset=18)
+    info = normdeploy.inspect(path, opset=18) if way == "pt2" else normdeploy.inspect(path)
+    (entry,) = info["normalizations"]
+    assert entry["kind"] == "RMSNorm" and entry["recognized_by"] == PASS, entry
+    assert "eps outside the root, partial: the statistic of 8 of 16 channels" in entry["spelling"], entry
+    canonical = prepare(path, Options.from_flat(opset=18)).original
+    run_steps(canonical, CANONICALIZE, PassContext())
+    (node,) = [n for n in canonical.graph if n.domain == ops.DOMAIN]
+    assert ops.rms_variant(node) == {"eps_outside": 1, "partial": 8}
+    assert [f.name for f in canonical.functions.values()] == ["RMSNorm"]
+    for seed in range(2):
+        feed = harness.random_inputs((torch.randn(2, 5, 16),), seed, batch=3)
+        assert harness.max_rel_err(harness.torch_outputs(module, feed)[0], ort_run(canonical, *feed)[0]) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", harness.WAYS)
+@pytest.mark.parametrize("spelling", ["bzhang partial RMSNorm (torch), p = 0.5",
+                                      "bzhang partial rms_norm (tensorflow), p = 0.5"])
+def test_corpus_rmsnorm_variants_are_standard_ops_on_trt(spelling, way, tmp_path):
+    """``--target trt-fp16 --lower-only``: no NormdeployRMSNorm plugin (its kernel adds eps inside the root over
+    the whole row): the variant is lowered to standard ops, and the pass says why."""
+    factory, _, _ = RMSNORM_VARIANTS[spelling]
+    result = harness.check(_corpus_module(factory), (torch.randn(2, 5, 16),), way, tmp_path,
+                           before={"RMSNorm": 1}, target="trt-fp16")
+    assert not [n for n in result.optimized_model.graph if n.domain == ops.DOMAIN]
+    (w,) = _pass_report(result, "lower_to_trt_plugins")["rewrites"]
+    assert "standard ops" in w["what"] and "not the NormdeployRMSNorm plugin" in w["what"], w
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", harness.WAYS)
+def test_corpus_rmsnorm_variant_gain_folds_into_the_next_linear(way, tmp_path):
+    """partial, eps-outside RMSNorm then a Linear: the gain folds into the Linear (it multiplies every channel after
+    the division, as any RMSNorm gain), the variant keeps unit gain, exact against torch."""
+    torch.manual_seed(0)
+    module = randomize(nn.Sequential(corpus.BzhangRMSNorm(16, p=0.25), nn.Linear(16, 8)), seed=3)
+    result = harness.check(module, (torch.randn(2, 5, 16),), way, tmp_path, before={"RMSNorm": 1})
+    (w,) = _pass_report(result, "fold_affine_into_linear")["rewrites"]
+    lowered = [n.op_type for n in result.optimized_model.graph]
+    assert "Slice" in lowered and lowered.count("Mul") == 1, lowered  # k^-1/2 only: the gain Mul is gone
 
 
 @pytest.mark.slow
@@ -460,21 +536,83 @@ def test_keepdims_off_then_unsqueeze_is_recognized():
     assert result.rewrites[0].spelling.startswith("keepdims=0 + Unsqueeze: ")
 
 
-def test_eps_outside_the_root_is_left_alone_with_the_reason():
-    """``x / (sqrt(mean(x^2)) + eps)``: a different function from RMSNorm; left alone, and said why."""
+@pytest.mark.parametrize("form", ["sqrt_mean", "l2_mul", "l2_div"])
+def test_eps_outside_the_root_becomes_the_variant(form):
+    """``x / (sqrt(mean(x^2)) + eps) * g``, or the 2-norm scaled by d^-1/2 (Mul) or divided by sqrt(d):
+    RMSNorm(eps_outside=1), exact."""
+    g = np.linspace(-1.5, 1.5, 8).astype(np.float32)
     b = GraphBuilder(18)
     x = b.input("x", [2, 3, 8])
-    rms = b("Sqrt", b.reduce_mean(b("Mul", x, x), [-1]))
-    b("Div", x, b("Add", rms, b.const(1e-8)), out="y")
-    _assert_untouched(b.model("y"), "outside the square root")
+    if form == "sqrt_mean":
+        rms = b("Sqrt", b.reduce_mean(b("Mul", x, x), [-1]))
+    else:
+        l2 = b("ReduceL2", x, b.const(np.array([-1], np.int64), np.int64), keepdims=1)
+        rms = b("Mul", l2, b.const(8 ** -0.5)) if form == "l2_mul" else b("Div", l2, b.const(np.sqrt(8.0)))
+    normed = b("Div", x, b("Add", rms, b.const(0.05)))
+    b("Mul", normed, b.const(g), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    (node,) = [n for n in after.graph.node if n.domain == ops.DOMAIN]
+    assert attrs_of(node)["eps_outside"] == 1 and attrs_of(node).get("partial", 0) == 0
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, []), result
+    np.testing.assert_array_equal(initializer(after, node.input[1]), g)
+    assert op_counts(after) == {RMSNORM: 1}
+    assert_same_outputs(model, after)
 
 
-def test_partial_rmsnorm_is_left_alone_with_the_reason():
-    """The statistic of the first 4 of 8 channels divides all 8 (bzhang's p = 0.5)."""
+def test_two_norm_scaled_by_the_wrong_count_is_left_alone_with_the_reason():
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 3, 8])
+    l2 = b("ReduceL2", x, b.const(np.array([-1], np.int64), np.int64), keepdims=1)
+    b("Div", x, b("Add", b("Mul", l2, b.const(0.5)), b.const(1e-8)), out="y")  # 0.5 is 4^-1/2, not 8^-1/2
+    _assert_untouched(b.model("y"), "not an RMS")
+
+
+@pytest.mark.parametrize("spelling", ["slice", "split"])
+def test_partial_rmsnorm_becomes_the_variant(spelling):
+    """The statistic of the first 3 of 8 channels divides all 8 (bzhang's p): RMSNorm(partial=3), exact."""
+    g = np.linspace(0.5, 1.5, 8).astype(np.float32)
     b = GraphBuilder(18)
     x = b.input("x", [2, 3, 8])
     i64 = lambda v: b.const(np.array(v, np.int64), np.int64)  # noqa: E731
-    part = b("Slice", x, i64([0]), i64([4]), i64([-1]))
+    if spelling == "slice":
+        part = b("Slice", x, i64([0]), i64([3]), i64([-1]))
+    else:
+        b.nodes.append(helper.make_node("Split", [x, i64([3, 5])], ["part", "rest"], name="n_split", axis=-1))
+        part = "part"
+    ms = b.reduce_mean(b("Mul", part, part), [-1])
+    b("Mul", b("Mul", x, b.const(g)), b("Reciprocal", b("Sqrt", b("Add", ms, b.const(1e-3)))), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    (node,) = [n for n in after.graph.node if n.domain == ops.DOMAIN]
+    assert attrs_of(node)["partial"] == 3 and attrs_of(node).get("eps_outside", 0) == 0
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, []), result
+    assert "partial: the statistic of 3 of 8 channels" in result.rewrites[0].spelling
+    assert op_counts(after) == {RMSNORM: 1}
+    assert_same_outputs(model, after)
+    lowered, _ = run_step(after, "lower_canonical_to_standard_ops")
+    assert not [n for n in lowered.graph.node if n.domain == ops.DOMAIN]
+    assert_same_outputs(model, lowered)
+
+
+@pytest.mark.parametrize("start,axis,why", [(1, -1, "does not take the leading channels"),
+                                            (0, 1, "not the normalized last axis")])
+def test_a_slice_that_is_not_leading_channels_is_left_alone_with_the_reason(start, axis, why):
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 3, 8])
+    i64 = lambda v: b.const(np.array(v, np.int64), np.int64)  # noqa: E731
+    part = b("Slice", x, i64([start]), i64([start + 2]), i64([axis]))
     ms = b.reduce_mean(b("Mul", part, part), [-1])
     b("Mul", x, b("Reciprocal", b("Sqrt", b("Add", ms, b.const(1e-8)))), out="y")
-    _assert_untouched(b.model("y"), "partial RMSNorm")
+    _assert_untouched(b.model("y"), why)
+
+
+def test_partial_rmsnorm_over_no_channel_is_left_alone_with_the_reason():
+    """p = 0: the statistic of an empty slice (NaN in the module) is not normalized; said so."""
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 3, 8])
+    i64 = lambda v: b.const(np.array(v, np.int64), np.int64)  # noqa: E731
+    part = b("Slice", x, i64([0]), i64([0]), i64([-1]))
+    ms = b.reduce_mean(b("Mul", part, part), [-1])
+    b("Mul", x, b("Reciprocal", b("Sqrt", b("Add", ms, b.const(1e-8)))), out="y")
+    _assert_untouched(b.model("y"), "covers no channel")

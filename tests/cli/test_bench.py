@@ -83,7 +83,14 @@ def test_bench_writes_png_and_markdown_with_provenance(bench_json):
     assert out["plot"] == str(d / "b.png")
     assert (d / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (d / "b.md").read_text()
-    assert "| variant | p50 ms | p90 ms | p99 ms |" in md
+    assert "| variant | p50 ms | p50 per session (n) | p90 ms | p99 ms |" in md
+    assert "in 3 session(s) per variant" in md  # --sessions' default
+    m = out["models"][0]
+    assert m["sessions"] == 3
+    for name in ("original", "optimized", "floor", "onnxslim"):
+        lat = m["variants"][name]["latency"]
+        lo, hi = lat["session_spread_ms"]
+        assert lat["sessions"] == 3 and len(lat["session_p50_ms"]) == 3 and lo <= lat["p50_ms"] <= hi
     assert cpu_name() in md and "1 thread," in md and f"onnxruntime {onnxruntime.__version__}" in md
     assert "| optimized |" in md and "| onnxslim |" in md and "normalization cost left" in md
 

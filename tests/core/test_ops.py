@@ -100,3 +100,38 @@ def test_function_bodies_run_at_older_opsets_and_use_attribute_defaults(op, shap
     ops.attach_functions(model)
     (y,) = ort_run(model, x)
     np.testing.assert_allclose(y, ops.REFERENCE[op](x, *params, **ops.ATTRIBUTES[op]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [{"eps_outside": 1}, {"partial": 3}, {"eps_outside": 1, "partial": 5},
+                                   {"epsilon": 0.3, "eps_outside": 1, "partial": 2}])
+@pytest.mark.parametrize("opset", [13, 17, 18, 23])
+def test_rmsnorm_variant_body_computes_eps_outside_and_partial(attrs, opset):
+    """bzhangGo/rmsnorm's variants through RMSNorm's function body: g x / (rms(x[..., :k]) + eps) and
+    g x / sqrt(mean(x[..., :k]^2) + eps), against a float64 formula and the NumPy reference; a model of plain
+    RMSNorms keeps the plain body (the variant attributes cost it nothing)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(opset)
+    x = (rng.standard_normal((2, 3, 7)) * 2 + 0.5).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, 7).astype(np.float32) * np.where(rng.random(7) < 0.3, -1, 1).astype(np.float32)
+
+    def model(node_attrs):
+        node = helper.make_node("RMSNorm", ["x", "g"], ["y"], domain=ops.DOMAIN, **node_attrs)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [onnx.numpy_helper.from_array(g, "g")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ops.DOMAIN, 1)],
+                              ir_version=10)
+        return ops.attach_functions(m)
+
+    m = model(attrs)
+    (y,) = ort_run(m, x)
+    k, eps = attrs.get("partial") or 7, attrs.get("epsilon", ops.ATTRIBUTES["RMSNorm"]["epsilon"])
+    rms = np.sqrt(np.mean(x[..., :k].astype(np.float64) ** 2, -1, keepdims=True))
+    want = g * x / ((rms + eps) if attrs.get("eps_outside") else np.sqrt(rms ** 2 + eps))
+    np.testing.assert_allclose(y, want, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(ops.REFERENCE["RMSNorm"](x, g, **{**ops.ATTRIBUTES["RMSNorm"], **attrs}), want,
+                               rtol=2e-6, atol=1e-6)
+    plain = model({})
+    assert len(plain.functions[0].node) < len(m.functions[0].node)
+    assert not {n.op_type for n in plain.functions[0].node} & {"Slice", "Where"}

@@ -25,7 +25,7 @@ class BzhangRMSNorm(nn.Module):
     ``rms = ||x_[:k]||_2 * k^(-1/2)``, ``y = scale * (x / (rms + eps)) [+ offset]``, with k = d, or
     ``int(d * p)`` for partial RMSNorm (0 <= p <= 1: the statistic over the first k channels of
     ``torch.split(x, [k, d - k], -1)``, applied to all d). eps (1e-8) is added OUTSIDE the root:
-    a different function from the canonical RMSNorm.
+    a different function from the plain RMSNorm, the canonical node's ``eps_outside=1`` (and ``partial=k``).
     """
 
     def __init__(self, d: int, p: float = -1.0, eps: float = 1e-8, bias: bool = False):
@@ -51,7 +51,8 @@ class BzhangRMSNormTF(nn.Module):
     """The paper's TensorFlow ``rms_norm`` (bzhangGo/rmsnorm, rmsnorm_tensorflow.py) in torch ops.
 
     ``ms = mean(x_[:k] ** 2, -1, keepdims)``, ``y = scale * x * rsqrt(ms + eps) + offset``; eps (1e-8)
-    INSIDE the root; ``offset`` is the constant 0. without bias (still added, as the source does).
+    INSIDE the root; ``offset`` is the constant 0. without bias (still added, as the source does). With p, the
+    canonical node's ``partial=k``.
     """
 
     def __init__(self, d: int, p: float = -1.0, eps: float = 1e-8, bias: bool = False):
