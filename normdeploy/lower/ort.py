@@ -138,8 +138,8 @@ def rms_variant_ops(e: _Emitter, x, gain: np.ndarray, eps: float, eps_outside: i
 
     ``s = x[..., :partial]`` (all of x when ``partial`` is 0); eps outside the root:
     ``g x / (ReduceL2(s) k^-1/2 + eps)`` with k = ``channels``, the channels of s (the RMS as bzhangGo/rmsnorm's
-    torch module computes it); eps inside: ``g x / sqrt(mean(s^2) + eps)``. Used by the TensorRT
-    lowering too, for the variants the RMSNorm plugin kernel does not compute.
+    torch module computes it); eps inside: ``g x / sqrt(mean(s^2) + eps)``. (The TensorRT lowering
+    gives the variants to the NormdeployRMSNorm plugin instead, whose kernel computes both.)
     """
     s = x
     if partial:

@@ -8,8 +8,9 @@
 
 | canonical node | becomes | exact |
 |---|---|---|
-| RMSNorm(X, G)        | NormdeployRMSNorm(X, G), attribute epsilon | yes |
-| RMSNorm, eps_outside / partial | standard ops: the kernel adds eps inside the root, whole rows | yes |
+| RMSNorm(X, G)        | NormdeployRMSNorm(X, G), attributes epsilon, eps_outside = 0, partial = 0 | yes |
+| ... eps_outside / partial | NormdeployRMSNorm(X, G), same fields: g x / (sqrt(mean(s^2)) + eps) | yes |
+|                      | (eps_outside = 1), s = x[..., :k] (partial = k); fp32 statistic, as the function body | |
 | CRMSNorm(X, G)       | NormdeployCRMSNorm(X, G): a kernel variant that sums x and x^2 in one pass | yes |
 | GroupScaling(X)      | NormdeployGroupScaling(X), attributes groups, epsilon | yes |
 | ScaleNorm(X, G)      | NormdeployScaleNorm(X), attributes scale = G (a constant scalar), epsilon | yes |
@@ -34,7 +35,9 @@ for TensorRT (on CPU, :mod:`normdeploy.lower.plugins.emulate` runs it).
 A node is skipped, with the reason, when the plugin cannot express it: a scalar that must
 become an attribute (DynamicTanh's alpha, ScaleNorm's g) is not a constant; a gain is not
 a vector of one value per channel; the channel count is not divisible by the groups; a
-PowerNorm or UnifiedNorm parameter is not a constant.
+PowerNorm or UnifiedNorm parameter is not a constant; an RMSNorm's ``partial`` is negative
+or exceeds the static width of the last axis, or its ``eps_outside`` is neither 0 nor 1.
+(An unknown width is no obstacle to either variant: the kernel gets the row length at run time.)
 """
 from __future__ import annotations
 
@@ -49,7 +52,6 @@ from ..core.graph import (
     const_value,
     constant,
     dtype_of,
-    opset_of,
     rank_of,
     shape_of,
     value,
@@ -159,44 +161,43 @@ def _affine(namer: Namer, node: ir.Node, x: ir.Value, a: np.ndarray, b: np.ndarr
 
 # ----------------------------------------------------------------------------- per op
 
-def _lower_rms_variant(graph, namer, node, result, variant: dict) -> str | None:
-    """bzhangGo/rmsnorm's eps-outside / partial RMSNorm: no plugin (the RMSNorm kernel adds eps inside the root and
-    takes the statistic of the whole row), so standard ops inside the TensorRT graph, the formula written out
-    exactly as for ONNX Runtime (:func:`normdeploy.lower.ort.rms_variant_ops`); TensorRT's reductions run them."""
-    from .ort import _Emitter, rms_variant_ops, variant_width
+def _rms_variant_attrs(node) -> tuple[dict | None, str | None]:
+    """bzhangGo/rmsnorm's eps-outside / partial RMSNorm as the NormdeployRMSNorm plugin's ``eps_outside`` and
+    ``partial`` fields (the kernel's EPS_OUTSIDE and its run-time statistic width n_stat), or a skip reason.
 
-    g = const_value(node.inputs[1])
-    if g is None:
-        return (f"RMSNorm with {variant}: the gain is not a constant, and the NormdeployRMSNorm plugin computes "
-                "neither eps outside the root nor a partial statistic; left to the op's function body")
-    width = variant_width(node)
-    if variant.get("eps_outside") and width is None:
-        return "the width of the last axis is unknown (eps outside the root: the 2-norm is scaled by width^-1/2)"
+    ``eps_outside`` needs no static width (the kernel divides the sum of squares by the n_cols it is launched
+    with); ``partial = k`` must be 1..C for a static width C. The canonical defaults (0, 0) are the plain plugin.
+    """
     a = _attrs(node)
-    x = node.inputs[0]
-    e = _Emitter(namer, node.name or node.op_type, _dtype_of(x, g))
-    out = rms_variant_ops(e, x, np.asarray(g, np.float64).reshape(-1), float(a["epsilon"]), int(a["eps_outside"]),
-                          int(a["partial"]), width, opset_of(graph) or 17)
-    take_over(node, out)
-    shown = ", ".join(f"{k}={v}" for k, v in variant.items())
-    result.rewrote(f"RMSNorm ({shown}) -> standard ops (Slice, ReduceL2 or ReduceMean, Sqrt, Add, Div, Mul), not the "
-                   "NormdeployRMSNorm plugin, whose kernel adds eps inside the root and takes the statistic of the "
-                   "whole row", node=node.name)
-    return None
+    eps_outside, partial = int(a["eps_outside"]), int(a["partial"])
+    if eps_outside not in (0, 1):
+        return None, f"RMSNorm eps_outside={eps_outside} is neither 0 nor 1; left to the op's function body"
+    c = _channels(node.inputs[0])
+    if partial < 0:
+        return None, f"RMSNorm partial={partial} is negative; left to the op's function body"
+    if c is not None and partial > c:
+        return None, (f"RMSNorm partial={partial} exceeds the {c} channels of the last axis (the plugin's statistic "
+                      "covers at most the row); left to the op's function body")
+    return {"eps_outside": eps_outside, "partial": partial}, None
 
 
 def _lower_rms(graph, namer, node, result) -> str | None:
     x, g = node.inputs[0], node.inputs[1]
     variant = rms_variant(_attrs(node)) if node.op_type == "RMSNorm" else {}
+    values = {"epsilon": _attrs(node)["epsilon"]}
     if variant:
-        return _lower_rms_variant(graph, namer, node, result, variant)
+        fields, why = _rms_variant_attrs(node)
+        if why:
+            return why
+        values.update(fields)
     gv, why = _channel_param(namer, node, g, _channels(x), "gain")
     if why:
         return why
     plugin = "NormdeployRMSNorm" if node.op_type == "RMSNorm" else "NormdeployCRMSNorm"
-    new = _plugin_node(namer, node, plugin, [x, gv], {"epsilon": _attrs(node)["epsilon"]})
+    new = _plugin_node(namer, node, plugin, [x, gv], values)
     take_over(node, new.outputs[0])
-    result.rewrote(f"{node.op_type} -> {plugin}", node=node.name)
+    shown = f" ({', '.join(f'{k}={v}' for k, v in variant.items())})" if variant else ""
+    result.rewrote(f"{node.op_type}{shown} -> {plugin}", node=node.name)
     return None
 
 

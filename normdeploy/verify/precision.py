@@ -388,7 +388,8 @@ def _numpy_array_of(a: np.ndarray, t: int) -> np.ndarray:
 #: canonical op's inputs come from the plugin's: input names, or ("attr", name) for a scalar
 #: attribute turned into a constant, or "zeros_like:w" for an all-zero bias)
 _PLUGIN_BODIES = {
-    "NormdeployRMSNorm": (("x", "g"), ("epsilon",), "RMSNorm", ("x", "g"), ("epsilon",)),
+    "NormdeployRMSNorm": (("x", "g"), ("epsilon", "eps_outside", "partial"), "RMSNorm", ("x", "g"),
+                          ("epsilon", "eps_outside", "partial")),
     "NormdeployCRMSNorm": (("x", "g"), ("epsilon",), "CRMSNorm", ("x", "g"), ("epsilon",)),
     "NormdeployGroupScaling": (("x",), ("groups", "epsilon"), "GroupScaling", ("x",), ("groups", "epsilon")),
     "NormdeployScaleNorm": (("x",), ("scale", "epsilon"), "ScaleNorm", ("x", ("attr", "scale")), ("epsilon",)),
@@ -454,7 +455,8 @@ def plugins_as_functions(model: onnx.ModelProto | ir.Model):
                     args.append(f"{ci}_f32")
             call = helper.make_node(canon, args, ["y_f32"], domain=CANONICAL_DOMAIN)
             for a in canon_attrs:
-                kind = onnx.AttributeProto.INT if a in ("groups", "axis") else onnx.AttributeProto.FLOAT
+                kind = (onnx.AttributeProto.INT if a in ("groups", "axis", "eps_outside", "partial")
+                        else onnx.AttributeProto.FLOAT)
                 call.attribute.append(onnx.AttributeProto(name=a, ref_attr_name=a, type=kind))
             nodes.append(call)
             canon_needed.add(canon)
@@ -463,9 +465,12 @@ def plugins_as_functions(model: onnx.ModelProto | ir.Model):
             domain, op, list(inputs), ["y"], nodes,
             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(CANONICAL_DOMAIN, ops.VERSION)],
             attributes=list(attrs) + list(_PLUGIN_EXTRA_ATTRS)))
+    # RMSNorm's variant body where a plugin node sets eps_outside or partial (a node without them, or an older
+    # file, passes nothing and gets the canonical defaults: the plain RMSNorm)
+    variant = any(ops.rms_variant(n) for n in m.graph.node if is_plugin(n) and n.op_type == "NormdeployRMSNorm")
     for canon in sorted(canon_needed):
         if (CANONICAL_DOMAIN, canon) not in have:
-            m.functions.append(ops.function_proto(canon, opset))
+            m.functions.append(ops.function_proto(canon, opset, variant))
     for domain in {d for d, _ in used} | {CANONICAL_DOMAIN}:
         if not any(o.domain == domain for o in m.opset_import):
             m.opset_import.append(helper.make_opsetid(domain, ops.VERSION))
@@ -475,12 +480,15 @@ def plugins_as_functions(model: onnx.ModelProto | ir.Model):
 def _plugins_as_functions_ir(model: ir.Model) -> ir.Model:
     """:func:`plugins_as_functions` for an in-memory model: the functions are built on a stub holding only
     the plugin nodes (no weights), then attached to a clone that shares the weights."""
+    from ..core import ops
+
     stub = onnx.ModelProto(ir_version=model.ir_version or 10)
     for domain, version in model.opset_imports.items():
         stub.opset_import.append(helper.make_opsetid(domain, version))
     for n in model.graph:
         if n.op_type in _PLUGIN_BODIES and n.domain:
-            stub.graph.node.append(helper.make_node(n.op_type, [], [], domain=n.domain))
+            variant = ops.rms_variant(n) if n.op_type == "NormdeployRMSNorm" else {}
+            stub.graph.node.append(helper.make_node(n.op_type, [], [], domain=n.domain, **variant))
     with_functions = plugins_as_functions(stub)
     out = model.clone()
     for fn in with_functions.functions:

@@ -449,19 +449,60 @@ def test_corpus_rmsnorm_variant_is_a_function_body_exact_and_reported_by_inspect
         assert harness.max_rel_err(harness.torch_outputs(module, feed)[0], ort_run(canonical, *feed)[0]) <= 1e-5
 
 
+def _plugin_variant_fields(node) -> dict:
+    return {a: node.attributes[a].value for a in ("eps_outside", "partial")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("way", harness.WAYS)
-@pytest.mark.parametrize("spelling", ["bzhang partial RMSNorm (torch), p = 0.5",
+@pytest.mark.parametrize("spelling", ["bzhang RMSNorm (torch), eps outside the root",
+                                      "bzhang partial RMSNorm (torch), p = 0.5",
                                       "bzhang partial rms_norm (tensorflow), p = 0.5"])
-def test_corpus_rmsnorm_variants_are_standard_ops_on_trt(spelling, way, tmp_path):
-    """``--target trt-fp16 --lower-only``: no NormdeployRMSNorm plugin (its kernel adds eps inside the root over
-    the whole row): the variant is lowered to standard ops, and the pass says why."""
-    factory, _, _ = RMSNORM_VARIANTS[spelling]
+def test_corpus_rmsnorm_variants_make_trt_plugins_with_the_variant_fields(spelling, way, tmp_path):
+    """``--target trt-fp16 --lower-only``: one NormdeployRMSNorm plugin node whose ``eps_outside`` / ``partial``
+    fields are the canonical node's (its kernel computes both), no standard-op statistic left."""
+    factory, variant, _ = RMSNORM_VARIANTS[spelling]
     result = harness.check(_corpus_module(factory), (torch.randn(2, 5, 16),), way, tmp_path,
-                           before={"RMSNorm": 1}, target="trt-fp16")
-    assert not [n for n in result.optimized_model.graph if n.domain == ops.DOMAIN]
+                           before={"RMSNorm": 1}, after={"RMSNorm": 1}, target="trt-fp16")
+    graph = result.optimized_model.graph
+    (plugin,) = [n for n in graph if n.domain == ops.DOMAIN]
+    assert plugin.op_type == "NormdeployRMSNorm", plugin.op_type
+    assert _plugin_variant_fields(plugin) == {"eps_outside": 0, "partial": 0, **variant}, plugin.attributes
+    assert not {"ReduceL2", "ReduceMean", "Slice"} & {n.op_type for n in graph}
     (w,) = _pass_report(result, "lower_to_trt_plugins")["rewrites"]
-    assert "standard ops" in w["what"] and "not the NormdeployRMSNorm plugin" in w["what"], w
+    shown = ", ".join(f"{k}={v}" for k, v in variant.items())
+    assert w["what"] == f"RMSNorm ({shown}) -> NormdeployRMSNorm", w
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spelling", list(RMSNORM_VARIANTS))
+def test_corpus_rmsnorm_variant_trt_plugins_emulated_are_exact_against_torch(spelling, tmp_path):
+    """``--target trt-fp32 --lower-only``: the lowered graph run on CPU both ways the plugins are emulated (the
+    Triton kernel under the interpreter through ``onnx.reference``, and ``plugins_as_functions`` on ONNX
+    Runtime) equals eager torch to max rel err 1e-5, at the example batch and batch 3."""
+    from onnx.reference import ReferenceEvaluator
+
+    from normdeploy.lower.plugins.emulate import PLUGIN_OPS
+    from normdeploy.verify.precision import plugins_as_functions
+    from tests.conftest import ort_run
+
+    factory, variant, _ = RMSNORM_VARIANTS[spelling]
+    module = _corpus_module(factory)
+    args = (torch.randn(2, 5, 16),)
+    result = harness.check(module, args, "dynamo", tmp_path, before={"RMSNorm": 1}, after={"RMSNorm": 1},
+                           target="trt-fp32")
+    lowered = result.optimized_model
+    (plugin,) = [n for n in lowered.graph if n.domain == ops.DOMAIN]
+    assert _plugin_variant_fields(plugin) == {"eps_outside": 0, "partial": 0, **variant}
+    proto = ir.to_proto(lowered)
+    names = [i.name for i in proto.graph.input]
+    on_ort = plugins_as_functions(lowered)
+    for seed, batch in enumerate((None, 3)):
+        feed = harness.random_inputs(args, seed, batch)
+        ref = harness.torch_outputs(module, feed)[0]
+        kernel = ReferenceEvaluator(proto, new_ops=PLUGIN_OPS).run(None, dict(zip(names, feed)))[0]
+        assert harness.max_rel_err(ref, kernel) <= 1e-5, f"kernel emulation, batch {batch}"
+        assert harness.max_rel_err(ref, ort_run(on_ort, *feed)[0]) <= 1e-5, f"plugins_as_functions, batch {batch}"
 
 
 @pytest.mark.slow

@@ -146,6 +146,92 @@ def test_bad_groups_are_skipped():
     assert result.skipped and "not divisible" in result.skipped[0].reason and not result.rewrites
 
 
+def _rms_variant_model(width, eps_outside: int, partial: int, dtype=np.float32, c: int = 16):
+    """One canonical RMSNorm with bzhangGo/rmsnorm's variant attributes; ``width`` None: a dynamic last axis."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    shape = ["batch", 5, width if width is not None else "hidden"]
+    x, y = (helper.make_tensor_value_info(n, elem, shape) for n in ("x", "y"))
+    g = numpy_helper.from_array(np.linspace(-1.5, 2.0, c).astype(dtype), "g")
+    attrs = {k: v for k, v in (("eps_outside", eps_outside), ("partial", partial)) if v}
+    node = helper.make_node("RMSNorm", ["x", "g"], ["y"], domain="normdeploy", name="rms", epsilon=0.1, **attrs)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [g]), ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("normdeploy", 1)])
+    return ops.attach_functions(model)
+
+
+def _rms_variant_numpy(x, g, eps, eps_outside, partial):
+    x64 = x.astype(np.float64)
+    s = x64[..., :partial] if partial else x64
+    ms = np.mean(s * s, axis=-1, keepdims=True)
+    return g.astype(np.float64) * x64 / (np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps))
+
+
+@pytest.mark.parametrize("width", [16, None], ids=["static", "dynamic-width"])
+@pytest.mark.parametrize("eps_outside,partial", [(1, 0), (0, 7), (1, 7), (1, 16)],
+                         ids=["eps_outside", "partial", "both", "partial-all"])
+def test_rmsnorm_variants_lower_to_the_plugin_with_their_fields_and_match(width, eps_outside, partial):
+    """bzhangGo/rmsnorm's variants become NormdeployRMSNorm with eps_outside / partial (an unknown width is fine:
+    the kernel gets n_cols at run time); the kernel emulation and plugins_as_functions equal the canonical
+    node's function body (ONNX Runtime) and a float64 reference."""
+    from normdeploy.verify.precision import plugins_as_functions
+
+    model = _rms_variant_model(width, eps_outside, partial)
+    lowered, result = lower(model)
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, []), result
+    (node,) = lowered.graph.node
+    assert node.op_type == "NormdeployRMSNorm" and node.domain == NAMESPACE
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["eps_outside"], attrs["partial"]) == (eps_outside, partial)
+    assert abs(attrs["epsilon"] - 0.1) < 1e-7 and not lowered.functions
+    onnx.checker.check_model(lowered, full_check=False)
+    feeds = {"x": (np.random.default_rng(9).standard_normal((3, 5, 16)) * 0.5).astype(np.float32)}
+    original = run_original(model, feeds)
+    g = numpy_helper.to_array(model.graph.initializer[0])
+    ref = _rms_variant_numpy(feeds["x"], g, float(np.float32(0.1)), eps_outside, partial)
+    assert np.abs(original - ref).max() <= 1e-5 * np.abs(ref).max()  # the function body, the reference
+    assert_matches(run_lowered(lowered, feeds), original, np.float32, "kernel emulation")
+    sess = ort.InferenceSession(plugins_as_functions(lowered).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert_matches(sess.run(None, feeds)[0], original, np.float32, "plugins_as_functions")
+
+
+def test_rmsnorm_variant_fp16_keeps_fp32_statistics():
+    model = _rms_variant_model(16, 1, 5, np.float16)
+    lowered, result = lower(model, "trt-fp16")
+    assert [n.op_type for n in lowered.graph.node] == ["NormdeployRMSNorm"] and not result.skipped
+    feeds = {"x": (np.random.default_rng(10).standard_normal((2, 5, 16)) * 300).astype(np.float16)}  # x^2 > fp16
+    assert_matches(run_lowered(lowered, feeds), run_original(model, feeds), np.float16, "fp16 variant")
+
+
+@pytest.mark.parametrize("partial,eps_outside,why", [(17, 0, "exceeds the 16 channels"), (-2, 0, "negative"),
+                                                      (0, 2, "neither 0 nor 1")])
+def test_rmsnorm_variant_the_plugin_cannot_express_is_skipped_with_a_reason_and_still_runs(partial, eps_outside, why):
+    model = _rms_variant_model(16, eps_outside, partial)
+    lowered, result = lower(model)
+    assert not result.rewrites and len(result.skipped) == 1 and why in result.skipped[0].reason, result.skipped
+    assert [n.op_type for n in lowered.graph.node] == ["RMSNorm"]
+    if partial >= 0 and eps_outside in (0, 1):  # the function body still computes it
+        feeds = {"x": np.random.default_rng(11).standard_normal((2, 5, 16)).astype(np.float32)}
+        assert np.isfinite(run_original(lowered, feeds)).all()
+
+
+def test_plugin_node_without_the_rmsnorm_variant_fields_is_the_plain_rmsnorm():
+    """A NormdeployRMSNorm node lowered before eps_outside / partial existed (epsilon only) still runs in both
+    emulations, as the plain RMSNorm."""
+    from normdeploy.verify.precision import plugins_as_functions
+
+    model = _rms_variant_model(16, 0, 0)
+    lowered, _ = lower(model)
+    (node,) = lowered.graph.node
+    keep = [a for a in node.attribute if a.name not in ("eps_outside", "partial")]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    feeds = {"x": np.random.default_rng(12).standard_normal((2, 5, 16)).astype(np.float32)}
+    original = run_original(model, feeds)
+    assert_matches(run_lowered(lowered, feeds), original, np.float32, "old node, kernel emulation")
+    sess = ort.InferenceSession(plugins_as_functions(lowered).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert_matches(sess.run(None, feeds)[0], original, np.float32, "old node, plugins_as_functions")
+
+
 def test_pass_is_in_the_tensorrt_tables_only():
     spec = step("lower_to_trt_plugins")
     assert spec.exact and {t for t in TARGETS if spec in pass_table(t)["lower"]} == {"trt-fp32", "trt-fp16", "trt-bf16"}

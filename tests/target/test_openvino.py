@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 import normdeploy
+from normdeploy import pipeline
 from tests.conftest import MODELS
 
 ov = pytest.importorskip("openvino")
@@ -44,6 +45,20 @@ def test_digits_folds_on_openvino_exactly(tmp_path):
     assert "f32" in saved["triton"]["precision_note"]
 
 
+def _openvino_own_error(r) -> float:
+    """max |OpenVINO - ONNX Runtime| / max |ONNX Runtime| over the original's outputs on verify's random inputs:
+    how far the two runtimes' f32 kernels differ on the same graph."""
+    from normdeploy.build import OrtRunner
+    from normdeploy.verify import random_feeds
+
+    ov_run, ort_run = OpenVinoRunner(r.original_model, 1), OrtRunner(r.original_model, "ort-cpu", 1)
+    worst = 0.0
+    for feed in random_feeds(r.specs, 4):
+        for a, b in zip(ov_run.run(feed), ort_run.run(feed)):
+            worst = max(worst, float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-30)))
+    return worst
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_ln", "vit_dyt", "vit_rmsnorm", "llama_rmsnorm", "vit_powernorm", "vit_scalenorm",
                                   "vit_un", "snn_lif_mpbn"])
@@ -51,7 +66,11 @@ def test_zoo_models_exact_on_openvino_and_norms_go_down_as_for_ort_cpu(name):
     r = _optimize(name, bench=False)
     ort = normdeploy.optimize(os.path.join(MODELS, f"{name}.pt"), target="ort-cpu", bench=False)
     rep = r.report
-    assert rep["accuracy"]["max_rel_err"] < 1e-5, rep["accuracy"]
+    # exact: within 1e-5, or within twice what OpenVINO's own f32 kernels differ from ONNX Runtime's on the
+    # unmodified original (vit_un on an AVX-512 CPU: 8.1e-6 for the original, 1.5e-5 for the folded model;
+    # a wrong fold is off by orders of magnitude more); the same model on ort-cpu is held to 1e-5 outright
+    assert ort.report["accuracy"]["max_rel_err"] < 1e-5, ort.report["accuracy"]
+    assert rep["accuracy"]["max_rel_err"] < max(1e-5, 2 * _openvino_own_error(r)), rep["accuracy"]
     assert rep["runtime"]["inference_precision"] == "f32"
     before, after = rep["norm_nodes"]["before"], rep["norm_nodes"]["after"]
     assert before == ort.report["norm_nodes"]["before"]
@@ -60,8 +79,9 @@ def test_zoo_models_exact_on_openvino_and_norms_go_down_as_for_ort_cpu(name):
     # the same rewrites as ort-cpu before lowering
     rewrites = {p["name"]: p["rewrites_count"] for p in rep["passes"] if p["rewrites_count"]}
     ort_rewrites = {p["name"]: p["rewrites_count"] for p in ort.report["passes"] if p["rewrites_count"]}
-    assert {k: v for k, v in rewrites.items() if not k.startswith(("lower", "inline"))} == \
-        {k: v for k, v in ort_rewrites.items() if not k.startswith(("lower", "raise"))}
+    lower = {s.name for t in ("openvino", "ort-cpu") for s in pipeline.pass_table(t)["lower"]}
+    assert {k: v for k, v in rewrites.items() if k not in lower} == \
+        {k: v for k, v in ort_rewrites.items() if k not in lower}
     assert not r.optimized.functions
     layers = rep["norm_nodes"]["openvino_layers"]
     if name in ("vit_ln", "vit_rmsnorm", "llama_rmsnorm"):  # pre-LN LayerNorm (MVN) -> RMSNorm, fused as RMS

@@ -1,9 +1,10 @@
 """Run plugin-lowered ONNX graphs on CPU: one ``onnx.reference`` op per normdeploy plugin.
 
 Each op checks the node's wiring the way TensorRT's parser would see it (namespace,
-number of inputs, attribute types) and computes its output with the plugin's Triton
-kernel under the Triton interpreter (:mod:`normdeploy.lower.plugins.kernels`, CPU tensors). So a lowered
-model runs end to end without a GPU::
+number of inputs, attribute types; an attribute the plugin added later, such as RMSNorm's
+``eps_outside`` and ``partial``, may be absent and then takes its default) and computes its
+output with the plugin's Triton kernel under the Triton interpreter
+(:mod:`normdeploy.lower.plugins.kernels`, CPU tensors). So a lowered model runs end to end without a GPU::
 
     from onnx.reference import ReferenceEvaluator
     from normdeploy.lower.plugins.emulate import PLUGIN_OPS
@@ -44,9 +45,13 @@ class PluginOp(OpRun):
             raise ValueError(f"{spec.name}: {len(inputs)} inputs, the plugin takes {len(spec.inputs)}")
         # the attribute types TensorRT's parser turns into plugin fields: INT -> INT32, FLOAT -> FLOAT32
         kinds = {a.name: a.type for a in self.onnx_node.attribute}
+        defaults = dict(spec.defaults)
         values = {}
         for name, typ in spec.attributes:
             want = AttributeProto.INT if typ is int else AttributeProto.FLOAT
+            if name not in kinds and name in defaults:  # a field added later: its default is the old behaviour
+                values[name] = defaults[name]
+                continue
             if name not in kinds:
                 raise ValueError(f"{spec.name}: attribute {name} missing (TensorRT would leave the field unset)")
             if kinds[name] != want:
@@ -66,10 +71,10 @@ class PluginOp(OpRun):
 
 
 class NormdeployRMSNorm(PluginOp):
-    def compute(self, x, g, epsilon):
+    def compute(self, x, g, epsilon, eps_outside=0, partial=0):
         from .kernels import rms_norm
 
-        return rms_norm(x, g, epsilon)
+        return rms_norm(x, g, epsilon, eps_outside=bool(eps_outside), partial=partial)
 
 
 class NormdeployCRMSNorm(PluginOp):

@@ -3,6 +3,8 @@
 Math (DESIGN.md section 2; a *row* is the normalized slice of the input):
 
 * ``row_norm_fwd`` KIND RMS        y = g * x * rsqrt(mean(x^2) + eps)                   rows of C
+* ... ``EPS_OUTSIDE``              y = g * x / (sqrt(mean(s^2)) + eps)                   (bzhangGo/rmsnorm)
+* ... ``PARTIAL``, n_stat = k      s = x[:k], the first k of the C columns: mean(s^2) = sum(s^2) / k; all C divided
 * ``row_norm_fwd`` KIND CRMS       y = g * x * rsqrt((sum x^2 + (sum x)^2) / (C+1) + eps)  rows of C = d-1
 * ``row_norm_fwd`` KIND GROUP_RMS  y = x * rsqrt(mean(x^2) + eps)                        rows of C/G (one group)
 * ``row_norm_fwd`` KIND SCALE      y = x * scale / max(sqrt(sum x^2), eps)               rows of C
@@ -10,23 +12,33 @@ Math (DESIGN.md section 2; a *row* is the normalized slice of the input):
 
 Numerics: every input is loaded in its own dtype (fp32, fp16 or bf16) and upcast; all
 arithmetic and every reduction is fp32; the result is rounded once to the output dtype.
-Squares are therefore never formed in fp16 (|x| > 256 would overflow). A NaN makes its
-whole row (GroupScaling: its group; DynamicTanh: its element) NaN, as in the reference
-modules (the ScaleNorm clamp propagates NaN explicitly; Triton's default ``maximum``
-would drop it).
+Squares are therefore never formed in fp16 (|x| > 256 would overflow). RMS's variants keep
+that: the statistic is the fp32 sum of squares of the first ``n_stat`` columns (n_stat = C
+unless ``PARTIAL``; a k beyond the row is clamped to it, as ONNX ``Slice`` does), divided by
+n_stat, and with ``EPS_OUTSIDE`` the factor is ``1 / (sqrt_rn(s2 / n_stat) + eps)``: the
+ONNX function body of ``normdeploy::RMSNorm`` (``ReduceMean(s * s)``, ``Sqrt``, ``Add(eps)``,
+``Div``) in fp32, so the kernel equals it to fp32 rounding (a few ulp: the reduction order,
+``div.full``), exact in the project's sense. Without the two constexprs every KIND computes
+what it did before they existed, with the same instructions (``n_stat`` is then unused).
+A NaN makes its whole row (GroupScaling: its group; DynamicTanh, and a column outside a
+partial statistic: its element) NaN, as in the reference modules (the ScaleNorm clamp
+propagates NaN explicitly; Triton's default ``maximum`` would drop it).
 
 Tiles: a ``row_norm_fwd`` program normalizes ``ROWS`` consecutive rows (many when rows are
 short), loading the gain once for all of them; when a row fits one block (``ONE_BLOCK``,
 up to 16384 elements) it is loaded once and kept in registers, otherwise the kernel makes
 two passes over it in blocks of ``BLOCK`` (statistic, then normalize and store), so
-hidden sizes have no upper bound. ``dyt_fwd`` sees x as a 2-D grid of [BLOCK_R, BLOCK_C]
-tiles in which the channel is the column (channels last) or the row, so w and b are loaded
-once per tile and no element needs a division or modulo. Both take 16-byte vector
-accesses when a run-time test finds the pointers and rows aligned (the body is emitted
-twice with ``tl.static_range``: hinted and plain), scalar ones otherwise.
+hidden sizes have no upper bound (with ``PARTIAL`` the first pass reads only the blocks
+the statistic covers). ``dyt_fwd`` sees x as a 2-D grid of [BLOCK_R, BLOCK_C] tiles in
+which the channel is the column (channels last) or the row, so w and b are loaded once per
+tile and no element needs a division or modulo. Both take 16-byte vector accesses when a
+run-time test finds the pointers and rows aligned (the body is emitted twice with
+``tl.static_range``: hinted and plain), scalar ones otherwise.
 
 Calling convention (the one TensorRT's AOT launch uses): non-constexpr parameters are
-declared as ``(input pointers..., int32 scalars..., output pointers...)``. TensorRT's
+declared as ``(input pointers..., int32 scalars..., output pointers...)``; a scalar that a
+plugin does not need (``scale_bits`` outside SCALE, ``n_stat`` without ``PARTIAL``) is bound
+as a constexpr in the AOT plan, so it is not a parameter of that PTX entry. TensorRT's
 AOT extra arguments are 32-bit integers only, so float attributes (eps, alpha, scale)
 travel as the int32 bit pattern of their float32 value (:func:`f32_bits`) and are
 bit-cast back inside the kernel; one compiled kernel then serves every layer whatever
@@ -75,11 +87,14 @@ __all__ = [
 RMS, CRMS, GROUP_RMS, SCALE = (tl.constexpr(k) for k in range(4))
 
 
-def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
+def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, n_stat, scale_bits, eps_bits, y_ptr,
                  KIND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
-                 ONE_BLOCK: tl.constexpr, SIGNS: tl.constexpr):
+                 ONE_BLOCK: tl.constexpr, SIGNS: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr):
     # a tile of ROWS consecutive rows of n_cols; KIND picks the statistic, g_ptr is None for GROUP_RMS/SCALE
     # float attributes arrive as the bits of their magnitude; their signs are bits of SIGNS (scale 1, eps 2)
+    # KIND RMS only: PARTIAL takes the statistic over the first n_stat columns (at most n_cols, as ONNX Slice
+    # clamps), EPS_OUTSIDE adds eps to the RMS outside the root; otherwise n_stat is unused (a constexpr 0 in
+    # the AOT plans) and the statistic covers the n_cols columns of the row, computed as it always was
     if KIND == SCALE:
         scale = scale_bits.to(tl.float32, bitcast=True)
         if SIGNS & 1:
@@ -87,6 +102,10 @@ def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
     eps = eps_bits.to(tl.float32, bitcast=True)
     if SIGNS & 2:
         eps = -eps
+    if PARTIAL:
+        stat_end = tl.minimum(n_stat, n_cols)
+    else:
+        stat_end = n_cols
     # 16-byte vector accesses where every pointer and every row start allow them, tested here at run time.
     # The body is written once and emitted twice (static_range): path 1 with alignment hints and a mask that
     # is constant over each vector, path 0 plain; each keeps its tensors to itself (no layout conversions).
@@ -113,14 +132,19 @@ def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
                 else:
                     cm = cols < n_cols
                 x = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32)
-                s2 = tl.reduce(x * x, 1, tl.standard._sum_combine)
+                if PARTIAL:
+                    s2 = tl.reduce(tl.where((cols < stat_end)[None, :], x * x, 0.0), 1, tl.standard._sum_combine)
+                else:
+                    s2 = tl.reduce(x * x, 1, tl.standard._sum_combine)
                 if KIND == SCALE:
                     factor = scale / tl.maximum(tl.sqrt_rn(s2), eps, propagate_nan=tl.PropagateNan.ALL)
                 elif KIND == CRMS:
                     s1 = tl.reduce(x, 1, tl.standard._sum_combine)
                     factor = tl.rsqrt((s2 + s1 * s1) / (n_cols + 1) + eps)
+                elif EPS_OUTSIDE:
+                    factor = 1.0 / (tl.sqrt_rn(s2 / stat_end) + eps)
                 else:
-                    factor = tl.rsqrt(s2 / n_cols + eps)
+                    factor = tl.rsqrt(s2 / stat_end + eps)
                 y = x * factor[:, None]
                 if KIND <= CRMS:  # the gain: loaded once per tile, shared by its ROWS rows
                     gp = g_ptr + cols
@@ -133,7 +157,8 @@ def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
                 acc2 = tl.full([ROWS, BLOCK], 0.0, tl.float32)
                 acc1 = tl.full([ROWS, BLOCK], 0.0, tl.float32)
                 it = 0
-                while it * BLOCK < n_cols:  # while: Triton 3.5's interpreter cannot range() over a runtime bound
+                # pass 1 reads the blocks the statistic covers: the row, or (PARTIAL) its first stat_end columns
+                while it * BLOCK < stat_end:  # while: Triton 3.5's interpreter cannot range() over a runtime bound
                     c = it * BLOCK + cols
                     xp = x_ptr + rows[:, None] * n_cols + c[None, :]
                     if path == 1:
@@ -142,7 +167,10 @@ def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
                     else:
                         cm = c < n_cols
                     x = tl.load(xp, mask=row_in & cm[None, :], other=0.0).to(tl.float32)
-                    acc2 += x * x
+                    if PARTIAL:
+                        acc2 += tl.where((c < stat_end)[None, :], x * x, 0.0)
+                    else:
+                        acc2 += x * x
                     if KIND == CRMS:
                         acc1 += x
                     it += 1
@@ -152,8 +180,10 @@ def row_norm_fwd(x_ptr, g_ptr, n_rows, n_cols, scale_bits, eps_bits, y_ptr,
                 elif KIND == CRMS:
                     s1 = tl.reduce(acc1, 1, tl.standard._sum_combine)
                     factor = tl.rsqrt((s2 + s1 * s1) / (n_cols + 1) + eps)
+                elif EPS_OUTSIDE:
+                    factor = 1.0 / (tl.sqrt_rn(s2 / stat_end) + eps)
                 else:
-                    factor = tl.rsqrt(s2 / n_cols + eps)
+                    factor = tl.rsqrt(s2 / stat_end + eps)
                 it = 0
                 while it * BLOCK < n_cols:
                     c = it * BLOCK + cols
@@ -397,7 +427,7 @@ def _run(name: str, grid: int, args: tuple, constexprs: dict, num_warps: int, de
 
 
 def _row_launch(kind, x, n_cols: int, g, scale: float, eps: float, tactic: int, block: int | None,
-                num_warps: int | None, rows: int | None = None):
+                num_warps: int | None, rows: int | None = None, *, eps_outside: bool = False, partial: int = 0):
     import torch
 
     x = x.contiguous()
@@ -411,9 +441,10 @@ def _row_launch(kind, x, n_cols: int, g, scale: float, eps: float, tactic: int, 
     n_rows = x.numel() // n_cols if n_cols else 0
     grid = (n_rows + cfg.rows - 1) // cfg.rows
     (scale_bits, eps_bits), signs = float_args(scale, eps)
-    _run("row_norm_fwd", grid, (x, g, n_rows, n_cols, scale_bits, eps_bits, y),
+    _run("row_norm_fwd", grid, (x, g, n_rows, n_cols, partial if partial else n_cols, scale_bits, eps_bits, y),
          {"KIND": kind, "BLOCK": cfg.block, "ROWS": cfg.rows, "VEC": vector_width(x.element_size()),
-          "ONE_BLOCK": cfg.one_block, "SIGNS": signs}, cfg.num_warps, x.device.type)
+          "ONE_BLOCK": cfg.one_block, "SIGNS": signs, "PARTIAL": bool(partial), "EPS_OUTSIDE": bool(eps_outside)},
+         cfg.num_warps, x.device.type)
     return y
 
 
@@ -424,11 +455,19 @@ def _gain(weight, x, what: str):
     return weight
 
 
-def rms_norm(x, weight, eps: float = 1e-6, *, tactic: int = 1, block: int | None = None,
-             num_warps: int | None = None, rows: int | None = None):
-    """RMSNorm over the last axis of ``x`` with gain ``weight`` [C] (CPU: interpreter; CUDA: compiled)."""
+def rms_norm(x, weight, eps: float = 1e-6, *, eps_outside: bool = False, partial: int = 0, tactic: int = 1,
+             block: int | None = None, num_warps: int | None = None, rows: int | None = None):
+    """RMSNorm over the last axis of ``x`` with gain ``weight`` [C] (CPU: interpreter; CUDA: compiled).
+
+    bzhangGo/rmsnorm's variants (the canonical op's attributes of the same names): ``eps_outside``
+    divides by ``sqrt(mean(s^2)) + eps`` instead of ``sqrt(mean(s^2) + eps)``; ``partial = k``
+    (0 < k <= C) takes the statistic s over the first k channels, ``x[..., :k]``, and divides all C.
+    """
+    c = x.shape[-1]
+    if not 0 <= int(partial) <= c:
+        raise ValueError(f"RMSNorm partial={partial}: the statistic must cover 1..{c} leading channels (0: all)")
     return _row_launch(RMS.value, x, x.shape[-1], _gain(weight, x, "RMSNorm"), 0.0, eps, tactic, block, num_warps,
-                       rows)
+                       rows, eps_outside=bool(eps_outside), partial=int(partial))
 
 
 def crms_norm(x, weight, eps: float = 1e-6, *, tactic: int = 1, block: int | None = None,

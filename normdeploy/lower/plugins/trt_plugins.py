@@ -71,7 +71,13 @@ PLUGIN_VERSION = "1"
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One plugin: its inputs (in order), its attributes (name -> Python type, in order), its kernel."""
+    """One plugin: its inputs (in order), its attributes (name -> Python type, in order), its kernel.
+
+    ``defaults``: attributes added after the plugin first shipped, with the value that reproduces
+    its old behaviour. A node (or a TensorRT field collection) without one of them gets that value,
+    so files lowered before it existed still parse and compute what they did. (``tensorrt.plugin``
+    refuses default values in the registered signature, so the wrappers fill them in themselves.)
+    """
 
     name: str
     canonical: str
@@ -79,6 +85,7 @@ class PluginSpec:
     attributes: tuple[tuple[str, type], ...]
     kernel: str
     math: str
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def plugin_id(self) -> str:
@@ -89,8 +96,11 @@ class PluginSpec:
         return tuple(a for a, _ in self.attributes)
 
 
-RMSNORM = PluginSpec("NormdeployRMSNorm", "RMSNorm", ("x", "g"), (("epsilon", float),), "row_norm_fwd",
-                     "y = g * x / sqrt(mean(x^2) + epsilon), last axis, g [C]")
+RMSNORM = PluginSpec("NormdeployRMSNorm", "RMSNorm", ("x", "g"),
+                     (("epsilon", float), ("eps_outside", int), ("partial", int)), "row_norm_fwd",
+                     "y = g * x / sqrt(mean(s^2) + epsilon), or with eps_outside = 1 g * x / (sqrt(mean(s^2)) + "
+                     "epsilon); s = x[..., :partial] (partial = 0: all of x), last axis, g [C]",
+                     (("eps_outside", 0), ("partial", 0)))
 CRMSNORM = PluginSpec("NormdeployCRMSNorm", "CRMSNorm", ("x", "g"), (("epsilon", float),), "row_norm_fwd",
                       "y = g * x / sqrt((sum x^2 + (sum x)^2) / (C + 1) + epsilon), last axis, g [C]")
 GROUP_SCALING = PluginSpec("NormdeployGroupScaling", "GroupScaling", ("x",), (("groups", int), ("epsilon", float)),
@@ -111,7 +121,9 @@ PLUGINS: dict[str, PluginSpec] = {p.name: p for p in (RMSNORM, CRMSNORM, GROUP_S
 
 
 def plugin_attributes(spec: PluginSpec, values: dict) -> dict:
-    """The ONNX attributes of a plugin node: the plugin's fields, typed, then the parser's own keys."""
+    """The ONNX attributes of a plugin node: the plugin's fields, typed (those with a default may be left
+    out of ``values``), then the parser's own keys."""
+    values = {**dict(spec.defaults), **values}
     missing = [a for a in spec.attribute_names if a not in values]
     if missing:
         raise ValueError(f"{spec.name}: missing attribute(s) {missing}")
@@ -255,12 +267,26 @@ def plan_kernel(plugin: str, io_dtypes: Sequence[str], x_shape: Sequence, attrs:
             if groups != 1:
                 n_cols = c // groups
                 rows = _mul(rows, groups)
+        eps_outside, partial = 0, 0
+        if kind == ROW_KIND["NormdeployRMSNorm"]:  # bzhangGo/rmsnorm's variants (defaults: the plain RMSNorm)
+            eps_outside, partial = int(attrs.get("eps_outside", 0)), int(attrs.get("partial", 0))
+            cc = const_dim(c)
+            if eps_outside not in (0, 1):
+                raise ValueError(f"{plugin}: eps_outside must be 0 or 1, not {eps_outside}")
+            if partial < 0 or (cc is not None and partial > cc):
+                raise ValueError(f"{plugin}: partial = {partial}: the statistic must cover 1..{cc} leading "
+                                 "channels (0: all)")
         cfg = row_config(const_dim(n_cols), tactic)
         scale = float(attrs["scale"]) if kind == ROW_KIND["NormdeployScaleNorm"] else 1.0
         (scale_bits, eps_bits), signs = float_args(scale, float(attrs["epsilon"]))
         extras: list[tuple[str, Any]] = [("n_rows", rows), ("n_cols", n_cols)]
         constexprs: list[tuple[str, Any]] = [("KIND", kind), ("BLOCK", cfg.block), ("ROWS", cfg.rows), ("VEC", vec),
-                                             ("ONE_BLOCK", cfg.one_block), ("SIGNS", signs)]
+                                             ("ONE_BLOCK", cfg.one_block), ("SIGNS", signs),
+                                             ("PARTIAL", partial > 0), ("EPS_OUTSIDE", eps_outside == 1)]
+        if partial:  # one compiled kernel serves every k: n_stat is a run-time int32 (after n_cols)
+            extras.append(("n_stat", partial))
+        else:
+            constexprs.append(("n_stat", 0))
         if kind == ROW_KIND["NormdeployScaleNorm"]:
             extras.append(("scale_bits", scale_bits))
         else:
@@ -844,13 +870,21 @@ def aot_impl_result(spec: PluginSpec, descs: Sequence, attrs: dict, outputs: Seq
     return aot.kernel_name, aot.ptx, launch, extra
 
 
-def _function(name: str, params: list[tuple[str, Any]], returns: Any, body) -> Any:
-    """A function with an explicit signature (``tensorrt.plugin`` validates parameter names and annotations)."""
+def _function(name: str, params: list[tuple[str, Any]], returns: Any, body, defaults: dict | None = None) -> Any:
+    """A function with an explicit signature (``tensorrt.plugin`` validates parameter names and annotations).
+
+    ``defaults``: parameters a caller may leave out (a plugin field missing from an older file); they are
+    not in the signature, which ``tensorrt.plugin`` requires free of default values."""
     sig = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a)
                              for p, a in params], return_annotation=returns)
+    defaults = dict(defaults or {})
 
     def fn(*args, **kwargs):
-        return body(**sig.bind(*args, **kwargs).arguments)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        missing = [p for p in sig.parameters if p not in bound and p not in defaults]
+        if missing:
+            raise TypeError(f"{name}() missing argument(s) {missing}")
+        return body(**{**defaults, **bound})
 
     fn.__name__ = fn.__qualname__ = name
     fn.__signature__ = sig
@@ -881,11 +915,12 @@ def plugin_functions(spec: PluginSpec, trtp) -> dict[str, Any]:
                                kw["tactic"], trtp)
 
     stem = spec.name[len("Normdeploy"):].lower()
+    defaults = dict(spec.defaults)
     return {
-        "register": _function(f"{stem}_desc", tensors + attrs, td, register_body),
+        "register": _function(f"{stem}_desc", tensors + attrs, td, register_body, defaults),
         "autotune": _function(f"{stem}_autotune", tensors + attrs + [outputs],
-                              typing.List[trtp.AutoTuneCombination], autotune_body),
-        "aot_impl": _function(f"{stem}_aot_impl", tensors + attrs + [outputs, tactic], ret, aot_body),
+                              typing.List[trtp.AutoTuneCombination], autotune_body, defaults),
+        "aot_impl": _function(f"{stem}_aot_impl", tensors + attrs + [outputs, tactic], ret, aot_body, defaults),
     }
 
 

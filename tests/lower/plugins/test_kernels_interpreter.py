@@ -191,6 +191,92 @@ def test_negative_float_attributes(kind):
     assert all(b >= 0 for b in K.float_args(-1e30, float("-inf"), -float("nan"))[0])
 
 
+# ----------------------------------------------------------------------------- bzhangGo/rmsnorm's RMSNorm variants
+
+def rms_variant_reference(x: torch.Tensor, g: torch.Tensor, eps: float, eps_outside: bool, partial: int):
+    """numpy float64: g x / (sqrt(mean(s^2)) + eps) (eps outside) or g x / sqrt(mean(s^2) + eps), s = x[..., :k]."""
+    x64, g64 = x.double().numpy(), g.double().numpy()
+    s = x64[..., :partial] if partial else x64
+    ms = np.mean(s * s, axis=-1, keepdims=True)
+    den = np.sqrt(ms) + eps if eps_outside else np.sqrt(ms + eps)
+    return torch.from_numpy(g64 * x64 / den)
+
+
+#: (width, k): one-pass rows; k not a multiple of the vector width (4 fp32, 8 fp16/bf16); k = C; and rows
+#: longer than one block (16385, 20001: the two-pass loop), with k inside the first block and beyond it
+VARIANT_CASES = [(7, 3), (33, 5), (256, 128), (1000, 997), (1000, 1000), (16385, 4099), (20001, 17003)]
+VARIANTS = [(True, 0), (False, 1), (True, 1)]  # (eps_outside, partial given): eps outside, partial, both
+
+
+@pytest.mark.parametrize("eps_outside,with_partial", VARIANTS, ids=["eps_outside", "partial", "both"])
+@pytest.mark.parametrize("c,k", VARIANT_CASES, ids=[f"C{c}-k{k}" for c, k in VARIANT_CASES])
+def test_rms_variants_match_float64_reference(c, k, eps_outside, with_partial):
+    partial = k if with_partial else 0
+    dtypes = [torch.float32] if c > 1000 else DTYPES  # long rows: fp32 only (interpreter time)
+    for dtype in dtypes:
+        x = _randn((3, c), dtype, seed=c + k)
+        g = _randn((c,), dtype, seed=k)
+        eps = 0.25  # large enough that inside and outside the root differ visibly
+        got = K.rms_norm(x, g, eps, eps_outside=eps_outside, partial=partial)
+        ref = rms_variant_reference(x, g, eps, eps_outside, partial)
+        assert_close(got, ref, dtype, f"C={c} partial={partial} eps_outside={eps_outside} {dtype}")
+        other = rms_variant_reference(x, g, eps, not eps_outside, partial)  # eps on the other side of the root
+        gap = ((got.double() - other).abs() / other.abs().max()).max().item()
+        assert gap > 0.05, f"eps placement has no visible effect ({gap:.3g}; bf16 tolerance 0.016)"
+
+
+@pytest.mark.parametrize("eps_outside,with_partial", VARIANTS, ids=["eps_outside", "partial", "both"])
+def test_rms_variants_in_the_two_pass_loop_with_small_blocks_and_both_paths(eps_outside, with_partial):
+    """Blocks of 64 over rows of 1000 (k = 131 ends inside the third block), aligned and misaligned, tactic 2."""
+    x = _randn((5, 1000), torch.float16, seed=31)
+    g = _randn((1000,), torch.float16, seed=32)
+    partial = 131 if with_partial else 0
+    ref = rms_variant_reference(x, g, 1e-2, eps_outside, partial)
+    for launch in ({"block": 64}, {"block": 64, "rows": 2}, {"tactic": 2}):
+        for xin in (x, _misaligned(x)):
+            got = K.rms_norm(xin, g, 1e-2, eps_outside=eps_outside, partial=partial, **launch)
+            assert_close(got, ref, torch.float16, f"{launch} misaligned={xin.data_ptr() % 16 != 0}")
+
+
+def test_partial_statistic_ignores_the_columns_after_k():
+    """Columns from k on are divided but never enter the statistic: huge values or a NaN there change only
+    their own elements."""
+    x = _randn((2, 40), torch.float32, seed=33)
+    g = torch.ones(40)
+    base = K.rms_norm(x, g, 1e-6, partial=9)
+    x2 = x.clone()
+    x2[:, 9:] *= 1e4
+    x2[1, 20] = float("nan")
+    y2 = K.rms_norm(x2, g, 1e-6, partial=9)
+    assert torch.allclose(y2[:, :9], base[:, :9], rtol=1e-6, atol=0)
+    assert torch.isnan(y2).sum() == 1 and torch.isnan(y2[1, 20])
+    x3 = x.clone()
+    x3[0, 3] = float("nan")  # inside the statistic: the whole row
+    assert torch.isnan(K.rms_norm(x3, g, 1e-6, partial=9)[0]).all()
+
+
+def test_ordinary_rmsnorm_unchanged_by_the_variant_arguments():
+    """Defaults (eps_outside=False, partial=0) are the plain RMSNorm, bit for bit; partial = C is the same
+    statistic (bit for bit too: the same sum over the same columns, divided by the same count)."""
+    for c in (48, 1000, 16385):
+        x = _randn((3, c), torch.float32, seed=c)
+        g = _randn((c,), torch.float32, seed=c + 1)
+        plain = K.rms_norm(x, g, 1e-6)
+        assert torch.equal(K.rms_norm(x, g, 1e-6, eps_outside=False, partial=0), plain)
+        assert torch.equal(K.rms_norm(x, g, 1e-6, partial=c), plain)
+        m = N.RMSNorm(c, eps=1e-6).double()
+        with torch.no_grad():
+            m.weight.copy_(g.double())
+            assert_close(plain, m(x.double()), torch.float32, f"plain C={c}")
+
+
+def test_rms_partial_out_of_range_is_refused():
+    x = torch.zeros(2, 8)
+    for k in (-1, 9):
+        with pytest.raises(ValueError, match="partial"):
+            K.rms_norm(x, torch.ones(8), partial=k)
+
+
 def test_sum_combine_is_there():
     """The kernels reduce with tl.standard._sum_combine (what tl.sum expands to, and what the interpreter
     reduces with np.sum): a private Triton name, checked here for every Triton the tests run with."""

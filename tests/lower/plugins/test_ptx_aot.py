@@ -33,7 +33,8 @@ from tests.conftest import ROOT
 
 ARCHS = (80, 86, 89, 90)
 SHAPE = (2, 7, 768)
-ATTRS = {"epsilon": 1e-5, "groups": 4, "scale": 27.712812921102035, "alpha": 0.5, "axis": -1}
+ATTRS = {"epsilon": 1e-5, "groups": 4, "scale": 27.712812921102035, "alpha": 0.5, "axis": -1, "eps_outside": 0,
+         "partial": 0}
 
 
 def attrs_for(spec):
@@ -179,6 +180,111 @@ def test_tensorrts_arguments_compute_the_plugin_math(plugin, shape, axis, monkey
         ref = _reference(plugin, x, params)
         err = ((y.double() - ref).abs() / (ref.abs() + 0.01 * ref.abs().max())).max().item()
         assert err < 1e-5, f"{plugin} {shape} sign {sign}: {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- RMSNorm's eps_outside / partial
+
+#: bzhangGo/rmsnorm's variants of the RMSNorm plugin: (eps_outside, partial) on rows of SHAPE[-1] = 768
+RMS_VARIANTS = {"eps_outside": (1, 0), "partial": (0, 389), "both": (1, 389)}
+RMS_VARIANT_MATRIX = ([(v, a, "fp16") for v in RMS_VARIANTS for a in ARCHS]
+                      + [(v, 90, d) for v in RMS_VARIANTS for d in ("fp32", "bf16")])
+
+
+def rms_attrs(variant: str) -> dict:
+    eps_outside, partial = RMS_VARIANTS[variant]
+    return {"epsilon": 1e-5, "eps_outside": eps_outside, "partial": partial}
+
+
+@pytest.mark.parametrize("variant,arch,dtype", RMS_VARIANT_MATRIX,
+                         ids=[f"{v}-sm{a}-{d}" for v, a, d in RMS_VARIANT_MATRIX])
+def test_rms_variants_compile_to_ptx_consistent_with_tensorrt_launch(variant, arch, dtype):
+    """The variants compile like the plain plugin: exactly TensorRT's parameters, n_stat = k a run-time int32
+    after n_cols only where partial is set (one kernel for every k), all read, fp32 arithmetic."""
+    spec = PLUGINS["NormdeployRMSNorm"]
+    attrs = rms_attrs(variant)
+    aot = T.build_aot_kernel(spec.name, io(spec, dtype), SHAPE, attrs, 1, target=arch,
+                             ptx_version=T.MIN_PTX_ISA[arch])
+    const, extras = dict(aot.plan.constexprs), dict(aot.extra_args)
+    assert const["PARTIAL"] is bool(attrs["partial"]) and const["EPS_OUTSIDE"] is bool(attrs["eps_outside"])
+    want = ["n_rows", "n_cols"] + (["n_stat"] if attrs["partial"] else []) + ["eps_bits"]
+    assert [n for n, _ in aot.extra_args] == want
+    if attrs["partial"]:
+        assert extras["n_stat"] == attrs["partial"] and "n_stat" not in const
+    else:
+        assert const["n_stat"] == 0
+    params = entry_params(aot.ptx, aot.kernel_name)
+    trt = list(aot.plan.trt_params)
+    assert trt == ["x_ptr", "g_ptr", *want, "y_ptr"] and len(params) == len(trt) and not aot.abi.hidden
+    for decl, name in zip(params, trt):
+        assert (".u32" in decl) == (name in extras) and (".u64" in decl) == (name not in extras), (decl, name)
+    body = aot.ptx[aot.ptx.index(params[-1]) + len(params[-1]):]
+    for i in range(len(trt)):
+        assert re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{aot.kernel_name}_param_{i}\]", body), f"param {i} unused"
+    assert not re.search(r"\b(add|sub|mul|fma|div|rsqrt|sqrt|max|min)(\.\w+)*\.(f16|bf16|f16x2|bf16x2)\b", aot.ptx)
+    if attrs["eps_outside"]:  # sqrt then a division, not rsqrt
+        assert re.search(r"\bsqrt\.rn\.f32\b", aot.ptx) and re.search(r"\b(div|rcp)(\.\w+)*\.f32\b", aot.ptx)
+    assert all(v >= 0 for v in extras.values())
+
+
+def test_plain_rmsnorm_plan_is_unchanged_by_the_variant_fields():
+    """Defaults, explicit or left out (a file lowered before the fields existed), give the plain kernel: no
+    n_stat parameter, the same plan and the same PTX."""
+    spec = PLUGINS["NormdeployRMSNorm"]
+    old = T.plan_kernel(spec.name, io(spec, "fp16"), SHAPE, {"epsilon": 1e-5})
+    new = T.plan_kernel(spec.name, io(spec, "fp16"), SHAPE, {"epsilon": 1e-5, "eps_outside": 0, "partial": 0})
+    assert old == new and [n for n, _ in new.extras] == ["n_rows", "n_cols", "eps_bits"]
+    a = T.build_aot_kernel(spec.name, io(spec, "fp16"), SHAPE, {"epsilon": 1e-5}, 1, target=90)
+    assert len(entry_params(a.ptx, a.kernel_name)) == 6
+    assert T.plugin_attributes(spec, {"epsilon": 1e-5}) == {"epsilon": 1e-5, "eps_outside": 0, "partial": 0,
+                                                            "plugin_namespace": "normdeploy", "aot": 1}
+
+
+@pytest.mark.parametrize("variant", list(RMS_VARIANTS))
+@pytest.mark.parametrize("shape", [(2, 7, 768), (3, 33), (2, 20001)], ids=["tokens", "odd-width", "two-pass"])
+def test_rms_variants_tensorrts_arguments_compute_the_math(variant, shape):
+    """The variant kernel under the interpreter with exactly the AOT plan's arguments, against float64."""
+    import torch
+
+    spec = PLUGINS["NormdeployRMSNorm"]
+    attrs = rms_attrs(variant)
+    c = shape[-1]
+    if attrs["partial"]:
+        attrs["partial"] = {768: 389, 33: 13, 20001: 16390}[c]  # not multiples of 4 or 8; past one block
+    gen = torch.Generator().manual_seed(c)
+    x, g = torch.randn(shape, generator=gen), torch.randn(c, generator=gen)
+    plan = T.plan_kernel(spec.name, io(spec, "fp32"), shape, attrs)
+    assert dict(plan.constexprs)["ONE_BLOCK"] is (c <= 16384)
+    y = torch.empty_like(x)
+    T.interpret_aot_launch(plan, [x, g, y])
+    x64 = x.double()
+    s = x64[..., :attrs["partial"]] if attrs["partial"] else x64
+    ms = (s * s).mean(-1, keepdim=True)
+    den = ms.sqrt() + attrs["epsilon"] if attrs["eps_outside"] else (ms + attrs["epsilon"]).sqrt()
+    ref = g.double() * x64 / den
+    err = ((y.double() - ref).abs() / (ref.abs() + 0.01 * ref.abs().max())).max().item()
+    assert err < 1e-5, f"{variant} {shape}: {err:.3g}"
+
+
+def test_rms_variants_two_pass_and_dynamic_width_compile():
+    """Rows longer than one block, and a width known only at run time (eps_outside needs no static width: the
+    kernel divides by the n_cols it is launched with), take the two-pass loop and compile."""
+    spec = PLUGINS["NormdeployRMSNorm"]
+    for variant in RMS_VARIANTS:
+        aot = T.build_aot_kernel(spec.name, io(spec, "fp16"), (3, 40000), rms_attrs(variant), 1, target=80)
+        assert dict(aot.plan.constexprs)["ONE_BLOCK"] is False
+        assert len(entry_params(aot.ptx, aot.kernel_name)) == len(aot.plan.trt_params)
+        dyn = T.plan_kernel(spec.name, io(spec, "fp16"), (Dim("batch"), Dim("hidden")), rms_attrs(variant), 2)
+        assert dict(dyn.constexprs)["ONE_BLOCK"] is False and repr(dict(dyn.extras)["n_cols"]) == "hidden"
+
+
+def test_rms_variant_fields_out_of_range_are_refused():
+    spec = PLUGINS["NormdeployRMSNorm"]
+    with pytest.raises(ValueError, match="partial"):
+        T.plan_kernel(spec.name, io(spec, "fp16"), (2, 16), {"epsilon": 1e-5, "eps_outside": 0, "partial": 17})
+    with pytest.raises(ValueError, match="partial"):
+        T.plan_kernel(spec.name, io(spec, "fp16"), (2, 16), {"epsilon": 1e-5, "eps_outside": 0, "partial": -1})
+    with pytest.raises(ValueError, match="eps_outside"):
+        T.plan_kernel(spec.name, io(spec, "fp16"), (2, 16), {"epsilon": 1e-5, "eps_outside": 2, "partial": 0})
 
 
 def test_long_and_unknown_rows_compile_the_two_pass_loop():
@@ -505,10 +611,10 @@ def test_aot_impl_wrapper_returns_what_tensorrt_expects(trt_standin):
     g = FakeTensorDesc((Dim("C", 768),), fake_trt.float16)
     out = fns["register"](x, g, 1e-5)
     assert out.dtype == fake_trt.float16 and out.shape_expr == x.shape_expr
-    combos = fns["autotune"](x, g, 1e-5, (out,))
+    combos = fns["autotune"](x, g, 1e-5, 0, 0, (out,))
     assert [c.io_types for c in combos] == T.autotune_combinations("NormdeployRMSNorm")
     assert all(c.tactics == [1, 2] for c in combos)
-    name, ptx, launch, extra = fns["aot_impl"](x, g, 1e-5, (out,), 2)
+    name, ptx, launch, extra = fns["aot_impl"](x, g, 1e-5, 0, 0, (out,), 2)
     assert name == "row_norm_fwd" and f".entry {name}(" in ptx
     assert isinstance(launch.grid_x, FakeSymInt32) and repr(launch.grid_x.v) == "(((B*S)+7)//8)"
     assert launch.block_x == int(re.search(r"\.reqntid\s+(\d+)", ptx).group(1))
@@ -517,10 +623,37 @@ def test_aot_impl_wrapper_returns_what_tensorrt_expects(trt_standin):
     # a fixed shape gives plain ints
     xs = FakeTensorDesc((4, 768), fake_trt.bfloat16)
     gs = FakeTensorDesc((768,), fake_trt.float32)
-    _, _, launch, extra = fns["aot_impl"](xs, gs, 1e-5, (xs.like(),), 0)  # tactic 0: TensorRT's default
+    _, _, launch, extra = fns["aot_impl"](xs, gs, 1e-5, 0, 0, (xs.like(),), 0)  # tactic 0: TensorRT's default
     assert launch.grid_x == 1 and [e.v for e in extra.items[:2]] == [4, 768]
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
-        fns["aot_impl"](FakeTensorDesc((4, 768), "DataType.INT8"), gs, 1e-5, (xs,), 1)
+        fns["aot_impl"](FakeTensorDesc((4, 768), "DataType.INT8"), gs, 1e-5, 0, 0, (xs,), 1)
+
+
+def test_rmsnorm_wrappers_take_the_variant_fields_and_default_them_when_absent(trt_standin):
+    """TensorRT passes the fields of the node: with eps_outside / partial the kernel gets EPS_OUTSIDE and the
+    extra n_stat; a node lowered before the fields existed has neither and gets the plain RMSNorm (the
+    registered signature itself has no defaults: tensorrt.plugin refuses them)."""
+    import inspect
+
+    fake_trt, trtp = trt_standin
+    T.register_plugins(trtp)
+    fns = trtp.registry["normdeploy::NormdeployRMSNorm"]
+    assert all(p.default is inspect.Parameter.empty for p in inspect.signature(fns["aot_impl"]).parameters.values())
+    x = FakeTensorDesc((Dim("B"), Dim("C", 768)), fake_trt.float16)
+    g = FakeTensorDesc((Dim("C", 768),), fake_trt.float16)
+    assert fns["register"](x, g, epsilon=1e-5).shape_expr == x.shape_expr  # an older node: no variant fields
+    with T.aot_build_options() as built:
+        _, ptx_old, _, extra_old = fns["aot_impl"](x, g, epsilon=1e-5, outputs=(x.like(),), tactic=1)
+        _, ptx_new, _, extra_new = fns["aot_impl"](x, g, epsilon=1e-5, eps_outside=0, partial=0, outputs=(x.like(),),
+                                                   tactic=1)
+        assert ptx_old == ptx_new and len(extra_old) == len(extra_new) == 3
+        name, ptx, _, extra = fns["aot_impl"](x, g, epsilon=1e-5, eps_outside=1, partial=300, outputs=(x.like(),),
+                                              tactic=1)
+        assert built[-1]["params"] == 7
+    assert [e.v if isinstance(e.v, int) else e.v.value for e in extra.items[1:]] == [768, 300, f32_bits(1e-5)]
+    assert len(entry_params(ptx, name)) == 2 + len(extra) + 1 == 7
+    with pytest.raises(TypeError, match="missing"):
+        fns["aot_impl"](x, g, outputs=(x.like(),), tactic=1)  # epsilon has no default
 
 
 def _aot_rmsnorm(trtp, fake_trt):
@@ -528,7 +661,7 @@ def _aot_rmsnorm(trtp, fake_trt):
     fns = trtp.registry["normdeploy::NormdeployRMSNorm"]
     x = FakeTensorDesc((Dim("B"), Dim("C", 768)), fake_trt.float16)
     g = FakeTensorDesc((Dim("C", 768),), fake_trt.float16)
-    return fns["aot_impl"](x, g, 1e-5, (x.like(),), 1)
+    return fns["aot_impl"](x, g, 1e-5, 0, 0, (x.like(),), 1)
 
 
 def test_aot_impl_returns_exactly_the_parameters_tensorrt_passes(trt_standin, monkeypatch):
