@@ -47,6 +47,7 @@ share of normalization cost normdeploy leaves, flagged above 50 %; and the machi
     .venv/bin/python benchmarks/peers_models.py --quick              # CI-sized smoke run, to a temp dir
     .venv/bin/python benchmarks/peers_models.py --only gpt2-small --batch 1 --threads 1 --seconds 3 --out /tmp/p
     .venv/bin/python benchmarks/peers_models.py --readme             # README's table from results/peers_models.json
+    .venv/bin/python benchmarks/peers_models.py --only resnet-50 --threads 1 --update   # re-measure one model in place
 
 Writes ``<out>/peers_models.md``, ``.json`` and ``.png``.
 """
@@ -77,6 +78,7 @@ from benchmarks import readme_table  # noqa: E402
 from benchmarks.run_suite import versions_with_transformers  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+PLOT_TITLE = "speedup vs the original (ONNX Runtime ORT_ENABLE_ALL), per model, batch (b) and threads (t)"
 README_MARKERS = ("<!-- peers-models:start -->", "<!-- peers-models:end -->")
 #: a cell is "loaded" when the 1-minute load average exceeded the cores available by more than this
 LOAD_MARGIN = 0.5
@@ -111,9 +113,11 @@ def _resnet50():
 def _efficientnet_b0():
     import transformers as T
 
+    # hidden_dim: the config's default (2560) is B7's; B0's top convolution has 1280 channels, and with 2560 its
+    # BatchNorm does not match (export fails: "running_mean should contain 1280 elements not 2560")
     return T.EfficientNetForImageClassification(T.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0,
                                                                      image_size=224, dropout_rate=0.2,
-                                                                     num_labels=1000))
+                                                                     hidden_dim=1280, num_labels=1000))
 
 
 def _bert_base():
@@ -629,6 +633,55 @@ def run_model(name: str, spec, batches: list[int], threads: list[int], seconds: 
     return entry, benches
 
 
+class _CellSummary:
+    """A cell's bench as its JSON stored it (``cell["bench"]``), with what :func:`normdeploy.bench.plot.speedups_figure`
+    reads of a :class:`normdeploy.bench.ModelBench`: so ``--update`` redraws the plot of every model, the ones it
+    did not measure again included, from peers_models.json alone (the calls themselves are not stored)."""
+
+    def __init__(self, bench: dict):
+        self.model, self.machine, self.threads = bench["model"], bench["machine"], bench["threads"]
+        self._lat = {n: v["latency"] for n, v in bench["variants"].items() if v.get("latency")}
+        self.timed = list(self._lat)
+        rounds, sessions = bench["rounds"], bench["sessions"]
+        self.result = type("StoredResult", (), {"rounds": lambda _self: rounds, "sessions": sessions})()
+
+    def speedup(self, name: str):
+        return self._lat[name].get("speedup") if name in self._lat else None
+
+    def speedup_ci(self, name: str):
+        ci = self._lat[name].get("speedup_ci95") if name in self._lat else None
+        return tuple(float("nan") if x is None else x for x in ci) if ci else None
+
+
+def plot_from_json(data: dict, path: str) -> None:
+    """peers_models.png from peers_models.json: every cell of every model, in the file's order."""
+    from normdeploy.bench.plot import plot_speedups
+
+    benches = [_CellSummary(c["bench"]) for m in data["models"] for c in m.get("cells", [])]
+    if benches:
+        plot_speedups(benches, path, PLOT_TITLE,
+                      [n for n in VARIANTS if n != "original" and any(n in b.timed for b in benches)])
+
+
+def merge_update(old: dict, new: dict) -> dict:
+    """``--update``: ``old`` (the results file) with the models of ``new`` measured again, in their place (a
+    model new to the file goes last); refused where the runs' cells differ (batches, threads, seconds,
+    sessions, tolerance), which would make one table of two different measurements."""
+    keys = ("batches", "threads", "seconds", "min_rounds", "sessions", "tolerance", "warmup")
+    differ = [k for k in keys if old["meta"].get(k) != new["meta"].get(k)]
+    if differ:
+        raise SystemExit(f"error: --update measured with other settings than the file's ({', '.join(differ)}: "
+                         f"{[old['meta'].get(k) for k in differ]} there, {[new['meta'].get(k) for k in differ]} "
+                         "now); rerun with the file's settings, or measure every model without --update")
+    fresh = {m["name"]: m for m in new["models"]}
+    models = [fresh.pop(m["name"], m) for m in old["models"]] + list(fresh.values())
+    meta = dict(old["meta"])
+    meta["updates"] = list(old["meta"].get("updates", [])) + [
+        {"models": [m["name"] for m in new["models"]], "started": new["meta"]["started"],
+         "command": new["meta"]["command"], "duration_s": new["meta"]["duration_s"]}]
+    return {"meta": meta, "models": models}
+
+
 def _na_variant(name: str, why: str):
     from normdeploy.bench import Variant
 
@@ -672,8 +725,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default benchmarks/results; quick: a temp dir)")
     ap.add_argument("--readme", action="store_true",
                     help="only update README.md's table from <out>/peers_models.json (no measuring)")
+    ap.add_argument("--update", action="store_true",
+                    help="measure only the --only models and put them in place of theirs in <out>/peers_models.json "
+                         "(the same settings as the file's), then rewrite the .md and the .png")
     args = ap.parse_args(argv)
     out = args.out or (os.path.join(tempfile.gettempdir(), "normdeploy-peers-models-quick") if args.quick else RESULTS)
+    previous = None
+    if args.update:
+        path = os.path.join(out, "peers_models.json")
+        if not args.only or not os.path.exists(path):
+            raise SystemExit(f"error: --update needs --only and an existing {path}; run benchmarks/peers_models.py "
+                             "without --update first")
+        with open(path) as f:
+            previous = json.load(f)
     if args.readme:
         path = os.path.join(out, "peers_models.json")
         if not os.path.exists(path):
@@ -699,7 +763,7 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entries, benches = [], []
+    entries = []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: ", end="", flush=True)
         try:
@@ -709,7 +773,7 @@ def main(argv=None) -> int:
             entry, mbs = {"name": name, "what": models[name].title, "error": _first_line(e)}, []
             print(f"error: {entry['error']}", flush=True)
         entries.append(entry)
-        benches += mbs
+        del mbs  # closed; the figures are in the entry
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"started": started, "duration_s": time.time() - t_start, "seconds": seconds, "min_rounds": min_rounds,
             "warmup": args.warmup, "sessions": sessions or DEFAULT_SESSIONS,
@@ -717,21 +781,18 @@ def main(argv=None) -> int:
             "command": f".venv/bin/python benchmarks/peers_models.py {argv_text}".strip(),
             "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "versions": versions_with_transformers(),
             "settle": [n for n in names if SETTLE.get(n)]}
-    if benches:
-        from normdeploy.bench.plot import plot_speedups
-
-        plot_speedups(benches, os.path.join(out, "peers_models.png"),
-                      "speedup vs the original (ONNX Runtime ORT_ENABLE_ALL), per model, batch (b) and threads (t)",
-                      [n for n in VARIANTS if n != "original" and any(n in mb.timed for mb in benches)])
     meta["duration_s"] = time.time() - t_start
-    data = {"meta": meta, "models": entries}
     from normdeploy.package import jsonable
 
+    data = json.loads(json.dumps(jsonable({"meta": meta, "models": entries})))
+    if args.update:
+        data = merge_update(previous, data)
+    plot_from_json(data, os.path.join(out, "peers_models.png"))
     with open(os.path.join(out, "peers_models.json"), "w") as f:
-        json.dump(jsonable(data), f, indent=1)
+        json.dump(data, f, indent=1)
         f.write("\n")
     with open(os.path.join(out, "peers_models.md"), "w") as f:
-        f.write(render(json.loads(json.dumps(jsonable(data)))))
+        f.write(render(data))
     print(f"wrote {out}/peers_models.md, .json, .png in {meta['duration_s'] / 60:.1f} min")
     return 0 if all("error" not in e for e in entries) else 1
 

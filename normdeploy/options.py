@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bench.timing import DEFAULT_SESSIONS
+from .bench.timing import ALIVE_MODES, DEFAULT_SESSIONS
 from .core.errors import InputError
 from .core.passes import ORT_GRAPH_LEVELS, ORT_RMS_OPS, PRELN_FORMS, SHORT_ROW
 
@@ -132,11 +132,18 @@ class BenchOptions:
     sessions: int = field(default=DEFAULT_SESSIONS, metadata=flag(
         "--sessions", help="Sessions each variant is timed in (created in rotating order, each interleaved with "
                            "the others; a session's own bias then enters the 95 % interval instead of the ratio)."))
+    alive: str = field(default="auto", metadata=flag(
+        "--bench-alive", choices=("auto",) + ALIVE_MODES,
+        help="Sessions alive at once in the latency run: 'all' (every variant's, calls interleaved round by "
+             "round), 'one' (variants timed in turn, one session's memory), 'auto' (one from 1 GiB of weights, "
+             "256 MiB for a half-precision model on the CPU)."))
 
     def __post_init__(self):
         _number(self.seconds, "--seconds (--bench-seconds)", low=0, low_ok=False, example=", such as 3 (seconds)")
         _number(self.sessions, "--sessions", low=1, low_ok=True, integer=True, example=", such as 3")
         _number(self.warmup, "--warmup", low=0, low_ok=True, integer=True, example=", such as 10")
+        if self.alive not in ("auto",) + ALIVE_MODES:
+            raise InputError(f"--bench-alive {self.alive!r} is not a choice", "use auto, all or one")
         if self.threads is not None:
             _number(self.threads, "--threads", low=1, low_ok=True, integer=True, example=", such as 1")
 

@@ -388,6 +388,22 @@ HALF_VERIFY_NOTE = ("the model computes in half precision and no latency run was
                     "without ONNX Runtime's memory arena; both models ran so")
 
 
+ONE_ALIVE_NOTE = ("latency run with one session alive at a time ({gb:.2f} GB of weights; --bench-alive): original, "
+                  "optimized and floor were timed in turn in each session block, not interleaved call by call, so "
+                  "that only one copy of the weights is in a session at a time; --bench-alive all interleaves them")
+
+
+def bench_alive(options: Options, original: ir.Model, target: str) -> str:
+    """``--bench-alive`` resolved: ``auto`` is ``one`` for models too large to hold three sessions of
+    (:func:`normdeploy.bench.timing.one_session_alive`; half precision counts as such on ``ort-cpu``)."""
+    if options.bench.alive != "auto":
+        return options.bench.alive
+    from .bench.timing import one_session_alive
+
+    half = target == "ort-cpu" and compute_dtype(original) != "float32"
+    return "one" if one_session_alive(weight_bytes(original), half) else "all"
+
+
 def verify_optimization_level(original: ir.Model, target: str, timed: bool) -> str:
     """The ONNX Runtime graph optimization level of the verification sessions: ``all`` (the default) but for
     verify-only sessions of a float16/bfloat16 model on ``ort-cpu``, which get :data:`HALF_VERIFY_LEVEL`.
@@ -523,11 +539,16 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
         return OrtRunner(model, target, threads, providers=providers, prepack=timed,
                          graph_optimization=graph_optimization, lean=verify_level != "all")
 
+    alive = bench_alive(options, run.prepared.original, target) if timed else "one"
+    if timed and alive == "one":
+        run.notes.append(ONE_ALIVE_NOTE.format(gb=weight_bytes(run.prepared.original) / 1e9))
     progress("build", None)
     run_orig = session(run.prepared.original)
     progress("verify", None)
-    # without a latency run one session at a time: the original's outputs are recorded, then it is freed
-    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized, level), run, keep_original=timed)
+    # one session alive at a time (no latency run, or --bench-alive one): the original's outputs are recorded,
+    # then it is freed
+    accuracies, fidelity, run_opt = verify(run_orig, lambda: session(optimized, level), run,
+                                           keep_original=alive == "all")
     bench = None
     if timed:
         from .bench.timing import interleaved
@@ -536,11 +557,16 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
         floor = run.transformed.floor_model
         factories = {"original": lambda: session(run.prepared.original), "optimized": lambda: session(optimized, level),
                      "floor": lambda: session(floor, level)}
+        first = {"original": run_orig, "optimized": run_opt}
+        if alive == "one":  # the original's session is closed by now: the optimized one is the first timed
+            factories = {n: factories[n] for n in ("optimized", "original", "floor")}
+            first = {"optimized": run_opt}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
         # the verified sessions are the first block's; each block's sessions are closed before the next is made
         bench = interleaved(factories, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
-                            sessions=options.bench.sessions, first={"original": run_orig, "optimized": run_opt},
-                            progress=lambda f: progress("bench", f))
+                            sessions=options.bench.sessions, first=first, progress=lambda f: progress("bench", f),
+                            alive=alive)
+        bench.timings = {n: bench.timings[n] for n in ("original", "optimized", "floor")}  # the report's order
     else:
         run_opt.close()
     latency = bench_latency(bench, run.batch)
@@ -808,8 +834,11 @@ def bench_latency(bench, batch: int) -> dict | None:
         "sessions": bench.sessions,
         "session_spread_ms": {name: t.to_json()["session_spread_ms"] for name, t in bench.timings.items()},
         "speedup_sessions": bench.session_ratios("original", "optimized"),
-        "method": (f"{bench.sessions} session(s) per variant, created in rotating order, each timed in interleaved "
-                   "rounds after warm-up; p50 = median over sessions of each session's p50; speedup = "
+        "alive": bench.alive,
+        "method": (f"{bench.sessions} session(s) per variant, created in rotating order, each timed "
+                   + ("in interleaved rounds" if bench.alive == "all" else
+                      "alone in turn (one session alive at a time, --bench-alive one)")
+                   + " after warm-up; p50 = median over sessions of each session's p50; speedup = "
                    "p50(original) / p50(optimized), 95 % interval by a bootstrap over sessions, then rounds within them"),
         "batch": batch, "threads": bench.threads, "machine": bench.machine,
     })

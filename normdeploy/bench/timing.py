@@ -9,7 +9,8 @@ one new session of every variant, created in the order of the variants rotated b
 (A1 B1 C1, then B2 C2 A2, then C3 A3 B3, ...; :func:`creation_order`), so no variant is
 always the first or the last made; then timed, then closed before the next block is made.
 At most one session per variant is alive at a time, as with a single session (a session of a
-2 GB model holds GBs).
+2 GB model holds GBs). For models too large for that (``alive="one"``, ``--bench-alive``,
+:func:`one_session_alive`), one session at all is alive: a block's variants are timed in turn.
 
 **Within a block** the runners are called, after a warm-up, in rounds A B C, B C A, C A B, ...
 so that machine drift and the order itself cancel out; every call is timed with the clock
@@ -69,6 +70,14 @@ MIN_ROUNDS_FOR_INTERVAL = 20
 #: sessions per variant by default (``--sessions``); see the module docstring for what more buy
 DEFAULT_SESSIONS = 3
 
+#: how many sessions :func:`interleaved` holds at once: every variant's (``all``, calls interleaved
+#: round by round) or one (``one``: variants timed in turn, for models too large to hold side by side)
+ALIVE_MODES = ("all", "one")
+#: ``--bench-alive auto`` times one session at a time from this many weight bytes (:func:`one_session_alive`)
+ONE_ALIVE_BYTES = 1 << 30
+#: the same for a half-precision model on the CPU (its sessions hold float32 copies of the weights)
+ONE_ALIVE_HALF_BYTES = 256 << 20
+
 
 @dataclass
 class Timing:
@@ -114,6 +123,8 @@ class BenchResult:
     timings: dict[str, Timing]
     threads: int
     machine: dict
+    #: ``all``: every variant's session alive in a block, calls interleaved round by round; ``one``: in turn
+    alive: str = "all"
 
     def p50(self, name: str) -> float:
         return self.timings[name].p50()
@@ -248,7 +259,7 @@ def _close(runner) -> None:
 def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds: float = 3.0, warmup: int = 5,
                 min_rounds: int = 10, max_rounds: int = 200_000, progress=None, settle: int = 0,
                 sessions: int = DEFAULT_SESSIONS, first: dict | None = None, clock=time.perf_counter_ns,
-                on_create=None) -> BenchResult:
+                on_create=None, alive: str = "all") -> BenchResult:
     """Time every variant on ``feed`` in ``sessions`` sessions each, interleaved (module docstring).
 
     ``factories`` maps a variant's name to a callable that makes a new runner of it (an object with
@@ -264,9 +275,20 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     and thread pools the previous runner (another runtime, say torch or OpenVINO) left cold: what is
     timed is back-to-back, steady-state inference, as when one model serves alone. ``clock`` returns
     nanoseconds (tests inject a fake one); ``on_create(block, name)`` is called as each session is made.
+
+    ``alive="one"`` (:data:`ALIVE_MODES`): one session alive at a time, for models whose sessions do not
+    fit in memory side by side (:func:`one_session_alive`). Within a block each variant's session is
+    made, warmed up, timed alone for its share of the block's budget and closed before the next
+    variant's is made, in the block's creation order; a ``first`` runner is used only where it is its
+    block's first session, the others are closed at once. The calls of two variants are then not
+    interleaved round by round: drift within a block is not cancelled there, only across blocks by
+    the rotating order, and the bootstrap pairs calls by index (independent calls: the same
+    distribution as resampling each variant alone).
     """
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ValueError(f"sessions must be an integer >= 1, not {sessions!r}")
+    if alive not in ALIVE_MODES:
+        raise ValueError(f"alive must be one of {', '.join(ALIVE_MODES)}, not {alive!r}")
     for n, f in factories.items():
         if not callable(f):
             raise TypeError(f"interleaved: the factory of {n!r} is a {type(f).__name__}, not a callable that "
@@ -280,6 +302,10 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     block_max = max(1, max_rounds // sessions)
     block_warmup = math.ceil(warmup / sessions) if warmup > 0 else 0
     threads = 1
+    if alive == "one":
+        return _one_alive(factories, feed, timings, first, sessions=sessions, per_block_s=per_block_s,
+                          block_min=block_min, block_max=block_max, block_warmup=block_warmup, settle=settle,
+                          progress=progress, clock=clock, on_create=on_create)
     for block in range(sessions):
         runners = {}
         try:
@@ -318,6 +344,67 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
             timings[n].session_ms.append(samples[n])
             timings[n].samples_ms.extend(samples[n])
     return BenchResult(timings, threads, machine_info(threads))
+
+
+def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_min, block_max, block_warmup,
+               settle, progress, clock, on_create) -> BenchResult:
+    """:func:`interleaved` with ``alive="one"``: in every block, each variant's session alone, in turn."""
+    names = list(factories)
+    threads = 1
+    share_s = per_block_s / len(names) if names else 0.0
+    steps = sessions * len(names)
+    step = 0
+    for block in range(sessions):
+        order = creation_order(names, block)
+        samples = {n: [] for n in names}
+        for i, n in enumerate(order):
+            runner = None
+            try:
+                if block == 0 and i == 0:
+                    for other in [k for k in first if k != n]:
+                        _close(first.pop(other))  # two alive sessions is what this mode avoids
+                runner = first.pop(n) if block == 0 and n in first else factories[n]()
+                if on_create is not None:
+                    on_create(block, n)
+                if block == 0 and i == 0:
+                    threads = getattr(runner, "threads", 1)
+                for _ in range(block_warmup + settle):
+                    runner.run(feed)
+                start = clock()
+                while len(samples[n]) < block_max and (len(samples[n]) < block_min
+                                                       or (clock() - start) / 1e9 < share_s):
+                    t0 = clock()
+                    runner.run(feed)
+                    samples[n].append((clock() - t0) / 1e6)
+                    if progress is not None:
+                        done = min(1.0, (clock() - start) / 1e9 / share_s) if share_s > 0 else 1.0
+                        progress(min(1.0, (step + done) / steps))
+            finally:
+                if runner is not None:
+                    _close(runner)
+                if block == 0 and i == 0:
+                    for r in first.values():
+                        _close(r)
+                    first = {}
+            step += 1
+        for n in names:
+            timings[n].session_ms.append(samples[n])
+            timings[n].samples_ms.extend(samples[n])
+    return BenchResult(timings, threads, machine_info(threads), alive="one")
+
+
+def one_session_alive(weight_bytes: int, half_on_cpu: bool = False) -> bool:
+    """Whether ``--bench-alive auto`` times one session at a time: from :data:`ONE_ALIVE_BYTES` of weights
+    (:data:`ONE_ALIVE_HALF_BYTES` for a half-precision model on the CPU, whose sessions hold float32
+    copies, about 3x its weight bytes each).
+
+    Why a threshold and not a memory probe: three sessions side by side (original, optimized, floor)
+    hold three copies of the weights, 3-9x their bytes with the pipeline's own copy, which is what
+    issue 13's bound (peak RSS at most 4x the weights for a full run) forbids; below the threshold
+    that is a few hundred MB, and round-by-round interleaving (drift cancelled within every block)
+    is the better measurement.
+    """
+    return weight_bytes >= (ONE_ALIVE_HALF_BYTES if half_on_cpu else ONE_ALIVE_BYTES)
 
 
 def provenance(machine: dict, threads: int) -> str:

@@ -351,9 +351,11 @@ class _MatMul(Linear):
             self._set_weight(self.w64 * a)
 
     def input_shift(self, c):
+        """``c @ W``: 1-D for a 2-D ``W`` (``[N]``, the bias shape ONNX Runtime's Add fusions, BiasGelu among
+        them, require; ``[1, N]`` would also broadcast, but blocks them), ``[..., 1, N]`` for a batched one."""
         w64 = self.w.astype(np.float64)
         if self.slot == 1:
-            return np.matmul(c[None, :], w64) if self.w.ndim >= 2 else c @ w64
+            return np.matmul(c[None, :], w64) if self.w.ndim > 2 else c @ w64
         return np.matmul(w64, c[:, None])
 
     def scale_outputs(self, a):

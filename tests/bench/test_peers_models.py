@@ -156,3 +156,41 @@ def test_a_large_peer_model_is_kept_as_a_file_and_its_sessions_made_from_it(tmp_
     for threads in (1, 2):
         runner = peers.instantiate(peer, threads).runner
         np.testing.assert_allclose(runner.run({"x": x})[0], x @ w, rtol=1e-6)
+
+
+def _stored_cell(model: str, speedups: dict) -> dict:
+    variants = {"original": {"latency": {"speedup": 1.0, "speedup_ci95": [1.0, 1.0]}}}
+    variants.update({n: {"latency": {"speedup": s, "speedup_ci95": [s - 0.01, s + 0.01]}} for n, s in speedups.items()})
+    variants["openvino"] = {"latency": None}  # did not run
+    return {"bench": {"model": model, "machine": {"cpu": "cpu", "cores": 2, "onnxruntime": "x"}, "threads": 1,
+                      "rounds": 30, "sessions": 3, "variants": variants}}
+
+
+def test_update_puts_the_measured_models_in_place_and_refuses_other_settings():
+    meta = {**_META, "batches": [1], "threads": [1], "sessions": 3, "warmup": 3}
+    old = {"meta": meta, "models": [{"name": "a", "cells": [1]}, {"name": "b", "cells": [2]}]}
+    new = {"meta": {**meta, "started": "later", "command": "c --update"},
+           "models": [{"name": "b", "cells": [3]}, {"name": "z", "cells": [4]}]}
+    merged = pm.merge_update(old, new)
+    assert [(m["name"], m["cells"]) for m in merged["models"]] == [("a", [1]), ("b", [3]), ("z", [4])]
+    assert merged["meta"]["updates"] == [{"models": ["b", "z"], "started": "later", "command": "c --update",
+                                          "duration_s": 1.0}]
+    assert merged["meta"]["started"] == "now" and "updates" not in old["meta"]
+    with pytest.raises(SystemExit, match="threads"):
+        pm.merge_update(old, {"meta": {**new["meta"], "threads": [2]}, "models": []})
+
+
+def test_the_plot_is_drawn_from_the_stored_cells(tmp_path):
+    """plot_from_json: every stored cell is a bar group, with the speedups stored, not recomputed."""
+    from normdeploy.bench.plot import speedups_figure
+
+    cells = [_stored_cell("m1 b1 t1", {"normdeploy": 1.2, "onnxslim": 1.1}), _stored_cell("m2 b1 t1", {"normdeploy": 0.9})]
+    summaries = [pm._CellSummary(c["bench"]) for c in cells]
+    assert summaries[0].timed == ["original", "normdeploy", "onnxslim"] and summaries[0].speedup("openvino") is None
+    fig = speedups_figure(summaries, "t", ["normdeploy", "onnxslim"])
+    bars = sorted(round(p.get_width(), 6) for p in fig.axes[0].patches)
+    assert bars == [0.9, 1.1, 1.2]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["m1 b1 t1 (30 rounds, 3 sessions)", "m2 b1 t1 (30 rounds, 3 sessions)"]
+    pm.plot_from_json({"models": [{"name": "m1", "cells": cells}]}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -207,3 +207,68 @@ def test_optimize_reports_sessions_and_their_spread(tmp_path):
     assert "2 session(s) per variant" in lat["method"]
     md = render_markdown(res.report)
     assert "p50 per session, min..max (n)" in md and "over 2 sessions" in md
+
+
+def test_one_alive_holds_one_session_at_a_time_and_keeps_the_figures():
+    # alive="one" (--bench-alive one, models too large for three sessions side by side): each variant's
+    # session alone, in the block's rotating creation order, and the ratio still the true one (1.5)
+    seen = []
+    res, log = run({"A": 1.5, "B": 1.0, "C": 0.5}, {}, sessions=3, alive="one",
+                   on_create=lambda b, n: seen.append((b, n)))
+    assert log["max_alive"] == 1
+    assert seen == [(0, "A"), (0, "B"), (0, "C"), (1, "B"), (1, "C"), (1, "A"), (2, "C"), (2, "A"), (2, "B")]
+    assert res.alive == "one" and res.sessions == 3
+    for t in res.timings.values():
+        assert len(t.session_ms) == 3 and all(len(s) >= 4 for s in t.session_ms)  # ceil(10 / 3) calls at least
+    assert res.ratio("A", "B") == pytest.approx(1.5, rel=0.01)
+    lo, hi = res.ratio_interval("A", "B")
+    assert lo <= 1.5 <= hi and hi - lo < 0.05
+    # the session bias still lands in the interval, not the ratio
+    biased, _ = run({"A": 1.0, "B": 1.0}, {"A": [1.0, 1.3, 1.0]}, sessions=3, alive="one")
+    assert biased.ratio("A", "B") == pytest.approx(1.0, abs=0.005)
+
+
+def test_one_alive_uses_a_first_runner_only_as_its_blocks_first_session():
+    clock, factories, log = fakes({"A": 1.0, "B": 1.0}, {})
+    alive = set()
+    given_a = Fake(clock, 1.0, 1.0, np.random.default_rng(1), 0.0, alive)
+    given_b = Fake(clock, 1.0, 1.0, np.random.default_rng(2), 0.0, alive)
+    res = interleaved(factories, FEED, seconds=0.1, warmup=1, sessions=2, first={"A": given_a, "B": given_b},
+                      clock=clock, alive="one")
+    # block 0 runs A (given) alone; B's given runner was closed before A ran, and B is made anew
+    assert given_b.closed and given_a.closed and log["created"] == ["B", "B", "A"]
+    assert log["max_alive"] == 1 and res.sessions == 2
+    with pytest.raises(ValueError, match="alive"):
+        interleaved(factories, FEED, sessions=1, alive="some")
+
+
+def test_bench_alive_option_and_auto_threshold():
+    from normdeploy.bench.timing import ONE_ALIVE_BYTES, ONE_ALIVE_HALF_BYTES, one_session_alive
+
+    assert BenchOptions().alive == "auto" and Options.from_flat(alive="one").bench.alive == "one"
+    assert not one_session_alive(ONE_ALIVE_BYTES - 1) and one_session_alive(ONE_ALIVE_BYTES)
+    assert one_session_alive(ONE_ALIVE_HALF_BYTES, half_on_cpu=True)
+    assert not one_session_alive(ONE_ALIVE_HALF_BYTES - 1, half_on_cpu=True)
+    with pytest.raises(InputError, match="--bench-alive"):
+        BenchOptions(alive="some")
+
+
+@pytest.mark.slow  # exports the digits model and times it
+def test_optimize_times_one_session_at_a_time_when_asked(tmp_path):
+    import os
+
+    import normdeploy
+    from tests.conftest import MODELS
+
+    res = normdeploy.optimize(os.path.join(MODELS, "digits_cnn_bn_un.pt"), seconds=0.6, warmup=2, threads=1,
+                              sessions=2, alive="one")
+    lat = res.report["latency"]
+    assert lat["alive"] == "one" and "alone in turn" in lat["method"] and res.bench.alive == "one"
+    assert any("one session alive at a time" in n for n in res.report["notes"])
+    for name in ("original", "optimized", "floor"):
+        assert lat[name]["sessions"] == 2 and lat[name]["runs"] >= 10
+    assert lat["speedup"] == pytest.approx(lat["original"]["p50_ms"] / lat["optimized"]["p50_ms"])
+    # the digits model is far below the threshold: auto interleaves
+    auto = normdeploy.optimize(os.path.join(MODELS, "digits_cnn_bn_un.pt"), seconds=0.3, warmup=1, threads=1,
+                               sessions=1)
+    assert auto.report["latency"]["alive"] == "all"

@@ -274,3 +274,54 @@ def test_final_norm_gain_is_not_folded_into_a_large_tied_head(tmp_path):
         ref = m(ids).numpy()
     got = ort_run(r.optimized_model, ids.numpy())[0]
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+class _ConvNextBlockMLP(torch.nn.Module):
+    """Hugging Face ConvNextLayer's channels-last half (transformers' modeling_convnext.py): permute to NHWC,
+    ``nn.LayerNorm(eps=1e-6)``, pwconv1 Linear, GELU, pwconv2 Linear, the layer-scale gamma, permute back,
+    residual."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.dwconv = torch.nn.Conv2d(d, d, kernel_size=7, padding=3, groups=d)
+        self.layernorm = torch.nn.LayerNorm(d, eps=1e-6)
+        self.pwconv1, self.act, self.pwconv2 = torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)
+        self.layer_scale_parameter = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(self.act(self.pwconv1(self.layernorm(h))))
+        return x + (self.layer_scale_parameter * h).permute(0, 3, 1, 2)
+
+
+@pytest.mark.slow
+def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(tmp_path):
+    """LayerNorm's beta folded into the Linear after it becomes that Linear's bias ``b + beta W``: stored 1-D
+    (``[4d]``), as the exporter stores a Linear bias. A ``[1, 4d]`` bias broadcasts the same but ONNX Runtime's
+    BiasGelu fusion (Add + Gelu) then does not fire (seen on Hugging Face ConvNeXt-T: 18 unfused Adds)."""
+    import onnxruntime as ort
+
+    import normdeploy
+    from tests.conftest import ort_run
+
+    torch.manual_seed(0)
+    m = _ConvNextBlockMLP()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # beta and the biases non-zero: the fold does real work
+    x = torch.randn(2, 16, 5, 5)
+    r = normdeploy.optimize(export(m, (x,), "dynamo", str(tmp_path)), target="ort-cpu", bench=False)
+    assert [w for w in _fold_result(r)["rewrites"]], "the LayerNorm affine folds into pwconv1"
+    proto = ir.to_proto(r.optimized_model)
+    inits = {i.name: i for i in proto.graph.initializer}
+    bias_adds = [n for n in proto.graph.node if n.op_type == "Add" and any(i in inits for i in n.input)]
+    assert bias_adds and all(len(inits[i].dims) == 1 for n in bias_adds for i in n.input if i in inits)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    path = str(tmp_path / "nd.onnx")
+    onnx.save(proto, path)
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    assert op_counts(onnx.load(str(tmp_path / "ort.onnx"))).get("com.microsoft::BiasGelu") == 1
+    with torch.no_grad():
+        ref = m(x).numpy()
+    np.testing.assert_allclose(ort_run(r.optimized_model, x.numpy())[0], ref, rtol=1e-5, atol=1e-5)
