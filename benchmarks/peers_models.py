@@ -78,7 +78,7 @@ from benchmarks import readme_table  # noqa: E402
 from benchmarks.run_suite import versions_with_transformers  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-PLOT_TITLE = "speedup vs the original (ONNX Runtime ORT_ENABLE_ALL), per model, batch (b) and threads (t)"
+PLOT_TITLE = "speedup vs the original (ONNX Runtime ORT_ENABLE_ALL),\nper model, batch (b) and threads (t)"
 README_MARKERS = ("<!-- peers-models:start -->", "<!-- peers-models:end -->")
 #: a cell is "loaded" when the 1-minute load average exceeded the cores available by more than this
 LOAD_MARGIN = 0.5
@@ -478,6 +478,12 @@ def accuracy_table(models: list[dict]) -> list[str]:
     return lines
 
 
+def _updates(meta: dict) -> str:
+    """The models ``--update`` measured again, by which command and when (empty when none)."""
+    return "".join(f"; {', '.join(u['models'])} measured again by `{u['command']}` ({u['started']})"
+                   for u in meta.get("updates", []))
+
+
 def render(data: dict) -> str:
     meta, models = data["meta"], data["models"]
     v = meta["versions"]
@@ -489,7 +495,7 @@ def render(data: dict) -> str:
         f"torch {v.get('torch', '?')}, onnx {v.get('onnx', '?')}, onnxslim {v.get('onnxslim', 'not installed')}, "
         f"onnxoptimizer {v.get('onnxoptimizer', 'not installed')}, OpenVINO {v.get('openvino', 'not installed')}, "
         f"transformers {v.get('transformers', '?')}; {meta['started']}, {meta['duration_s'] / 60:.1f} min in all; "
-        f"produced by `{meta['command']}`. {loaded} of {cells} cells were measured under load (1-minute load "
+        f"produced by `{meta['command']}`{_updates(meta)}. {loaded} of {cells} cells were measured under load (1-minute load "
         f"average above cores + {LOAD_MARGIN:g} before or after the cell): read those as direction only.", "",
         f"Method: {meta['method']}. Each cell (model, batch, threads) is one interleaved run of every variant, "
         f"{meta['seconds']:g} s and at least {meta['min_rounds']} rounds, each variant timed in "
@@ -540,7 +546,7 @@ def readme_body(data: dict) -> str:
     return "\n".join([
         f"Realistic models at real sizes (random weights, randomized normalization parameters; trained MiniLM), text "
         f"at 128 tokens, images at 224x224, on **{meta['cpu']}** ({meta['cores']} cores), onnxruntime "
-        f"{meta['versions'].get('onnxruntime', '?')}; {meta['started']}, produced by `{meta['command']}`. The key "
+        f"{meta['versions'].get('onnxruntime', '?')}; {meta['started']}, produced by `{meta['command']}`{_updates(meta)}. The key "
         "column is p50(normdeploy's best exact variant) / p50(the best exact peer: ONNX Runtime at every level, its "
         "transformers optimizer, onnxslim, onnxoptimizer, OpenVINO f32), below 1 = normdeploy faster; every variant "
         "and its accuracy: [`benchmarks/results/peers_models.md`](benchmarks/results/peers_models.md).", "",

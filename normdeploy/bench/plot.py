@@ -96,7 +96,8 @@ def speedups_figure(benches: list[ModelBench], title: str, variants: list[str] |
         variants = []
         for b in benches:
             variants += [n for n in b.timed if n != "original" and n not in variants]
-    colors = plt.get_cmap("tab10")
+    palette = 10 if len(variants) <= 10 else 20  # no two variants of one plot share a colour
+    colors = plt.get_cmap(f"tab{palette}")
     n_models = max(1, len(benches))
     height = 0.8 / max(1, len(variants))
     fig, ax = plt.subplots(figsize=(8.0, 1.8 + max(0.35, 0.12 * max(1, len(variants))) * n_models), dpi=110)
@@ -112,7 +113,7 @@ def speedups_figure(benches: list[ModelBench], title: str, variants: list[str] |
             lo.append(max(0.0, s - ci[0]) if ci[0] == ci[0] else 0.0)
             hi.append(max(0.0, ci[1] - s) if ci[1] == ci[1] else 0.0)
         if xs:
-            ax.barh(ys, xs, height=height * 0.9, xerr=[lo, hi], color=colors(j % 10), label=var,
+            ax.barh(ys, xs, height=height * 0.9, xerr=[lo, hi], color=colors(j % palette), label=var,
                     error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([i + height * (len(variants) - 1) / 2 for i in range(len(benches))],

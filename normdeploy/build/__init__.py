@@ -27,6 +27,7 @@ import onnx
 
 from ..core.errors import InputError, UnsupportedError
 from ..core.graph import to_proto, weight_bytes
+from ..core.store import release_mappings
 
 #: in-memory models with more weight bytes than this get their session from a file
 SESSION_FILE_BYTES = 32 << 20
@@ -137,6 +138,9 @@ class OrtRunner:
             self._tmp = tempfile.TemporaryDirectory(prefix="normdeploy-session-")
             path = f"{self._tmp.name}/model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
+            # writing read every memory-mapped weight of ``model``: its pages count in this process's resident
+            # memory until the maps close (they reopen when read again); the session reads its own copy
+            release_mappings(model)
             return path
         raise TypeError(f"cannot build an ONNX Runtime session from a {type(model).__name__}")
 

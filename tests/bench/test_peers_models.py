@@ -194,3 +194,8 @@ def test_the_plot_is_drawn_from_the_stored_cells(tmp_path):
     assert labels == ["m1 b1 t1 (30 rounds, 3 sessions)", "m2 b1 t1 (30 rounds, 3 sessions)"]
     pm.plot_from_json({"models": [{"name": "m1", "cells": cells}]}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_the_tables_name_the_models_measured_again():
+    meta = {**_META, "updates": [{"models": ["b"], "started": "later", "command": "c --update", "duration_s": 1}]}
+    assert pm._updates(meta) == "; b measured again by `c --update` (later)" and pm._updates(_META) == ""

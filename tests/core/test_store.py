@@ -134,3 +134,32 @@ def test_recorded_replays_outputs_by_feed_identity():
     assert Counting.calls == 2
     with pytest.raises(KeyError):
         rec.run({"x": np.ones(2)})
+
+
+def test_a_session_made_from_a_written_file_leaves_the_models_weights_unmapped(monkeypatch, tmp_path):
+    """OrtRunner writes a large in-memory model to a file for its session: writing reads (maps) every weight
+    the model loaded from its external data, and those pages would stay in this process's resident memory
+    next to the session's own copy. The maps are closed after writing; the weights read back the same
+    afterwards, and the session computes with them."""
+    from normdeploy import build
+
+    monkeypatch.setattr(build, "SESSION_FILE_BYTES", 0)
+    wv = np.arange(3 << 16, dtype=np.float32).reshape(1 << 16, 3) / (3 << 16)  # 768 KiB (a tiny one is not mapped)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1 << 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])
+    proto = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [onnx.numpy_helper.from_array(wv, "w")]),
+        opset_imports=[onnx.helper.make_opsetid("", 20)])
+    onnx.save(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    model = ir.load(str(tmp_path / "m.onnx"))
+    w = model.graph.initializers["w"].const_value
+    assert isinstance(w, ir.ExternalTensor)
+    w.numpy()
+    assert w.raw is not None
+    runner = OrtRunner(model, threads=1)
+    assert w.raw is None, "the weight's map is still open after the session's file was written"
+    feed = np.random.default_rng(0).standard_normal((1, 1 << 16)).astype(np.float32)
+    np.testing.assert_allclose(runner.run({"x": feed})[0], feed.astype(np.float64) @ wv, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(w.numpy(), wv)
+    runner.close()
