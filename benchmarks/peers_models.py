@@ -64,6 +64,7 @@ import shlex
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -649,7 +650,7 @@ class _CellSummary:
         self._lat = {n: v["latency"] for n, v in bench["variants"].items() if v.get("latency")}
         self.timed = list(self._lat)
         rounds, sessions = bench["rounds"], bench["sessions"]
-        self.result = type("StoredResult", (), {"rounds": lambda _self: rounds, "sessions": sessions})()
+        self.result = types.SimpleNamespace(rounds=lambda: rounds, sessions=sessions)
 
     def speedup(self, name: str):
         return self._lat[name].get("speedup") if name in self._lat else None
@@ -773,13 +774,12 @@ def main(argv=None) -> int:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: ", end="", flush=True)
         try:
-            entry, mbs = run_model(name, models[name], batches, threads, seconds, min_rounds, args.warmup,
-                                   args.tolerance, sessions=sessions)
+            entry, _ = run_model(name, models[name], batches, threads, seconds, min_rounds, args.warmup,
+                                 args.tolerance, sessions=sessions)
         except Exception as e:  # noqa: BLE001 - one model's failure is a row of the results
-            entry, mbs = {"name": name, "what": models[name].title, "error": _first_line(e)}, []
+            entry = {"name": name, "what": models[name].title, "error": _first_line(e)}
             print(f"error: {entry['error']}", flush=True)
         entries.append(entry)
-        del mbs  # closed; the figures are in the entry
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"started": started, "duration_s": time.time() - t_start, "seconds": seconds, "min_rounds": min_rounds,
             "warmup": args.warmup, "sessions": sessions or DEFAULT_SESSIONS,

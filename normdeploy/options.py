@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bench.timing import ALIVE_MODES, DEFAULT_SESSIONS
+from .bench.timing import ALIVE_MODES, DEFAULT_SESSIONS, ONE_ALIVE_BYTES, ONE_ALIVE_HALF_BYTES
 from .core.errors import InputError
 from .core.passes import ORT_GRAPH_LEVELS, ORT_RMS_OPS, PRELN_FORMS, SHORT_ROW
 
@@ -118,6 +118,10 @@ class VerifyOptions:
             _number(self.tolerance, "--tolerance", low=0, low_ok=True, example=", such as 1e-4", inf_ok=True)
 
 
+#: ``--bench-alive`` choices: :data:`normdeploy.bench.timing.ALIVE_MODES`, or ``auto`` (:func:`~normdeploy.bench.timing.one_session_alive`)
+BENCH_ALIVE = ("auto",) + ALIVE_MODES
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """The interleaved latency run."""
@@ -133,16 +137,17 @@ class BenchOptions:
         "--sessions", help="Sessions each variant is timed in (created in rotating order, each interleaved with "
                            "the others; a session's own bias then enters the 95 % interval instead of the ratio)."))
     alive: str = field(default="auto", metadata=flag(
-        "--bench-alive", choices=("auto",) + ALIVE_MODES,
+        "--bench-alive", choices=BENCH_ALIVE,
         help="Sessions alive at once in the latency run: 'all' (every variant's, calls interleaved round by "
-             "round), 'one' (variants timed in turn, one session's memory), 'auto' (one from 1 GiB of weights, "
-             "256 MiB for a half-precision model on the CPU)."))
+             "round), 'one' (variants timed in turn, one session's memory), 'auto' (one from "
+             f"{ONE_ALIVE_BYTES >> 20} MiB of weights, {ONE_ALIVE_HALF_BYTES >> 20} MiB for a half-precision model "
+             "on the CPU)."))
 
     def __post_init__(self):
         _number(self.seconds, "--seconds (--bench-seconds)", low=0, low_ok=False, example=", such as 3 (seconds)")
         _number(self.sessions, "--sessions", low=1, low_ok=True, integer=True, example=", such as 3")
         _number(self.warmup, "--warmup", low=0, low_ok=True, integer=True, example=", such as 10")
-        if self.alive not in ("auto",) + ALIVE_MODES:
+        if self.alive not in BENCH_ALIVE:
             raise InputError(f"--bench-alive {self.alive!r} is not a choice", "use auto, all or one")
         if self.threads is not None:
             _number(self.threads, "--threads", low=1, low_ok=True, integer=True, example=", such as 1")

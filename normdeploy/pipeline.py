@@ -557,16 +557,13 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
         floor = run.transformed.floor_model
         factories = {"original": lambda: session(run.prepared.original), "optimized": lambda: session(optimized, level),
                      "floor": lambda: session(floor, level)}
-        first = {"original": run_orig, "optimized": run_opt}
-        if alive == "one":  # the original's session is closed by now: the optimized one is the first timed
-            factories = {n: factories[n] for n in ("optimized", "original", "floor")}
-            first = {"optimized": run_opt}
+        # one alive: the original's session is closed by now, the optimized one is the first timed
+        first = {"original": run_orig, "optimized": run_opt} if alive == "all" else {"optimized": run_opt}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
         # the verified sessions are the first block's; each block's sessions are closed before the next is made
         bench = interleaved(factories, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
                             sessions=options.bench.sessions, first=first, progress=lambda f: progress("bench", f),
                             alive=alive)
-        bench.timings = {n: bench.timings[n] for n in ("original", "optimized", "floor")}  # the report's order
     else:
         run_opt.close()
     latency = bench_latency(bench, run.batch)

@@ -279,8 +279,8 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     ``alive="one"`` (:data:`ALIVE_MODES`): one session alive at a time, for models whose sessions do not
     fit in memory side by side (:func:`one_session_alive`). Within a block each variant's session is
     made, warmed up, timed alone for its share of the block's budget and closed before the next
-    variant's is made, in the block's creation order; a ``first`` runner is used only where it is its
-    block's first session, the others are closed at once. The calls of two variants are then not
+    variant's is made, in the block's creation order, rotated to start at the first variant ``first``
+    gives (its runner is block 0's first session; other given runners are closed at once). The calls of two variants are then not
     interleaved round by round: drift within a block is not cancelled there, only across blocks by
     the rotating order, and the bootstrap pairs calls by index (independent calls: the same
     distribution as resampling each variant alone).
@@ -348,22 +348,24 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
 
 def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_min, block_max, block_warmup,
                settle, progress, clock, on_create) -> BenchResult:
-    """:func:`interleaved` with ``alive="one"``: in every block, each variant's session alone, in turn."""
+    """:func:`interleaved` with ``alive="one"``: in every block, each variant's session alone, in turn.
+
+    The rotation starts at the first variant ``first`` gives a runner of, which is block 0's first session;
+    the other given runners are closed before anything runs (two alive sessions is what this mode avoids)."""
     names = list(factories)
+    offset = next((names.index(n) for n in first if n in names), 0)
+    given = first.pop(names[offset], None) if names else None
+    for r in first.values():
+        _close(r)
     threads = 1
     share_s = per_block_s / len(names) if names else 0.0
     steps = sessions * len(names)
-    step = 0
     for block in range(sessions):
-        order = creation_order(names, block)
         samples = {n: [] for n in names}
-        for i, n in enumerate(order):
-            runner = None
+        for i, n in enumerate(creation_order(names, block + offset)):
+            runner = given if given is not None else factories[n]()
+            given = None
             try:
-                if block == 0 and i == 0:
-                    for other in [k for k in first if k != n]:
-                        _close(first.pop(other))  # two alive sessions is what this mode avoids
-                runner = first.pop(n) if block == 0 and n in first else factories[n]()
                 if on_create is not None:
                     on_create(block, n)
                 if block == 0 and i == 0:
@@ -378,15 +380,9 @@ def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_
                     samples[n].append((clock() - t0) / 1e6)
                     if progress is not None:
                         done = min(1.0, (clock() - start) / 1e9 / share_s) if share_s > 0 else 1.0
-                        progress(min(1.0, (step + done) / steps))
+                        progress(min(1.0, (block * len(names) + i + done) / steps))
             finally:
-                if runner is not None:
-                    _close(runner)
-                if block == 0 and i == 0:
-                    for r in first.values():
-                        _close(r)
-                    first = {}
-            step += 1
+                _close(runner)
         for n in names:
             timings[n].session_ms.append(samples[n])
             timings[n].samples_ms.extend(samples[n])

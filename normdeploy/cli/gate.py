@@ -95,9 +95,9 @@ def gate(model, optimized, thresholds_file, as_json, debug, **values):
             file_th, run = gate_mod.read_file(thresholds_file)
             th = th.updated(file_th, validate=False)  # validated once flags are applied
         th = th.updated({k: v for k, v in flags.items() if v is not None})
-        settings = {k: run[k] for k in ("seconds", "warmup", "threads", "sessions") if k in run and not given(k)}
-        for name, v, lo in [(k, v, -1 if k == "warmup" else 0) for k, v in
-                            {**dataclasses.asdict(opts.bench), **settings}.items() if k not in ("bench", "alive")]:
+        settings = {k: run[k] for k in gate_mod.RUN_KEYS if k in run and not given(k)}
+        numbers = {**{k: getattr(opts.bench, k) for k in gate_mod.RUN_KEYS}, **settings}
+        for name, v, lo in [(k, v, -1 if k == "warmup" else 0) for k, v in numbers.items()]:
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= lo):
                 raise InputError(f"{name} {v!r} is out of range", f"give a number > {lo}")
         opts = dataclasses.replace(opts, bench=dataclasses.replace(opts.bench, **settings))
