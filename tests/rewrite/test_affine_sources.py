@@ -295,7 +295,8 @@ class _ConvNextBlockMLP(torch.nn.Module):
 
 
 @pytest.mark.slow
-def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(tmp_path):
+@pytest.mark.parametrize("way", WAYS)
+def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(way, tmp_path):
     """LayerNorm's beta folded into the Linear after it becomes that Linear's bias ``b + beta W``: stored 1-D
     (``[4d]``), as the exporter stores a Linear bias. A ``[1, 4d]`` bias broadcasts the same but ONNX Runtime's
     BiasGelu fusion (Add + Gelu) then does not fire (seen on Hugging Face ConvNeXt-T: 18 unfused Adds)."""
@@ -310,7 +311,7 @@ def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(tmp_p
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))  # beta and the biases non-zero: the fold does real work
     x = torch.randn(2, 16, 5, 5)
-    r = normdeploy.optimize(export(m, (x,), "dynamo", str(tmp_path)), target="ort-cpu", bench=False)
+    r = normdeploy.optimize(export(m, (x,), way, str(tmp_path)), target="ort-cpu", bench=False)
     assert [w for w in _fold_result(r)["rewrites"]], "the LayerNorm affine folds into pwconv1"
     proto = ir.to_proto(r.optimized_model)
     inits = {i.name: i for i in proto.graph.initializer}
