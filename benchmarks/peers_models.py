@@ -673,7 +673,8 @@ def plot_from_json(data: dict, path: str) -> None:
 def merge_update(old: dict, new: dict) -> dict:
     """``--update``: ``old`` (the results file) with the models of ``new`` measured again, in their place (a
     model new to the file goes last); refused where the runs' cells differ (batches, threads, seconds,
-    sessions, tolerance), which would make one table of two different measurements."""
+    sessions, tolerance), which would make one table of two different measurements. Only a model's latest
+    update is named."""
     keys = ("batches", "threads", "seconds", "min_rounds", "sessions", "tolerance", "warmup")
     differ = [k for k in keys if old["meta"].get(k) != new["meta"].get(k)]
     if differ:
@@ -683,7 +684,9 @@ def merge_update(old: dict, new: dict) -> dict:
     fresh = {m["name"]: m for m in new["models"]}
     models = [fresh.pop(m["name"], m) for m in old["models"]] + list(fresh.values())
     meta = dict(old["meta"])
-    meta["updates"] = list(old["meta"].get("updates", [])) + [
+    again = {m["name"] for m in new["models"]}  # an earlier update of a model measured again no longer holds
+    earlier = [dict(u, models=[n for n in u["models"] if n not in again]) for u in old["meta"].get("updates", [])]
+    meta["updates"] = [u for u in earlier if u["models"]] + [
         {"models": [m["name"] for m in new["models"]], "started": new["meta"]["started"],
          "command": new["meta"]["command"], "duration_s": new["meta"]["duration_s"]}]
     return {"meta": meta, "models": models}

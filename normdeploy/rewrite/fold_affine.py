@@ -40,7 +40,9 @@ Rules (each failure is the skip reason): parameters are constant and finite with
 ``var + eps > 0``; a producer's output is read by the affine only (through movers whose
 outputs also have one reader) and is not a graph output; every reader of a folded
 normalized tensor is linear in it (a residual Add of a post-norm block keeps the affine);
-graph outputs keep their names and values. Folded weights are computed in float64 and
+graph outputs keep their names and values; a LayerNormalization that stays one keeps a non-zero bias
+when a layer reading it has no non-zero bias to take it (its kernel adds the bias for free; the fold
+would add a bias Add, :func:`_free_bias_source`). Folded weights are computed in float64 and
 stored once in the weight's dtype (fp16 models included); every folded weight is a new
 constant, so a weight shared with another node is never edited.
 
@@ -442,9 +444,13 @@ def _shared_copy(layer) -> str | None:
             "Mul: the affine stays")
 
 
-def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: np.dtype
-                   ) -> tuple[Plan, np.ndarray | None] | str:
-    """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant."""
+def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: np.dtype,
+                   free_bias: ir.Node | None = None) -> tuple[Plan, np.ndarray | None] | str:
+    """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant.
+
+    ``free_bias``: a source that stays a fused kernel adding its own bias at no cost (a LayerNormalization);
+    its shift is not moved into a layer that has no non-zero bias (see :func:`_free_bias_source`).
+    """
     n, s, c = leaf.node, leaf.scale, leaf.shift
     layer = linear_layer(graph, n, leaf.slot, dtype)
     if isinstance(layer, str):
@@ -452,6 +458,10 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: n
     shared = _shared_copy(layer)
     if shared is not None:
         return shared
+    if free_bias is not None and np.any(c != 0) and not layer.has_bias():
+        return (f"{free_bias.op_type} {free_bias.name} stays a fused kernel that adds its bias at no cost, and "
+                f"{n.op_type} {n.name} has no bias to take it (folding would add one, and block ONNX Runtime's "
+                "MatMul + activation fusions): the affine stays")
     a = vector_along(s, layer.in_axis, layer.in_rank, layer.in_size)
     if a is None:
         where = "per input channel" if n.op_type in ("Conv", "ConvTranspose") else "along the contraction axis"
@@ -518,6 +528,26 @@ def _neutralize(graph: ir.Graph, node: ir.Node, namer: Namer) -> None:
         remove_nodes(graph, [node])
 
 
+def _free_bias_source(aff: Affine, absorbed: list[ir.Node]) -> ir.Node | None:
+    """``aff``'s node where it is a LayerNormalization that stays one and has a non-zero bias, else None.
+
+    ONNX LayerNormalization (and what it lowers to: ONNX Runtime's kernel, SkipLayerNormalization,
+    TensorRT's normalization layer, OpenVINO's MVN + affine) applies its scale and bias inside the
+    kernel, so folding them into the next linear layer saves nothing. Its bias ``c`` becomes that
+    layer's bias ``b + W c``; where the layer had none (or a zero one, as every Linear of a
+    Hugging Face model initialised from its config), the fold adds a bias Add that was not there,
+    and ``MatMul + Add + Gelu`` runs slower than the ``MatMul + Gelu`` the model had (measured on
+    Hugging Face ConvNeXt-T, benchmarks/peers_models.py). The rewrites that remove the LayerNorm
+    (Pre-RMSNorm, LN-free) run before this pass and move the bias themselves. With ``absorbed``
+    constant affines after the norm, folding still saves their nodes: the rule does not apply.
+    """
+    node = aff.node
+    if aff.pure or absorbed or node.op_type != "LayerNormalization" or len(node.inputs) < 3:
+        return None
+    b = const_value(node.inputs[2])
+    return node if b is not None and np.any(b != 0) else None
+
+
 def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer, ctx: PassContext | None = None
                                ) -> Plan | str:
     """Plan folding ``aff`` into every linear layer that reads its output (through movers)."""
@@ -534,9 +564,10 @@ def fold_affine_into_consumers(graph: ir.Graph, aff: Affine, namer: Namer, ctx: 
     param = next((const_value(t) for t in node.inputs[1:] if const_value(t) is not None), None) \
         if not aff.nodes else None
     dtype = _dtype_of(aff.y, param.dtype if param is not None else np.float32)
+    free_bias = _free_bias_source(aff, absorbed)
     plans = []
     for leaf in leaves:
-        p = _consumer_plan(graph, leaf, namer, dtype, storage_dtype(ctx, dtype))
+        p = _consumer_plan(graph, leaf, namer, dtype, storage_dtype(ctx, dtype), free_bias)
         if isinstance(p, str):
             return p
         plans.append((leaf, *p))

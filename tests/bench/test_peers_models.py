@@ -176,6 +176,13 @@ def test_update_puts_the_measured_models_in_place_and_refuses_other_settings():
     assert merged["meta"]["updates"] == [{"models": ["b", "z"], "started": "later", "command": "c --update",
                                           "duration_s": 1.0}]
     assert merged["meta"]["started"] == "now" and "updates" not in old["meta"]
+    # measured again later: only each model's latest update is named
+    again = pm.merge_update(merged, {"meta": {**meta, "started": "last", "command": "c2"},
+                                     "models": [{"name": "z", "cells": [5]}]})
+    assert [(u["models"], u["started"]) for u in again["meta"]["updates"]] == [(["b"], "later"), (["z"], "last")]
+    assert pm.merge_update(again, {"meta": {**meta, "started": "end", "command": "c3"}, "models": [
+        {"name": "b", "cells": [6]}, {"name": "z", "cells": [7]}]})["meta"]["updates"] == [
+        {"models": ["b", "z"], "started": "end", "command": "c3", "duration_s": 1.0}]
     with pytest.raises(SystemExit, match="threads"):
         pm.merge_update(old, {"meta": {**new["meta"], "threads": [2]}, "models": []})
 

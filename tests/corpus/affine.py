@@ -165,13 +165,14 @@ class TdBNConv(nn.Module):
 class TiedLMHead(nn.Module):
     """A decoder's end with tied embeddings (Hugging Face ``tie_word_embeddings``, GPT-2's ``lm_head.weight =
     wte.weight``): ``logits = ln_f(h) @ wte.weight.T`` (exported ``MatMul(x, Transpose(W))``), the
-    embedding ``Gather`` reading the same W. ln_f's gain and bias fold into a clone of the head's weight."""
+    embedding ``Gather`` reading the same W. ln_f's gain folds into a clone of the head's weight; a non-zero
+    ln_f bias stays in the LayerNormalization (the head has no bias to take it)."""
 
-    def __init__(self, vocab: int = 32, d: int = 16):
+    def __init__(self, vocab: int = 32, d: int = 16, bias: bool = True):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.mix = nn.Linear(d, d)
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = nn.LayerNorm(d, bias=bias)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
 

@@ -149,7 +149,8 @@ def test_gain_folds_into_a_matmul_with_a_transposed_constant_weight():
     W = g.const(g.rng.uniform(-1, 1, (20, 8)), name="wte")
     g.inputs.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 5]))
     emb = g("Gather", W, "ids")
-    ln = g("LayerNormalization", g("Tanh", emb), g.rand(8, low=0.5, high=1.5), g.rand(8), axis=-1)
+    # no LN bias: a non-zero one stays in the LayerNormalization, the head having no bias to take it
+    ln = g("LayerNormalization", g("Tanh", emb), g.rand(8, low=0.5, high=1.5), g.const(np.zeros(8)), axis=-1)
     before = g.model(g("MatMul", ln, g("Transpose", W, perm=[1, 0]), out="out"))
     after, result = _fold(before)
     assert len(result.rewrites) == 1 and "into MatMul" in result.rewrites[0].what, result.skipped
@@ -226,12 +227,13 @@ def test_mpbn_td_batchnorm_folds_through_the_per_step_reshape(way, tmp_path):
 @pytest.mark.parametrize("way,opset", EXPORTS)
 def test_final_norm_gain_folds_into_a_tied_lm_head(way, opset, tmp_path):
     """``ln_f`` before ``lm_head`` tied to ``wte`` (vocab 4096 x 64: too large for the constant folder, so the
-    dynamo spelling keeps ``MatMul(x, Transpose(W))``): ln_f's gain and bias fold into a clone of the head's
-    weight; the embedding keeps reading the original, and the logits match torch."""
+    dynamo spelling keeps ``MatMul(x, Transpose(W))``): ln_f's gain folds into a clone of the head's weight;
+    the embedding keeps reading the original, and the logits match torch. ln_f without bias (``nn.LayerNorm(d,
+    bias=False)``, OLMo's): a bias would stay in the LayerNormalization, the head having none to take it."""
     import normdeploy
     from tests.conftest import ort_run
 
-    m = _randomized(A.TiedLMHead, vocab=4096, d=64)
+    m = _randomized(A.TiedLMHead, vocab=4096, d=64, bias=False)
     ids = torch.randint(0, 4096, (2, 7), generator=torch.Generator().manual_seed(0))
     path = export(m, (ids,), way, str(tmp_path), opset=opset)
     r = normdeploy.optimize(path, target="ort-cpu", bench=False)
@@ -323,6 +325,51 @@ def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(way, 
     onnx.save(proto, path)
     ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     assert op_counts(onnx.load(str(tmp_path / "ort.onnx"))).get("com.microsoft::BiasGelu") == 1
+    with torch.no_grad():
+        ref = m(x).numpy()
+    np.testing.assert_allclose(ort_run(r.optimized_model, x.numpy())[0], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+def test_ln_bias_stays_in_the_layernorm_when_the_linear_after_it_has_no_bias(way, tmp_path):
+    """Hugging Face ConvNextLayer (transformers' modeling_convnext.py) as ``ConvNextPreTrainedModel`` initialises
+    it from a config: every Linear bias zero. Its channels-last LayerNorm stays a LayerNormalization (it reads
+    the depthwise conv, not a residual stream), whose kernel adds beta at no cost; folding beta into pwconv1
+    would give pwconv1 the bias ``beta W`` it does not have, and ONNX Runtime would run MatMul + Add + Gelu
+    where the model had MatMul + Gelu. So the affine stays, with the reason, and the zero biases are cleaned
+    away: the optimized graph has no constant Add left (what onnxslim and onnxoptimizer give too)."""
+    import onnxruntime as ort
+    from transformers import ConvNextConfig
+    from transformers.models.convnext.modeling_convnext import ConvNextLayer
+
+    import normdeploy
+    from tests.conftest import ort_run
+
+    torch.manual_seed(0)
+    m = ConvNextLayer(ConvNextConfig(), dim=16).eval()
+    with torch.no_grad():
+        for lin in (m.pwconv1, m.pwconv2):
+            lin.bias.zero_()  # what _init_weights does to every Linear
+        m.layernorm.weight.uniform_(0.5, 1.5)
+        m.layernorm.bias.uniform_(-0.5, 0.5)
+        m.layer_scale_parameter.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 5, 5)
+    r = normdeploy.optimize(export(m, (x,), way, str(tmp_path)), target="ort-cpu", bench=False)
+    fold = _fold_result(r)
+    assert not [w for w in fold["rewrites"] if "LayerNormalization" in w["what"]], fold["rewrites"]
+    assert any("adds its bias at no cost" in s["reason"] and "has no bias to take it" in s["reason"]
+               for s in fold["skipped"]), fold["skipped"]
+    graph = r.optimized_model.graph
+    (ln,) = [n for n in graph if n.op_type == "LayerNormalization"]
+    assert len(ln.inputs) == 3 and np.any(ln.inputs[2].const_value.numpy() != 0), "beta stays in the LayerNorm"
+    assert not [n.name for n in graph if n.op_type == "Add" and any(i.const_value is not None for i in n.inputs)]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    path = str(tmp_path / "nd.onnx")
+    ir.save(r.optimized_model, path)
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    assert "com.microsoft::BiasGelu" not in op_counts(onnx.load(str(tmp_path / "ort.onnx")))
     with torch.no_grad():
         ref = m(x).numpy()
     np.testing.assert_allclose(ort_run(r.optimized_model, x.numpy())[0], ref, rtol=1e-5, atol=1e-5)

@@ -563,7 +563,7 @@ def test_fp16_models_fold_in_float64(where):
     elif where == "after_gemm":
         out = g.bn(g("Gemm", g.input([2, 5]), g.rand(4, 5), g.rand(4), transB=1), 4, name="out")
     else:
-        out = g("MatMul", _token_norm(g, "ln", g.input([2, 3, 8]), 8), g.rand(8, 4), out="out")
+        out = g("Add", g("MatMul", _token_norm(g, "ln", g.input([2, 3, 8]), 8), g.rand(8, 4)), g.rand(4), out="out")
     before = g.model(out)
     after, result = fold(before)
     assert result.rewrites
