@@ -14,7 +14,6 @@ arithmetic, computed in float64 from the stored weight and stored once in its dt
 * ``scale_outputs(a)``:  ``t' = a t``: ``W' = diag(a) W``, ``b' = a b``;
 * ``add_to_output(v)``:  ``t' = t + v``: into the bias (Conv bias, Gemm C, the constant Add
   that alone reads a MatMul), else a 2-D ``X @ W`` becomes a Gemm with C = v, else a new Add;
-* ``has_bias()``:         whether the layer already adds a non-zero bias;
 * ``centre_outputs()``:  ``t' = t - mean_out(t)``: ``W`` and ``b`` minus their means over the
   output axis (pre-LN re-centring);
 * ``centre_inputs()``, ``drop_last_input()`` (2-D layers only): ``W' = C W`` with the
@@ -138,10 +137,6 @@ class Linear:
     def centre_outputs(self) -> None:
         raise NotImplementedError
 
-    def has_bias(self) -> bool:
-        """Whether the layer already adds a non-zero bias (a zero one is removed by the clean-up)."""
-        raise NotImplementedError
-
     def apply(self, namer: Namer, suffix: str | None = None) -> None:
         raise NotImplementedError
 
@@ -221,9 +216,6 @@ class _Conv(Linear):
 
     def add_to_output(self, v):
         self.b64 = self._bias64() + v
-
-    def has_bias(self):
-        return self.b is not None and bool(np.any(self.b != 0))
 
     def centre_outputs(self):
         self._set_weight(centre(self.w, -self.w.ndim))  # over output channels
@@ -306,9 +298,6 @@ class _Gemm(Linear):
         c = self._scaled_c()
         self.c_new, self.beta_new = (v if c is None else c + v), 1.0
 
-    def has_bias(self):
-        return self.c is not None and self.beta != 0 and bool(np.any(self.c != 0))
-
     def centre_outputs(self):
         self._set_weight(centre(self.w, (0 if self.trans_b else 1) - self.w.ndim))
         if self.c is not None:
@@ -387,7 +376,8 @@ class _MatMul(Linear):
     def centre_outputs(self):
         self._set_weight(centre(self.w, -1))
 
-    def has_bias(self):
+    def has_bias(self) -> bool:
+        """Whether a bias Add with a non-zero constant reads this MatMul (a zero one the clean-up removes)."""
         return self.bias_add is not None and bool(np.any(self.bias_add[2] != 0))
 
     def centre_inputs(self):

@@ -41,8 +41,8 @@ Rules (each failure is the skip reason): parameters are constant and finite with
 outputs also have one reader) and is not a graph output; every reader of a folded
 normalized tensor is linear in it (a residual Add of a post-norm block keeps the affine);
 graph outputs keep their names and values; a LayerNormalization that stays one keeps a non-zero bias
-when a layer reading it has no non-zero bias to take it (its kernel adds the bias for free; the fold
-would add a bias Add, :func:`_free_bias_source`). Folded weights are computed in float64 and
+when a MatMul reading it has no non-zero bias Add to take it (its kernel adds the bias for free; the
+fold would add an Add node, :func:`_free_bias_source`). Folded weights are computed in float64 and
 stored once in the weight's dtype (fp16 models included); every folded weight is a new
 constant, so a weight shared with another node is never edited.
 
@@ -449,7 +449,7 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: n
     """Fold the affine at ``leaf``'s input slot into its weights; returns the plan and any kept Add constant.
 
     ``free_bias``: a source that stays a fused kernel adding its own bias at no cost (a LayerNormalization);
-    its shift is not moved into a layer that has no non-zero bias (see :func:`_free_bias_source`).
+    its shift is not moved into a MatMul that has no non-zero bias Add (see :func:`_free_bias_source`).
     """
     n, s, c = leaf.node, leaf.scale, leaf.shift
     layer = linear_layer(graph, n, leaf.slot, dtype)
@@ -458,10 +458,10 @@ def _consumer_plan(graph: ir.Graph, leaf: _Leaf, namer: Namer, dtype, storage: n
     shared = _shared_copy(layer)
     if shared is not None:
         return shared
-    if free_bias is not None and np.any(c != 0) and not layer.has_bias():
+    if free_bias is not None and n.op_type == "MatMul" and np.any(c != 0) and not layer.has_bias():
         return (f"{free_bias.op_type} {free_bias.name} stays a fused kernel that adds its bias at no cost, and "
-                f"{n.op_type} {n.name} has no bias to take it (folding would add one, and block ONNX Runtime's "
-                "MatMul + activation fusions): the affine stays")
+                f"MatMul {n.name} has no bias Add to take it (folding would add an Add node, and block ONNX "
+                "Runtime's MatMul + activation fusions): the affine stays")
     a = vector_along(s, layer.in_axis, layer.in_rank, layer.in_size)
     if a is None:
         where = "per input channel" if n.op_type in ("Conv", "ConvTranspose") else "along the contraction axis"
@@ -534,10 +534,11 @@ def _free_bias_source(aff: Affine, absorbed: list[ir.Node]) -> ir.Node | None:
     ONNX LayerNormalization (and what it lowers to: ONNX Runtime's kernel, SkipLayerNormalization,
     TensorRT's normalization layer, OpenVINO's MVN + affine) applies its scale and bias inside the
     kernel, so folding them into the next linear layer saves nothing. Its bias ``c`` becomes that
-    layer's bias ``b + W c``; where the layer had none (or a zero one, as every Linear of a
-    Hugging Face model initialised from its config), the fold adds a bias Add that was not there,
-    and ``MatMul + Add + Gelu`` runs slower than the ``MatMul + Gelu`` the model had (measured on
-    Hugging Face ConvNeXt-T, benchmarks/peers_models.py). The rewrites that remove the LayerNorm
+    layer's bias ``b + W c``; where the layer is a MatMul without a bias Add (or with a zero one, as
+    every Linear of a Hugging Face model initialised from its config, which the clean-up removes),
+    the fold adds an Add node that was not there, and ``MatMul + Add + Gelu`` runs slower than the
+    ``MatMul + Gelu`` the model had (measured on Hugging Face ConvNeXt-T,
+    benchmarks/peers_models.py). A Conv's or Gemm's bias is added inside its kernel: those fold. The rewrites that remove the LayerNorm
     (Pre-RMSNorm, LN-free) run before this pass and move the bias themselves. With ``absorbed``
     constant affines after the norm, folding still saves their nodes: the rule does not apply.
     """
