@@ -42,6 +42,7 @@ from .core import ops
 from .core.errors import UnsupportedError
 from .core.graph import infer_shapes
 from .core.inputs import InputSpec, example_arrays
+from .core.store import store_mapped_views
 from .load import Loaded
 
 DEFAULT_OPSET = 20
@@ -248,6 +249,9 @@ def _export_torchscript(loaded: Loaded, args, opset: int) -> ir.Model:
 def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
     """Fold constants, drop dead nodes and debug metadata, attach canonical function bodies, infer shapes.
 
+    A folded constant that is a view of an external weight's memory map is moved to a file of its own
+    (:func:`normdeploy.core.store.store_mapped_views`), so that the input's map can close.
+
     In place; a failed shape inference is a note (later passes then see fewer shapes).
     """
     from onnxscript import optimizer
@@ -265,6 +269,7 @@ def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
             optimizer.remove_unused_nodes(model)
         except Exception:  # noqa: BLE001 - the folder is a nicety; the graph stays valid without it
             pass
+        store_mapped_views(model)  # folded Transposes of external weights: off the input's memory map
     ops.attach_functions(model)
     failure = infer_shapes(model)
     if failure and notes is not None:

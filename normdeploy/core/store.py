@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import mmap
 import os
 import shutil
 import tempfile
@@ -130,3 +131,41 @@ def release_mappings(model: ir.Model) -> int:
             except BufferError:
                 pass
     return closed
+
+
+def _over_a_map(array: np.ndarray) -> bool:
+    """Whether ``array`` is a view whose memory is a memory map (an external tensor's file)."""
+    b = array
+    while isinstance(b, np.ndarray):
+        b = b.base
+    if isinstance(b, memoryview):
+        b = b.obj
+    return isinstance(b, mmap.mmap)
+
+
+def store_mapped_views(model: ir.Model, store: TensorStore | None = None) -> int:
+    """Put every in-memory initializer that is a view over a memory map into ``store``; returns how many.
+
+    onnxscript's constant folder folds ``Transpose(W)`` of an external weight (the dynamo exporter
+    leaves one per Linear) into an in-memory tensor over ``np.transpose`` of W's memory-mapped
+    array. The ``ExternalTensor`` it read is dropped, but the view keeps its map of the whole data
+    file open: :func:`release_mappings` cannot close it (the model holds no external tensor), and
+    every read of the view (a pass, the file a session is made from) leaves its pages resident
+    for the rest of the run. Measured on a 2.2 GB fp16 Llama (155 folded Transposes): 1973 MiB of
+    the input's data file resident from the export to the end, under each session's own copy, so
+    verification peaked at 2.1x the weights. Each such tensor (of at least :data:`SPILL_BYTES`) is
+    written to ``store`` (a new one when None) one at a time and the graph holds the
+    :class:`StoredTensor` that reads it back, memory-mapped on demand and released like the rest.
+    Exact: the bytes written are the view's values in C order, the same dtype and shape.
+    """
+    moved = 0
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor) or not isinstance(getattr(t, "raw", None), np.ndarray):
+            continue
+        if t.raw.nbytes < SPILL_BYTES or not _over_a_map(t.raw):
+            continue
+        store = store if store is not None else TensorStore()
+        v.const_value = store.put(t.numpy(), t.name or v.name)
+        moved += 1
+    return moved
