@@ -538,8 +538,9 @@ def _free_bias_source(aff: Affine, absorbed: list[ir.Node]) -> ir.Node | None:
     every Linear of a Hugging Face model initialised from its config, which the clean-up removes),
     the fold adds an Add node that was not there, and ``MatMul + Add + Gelu`` runs slower than the
     ``MatMul + Gelu`` the model had (measured on Hugging Face ConvNeXt-T,
-    benchmarks/peers_models.py). A Conv's or Gemm's bias is added inside its kernel: those fold. The rewrites that remove the LayerNorm
-    (Pre-RMSNorm, LN-free) run before this pass and move the bias themselves. With ``absorbed``
+    benchmarks/peers_models.py). A Conv's or Gemm's bias is added inside its kernel: those fold.
+    The rewrites that remove the LayerNorm (Pre-RMSNorm, LN-free) run before this pass and move
+    the bias themselves. With ``absorbed``
     constant affines after the norm, folding still saves their nodes: the rule does not apply.
     """
     node = aff.node
