@@ -496,8 +496,9 @@ def render(data: dict) -> str:
         f"torch {v.get('torch', '?')}, onnx {v.get('onnx', '?')}, onnxslim {v.get('onnxslim', 'not installed')}, "
         f"onnxoptimizer {v.get('onnxoptimizer', 'not installed')}, OpenVINO {v.get('openvino', 'not installed')}, "
         f"transformers {v.get('transformers', '?')}; {meta['started']}, {meta['duration_s'] / 60:.1f} min in all; "
-        f"produced by `{meta['command']}`{_updates(meta)}. {loaded} of {cells} cells were measured under load (1-minute load "
-        f"average above cores + {LOAD_MARGIN:g} before or after the cell): read those as direction only.", "",
+        f"produced by `{meta['command']}`{_updates(meta)}. {loaded} of {cells} cells were measured under load "
+        f"(1-minute load average above cores + {LOAD_MARGIN:g} before or after the cell): read those as direction "
+        "only.", "",
         f"Method: {meta['method']}. Each cell (model, batch, threads) is one interleaved run of every variant, "
         f"{meta['seconds']:g} s and at least {meta['min_rounds']} rounds, each variant timed in "
         f"{meta.get('sessions', 1)} session(s) created in rotating order (p50 = the median of the sessions' p50s); "
@@ -547,9 +548,9 @@ def readme_body(data: dict) -> str:
     return "\n".join([
         f"Realistic models at real sizes (random weights, randomized normalization parameters; trained MiniLM), text "
         f"at 128 tokens, images at 224x224, on **{meta['cpu']}** ({meta['cores']} cores), onnxruntime "
-        f"{meta['versions'].get('onnxruntime', '?')}; {meta['started']}, produced by `{meta['command']}`{_updates(meta)}. The key "
-        "column is p50(normdeploy's best exact variant) / p50(the best exact peer: ONNX Runtime at every level, its "
-        "transformers optimizer, onnxslim, onnxoptimizer, OpenVINO f32), below 1 = normdeploy faster; every variant "
+        f"{meta['versions'].get('onnxruntime', '?')}; {meta['started']}, produced by `{meta['command']}`"
+        f"{_updates(meta)}. The key column is p50(normdeploy's best exact variant) / p50(the best exact peer: ONNX "
+        "Runtime at every level, its transformers optimizer, onnxslim, onnxoptimizer, OpenVINO f32), below 1 = normdeploy faster; every variant "
         "and its accuracy: [`benchmarks/results/peers_models.md`](benchmarks/results/peers_models.md).", "",
         *key_table(data["models"])]) + "\n"
 
@@ -569,8 +570,9 @@ def _close(mb) -> None:
 
 
 def run_model(name: str, spec, batches: list[int], threads: list[int], seconds: float, min_rounds: int,
-              warmup: int, tolerance: float, log=print, sessions: int | None = None) -> tuple[dict, list]:
-    """Build, then time every (batch, threads) cell of one model; returns its JSON entry and ModelBenches."""
+              warmup: int, tolerance: float, log=print, sessions: int | None = None) -> dict:
+    """Build, then time every (batch, threads) cell of one model; returns its JSON entry (the plot is drawn
+    from the entries, :func:`plot_from_json`)."""
     import numpy as np
 
     import normdeploy
@@ -603,7 +605,7 @@ def run_model(name: str, spec, batches: list[int], threads: list[int], seconds: 
     norm_nodes = {"before": rep["norm_nodes"]["before"], "recognized": rep["norm_nodes"]["before"],
                   "after": {"normdeploy": rep["norm_nodes"]["after"]}}
     cores = len(os.sched_getaffinity(0))
-    first, benches = None, []
+    first = None
     for t in threads:
         for b in batches:
             given = {n: (make(t), what) for n, (make, what) in cands.items()}
@@ -630,14 +632,13 @@ def run_model(name: str, spec, batches: list[int], threads: list[int], seconds: 
             cell["bench"] = mb.to_json()
             entry["cells"].append(cell)
             _close(mb)
-            benches.append(mb)
             key = f"{cell['key'][0]:.3f}" if cell["key"] else "n/a"
             log(f"  batch {b}, {t} thread(s): {cell['rounds']} rounds in {mb.wall_seconds:.0f} s, normdeploy "
                 f"{_x((cell['speedup'].get('normdeploy') or [None])[0])}, p50(normdeploy best) / p50(best peer) {key}"
                 + (" [loaded]" if cell["loaded"] else ""))
             gc.collect()
     workdir.cleanup()
-    return entry, benches
+    return entry
 
 
 class _CellSummary:
@@ -777,8 +778,8 @@ def main(argv=None) -> int:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: ", end="", flush=True)
         try:
-            entry, _ = run_model(name, models[name], batches, threads, seconds, min_rounds, args.warmup,
-                                 args.tolerance, sessions=sessions)
+            entry = run_model(name, models[name], batches, threads, seconds, min_rounds, args.warmup,
+                              args.tolerance, sessions=sessions)
         except Exception as e:  # noqa: BLE001 - one model's failure is a row of the results
             entry = {"name": name, "what": models[name].title, "error": _first_line(e)}
             print(f"error: {entry['error']}", flush=True)

@@ -280,10 +280,10 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     fit in memory side by side (:func:`one_session_alive`). Within a block each variant's session is
     made, warmed up, timed alone for its share of the block's budget and closed before the next
     variant's is made, in the block's creation order, rotated to start at the first variant ``first``
-    gives (its runner is block 0's first session; other given runners are closed at once). The calls of two variants are then not
-    interleaved round by round: drift within a block is not cancelled there, only across blocks by
-    the rotating order, and the bootstrap pairs calls by index (independent calls: the same
-    distribution as resampling each variant alone).
+    gives (its runner is block 0's first session; other given runners are closed at once). The calls
+    of two variants are then not interleaved round by round: drift within a block is not cancelled
+    there, only across blocks by the rotating order, and the bootstrap pairs calls by index
+    (independent calls: the same distribution as resampling each variant alone).
     """
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ValueError(f"sessions must be an integer >= 1, not {sessions!r}")

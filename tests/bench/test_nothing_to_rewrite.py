@@ -31,23 +31,21 @@ def mlp(norm: str | None = None):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
              numpy_helper.from_array(np.full(8, 1.5, np.float32), "g"),
-             numpy_helper.from_array(np.full(8, 0.1, np.float32), "b"),
-             numpy_helper.from_array(np.full(8, -0.2, np.float32), "mb")]
+             numpy_helper.from_array(np.full(8, 0.1, np.float32), "b")]
 
     def ln(i, o):
         return helper.make_node("LayerNormalization", [i, "g", "b"], [o], axis=-1, name="ln")
 
     if norm == "input":
-        nodes = [ln("x", "n"), helper.make_node("MatMul", ["n", "w"], ["t"]), helper.make_node("Add", ["t", "mb"], ["h"]),
-                 helper.make_node("Relu", ["h"], ["y"])]
+        nodes = [ln("x", "n"), helper.make_node("MatMul", ["n", "w"], ["t"]),
+                 helper.make_node("Add", ["t", "mb"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+        inits.append(numpy_helper.from_array(np.full(8, -0.2, np.float32), "mb"))
     else:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r" if norm else "y"])]
         if norm == "output":
             nodes.append(ln("r", "y"))
     if norm is None:
         inits = inits[:1]
-    elif norm != "input":
-        inits = inits[:3]
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -193,8 +193,8 @@ def test_a_folded_transpose_of_an_external_weight_leaves_the_input_file_unmapped
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1024])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 512])
     proto = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), onnx.helper.make_node("MatMul", ["x", "wt"], ["y"])],
-        "g", [x], [y], [onnx.numpy_helper.from_array(wv, "w")]), opset_imports=[onnx.helper.make_opsetid("", 20)])
+        [onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         onnx.helper.make_node("MatMul", ["x", "wt"], ["y"])], "g", [x], [y], [onnx.numpy_helper.from_array(wv, "w")]), opset_imports=[onnx.helper.make_opsetid("", 20)])
     data = str(tmp_path / "m.onnx.data")
     onnx.save(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="m.onnx.data", size_threshold=0)

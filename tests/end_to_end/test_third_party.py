@@ -389,7 +389,7 @@ def test_convnext_decomposed_channels_first_layernorm_recognized(tp_dir, monkeyp
     assert canonical_counts(result.original) == {"LayerNorm": 5}
     assert rep["norm_nodes"]["after"] == {"LayerNorm": 5}
     assert rep["accuracy"]["exact_only"] and rep["accuracy"]["max_rel_err"] <= TOL
-    assert len(passes["fold_affine_into_linear"]["rewrites"]) == 2  # as test_convnext_layernorms: the blocks keep theirs
+    assert len(passes["fold_affine_into_linear"]["rewrites"]) == 2  # the blocks keep theirs (test_convnext_layernorms)
     ops = _ops(result.optimized)
     assert not {"Pow", "Sqrt", "Div"} & set(ops) and ops.count("ReduceMean") == 1  # left: the global average pool
 

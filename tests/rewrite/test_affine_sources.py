@@ -278,22 +278,26 @@ def test_final_norm_gain_is_not_folded_into_a_large_tied_head(tmp_path):
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
 
 
-class _ConvNextBlockMLP(torch.nn.Module):
-    """Hugging Face ConvNextLayer's channels-last half (transformers' modeling_convnext.py): permute to NHWC,
-    ``nn.LayerNorm(eps=1e-6)``, pwconv1 Linear, GELU, pwconv2 Linear, the layer-scale gamma, permute back,
-    residual."""
+def _hf_convnext_layer(d: int = 16):
+    """transformers' own ConvNextLayer (modeling_convnext.py): dwconv, permute to NHWC, ConvNextLayerNorm
+    (eps 1e-6), pwconv1 Linear, GELU, pwconv2 Linear, the layer-scale gamma, permute back, residual."""
+    from transformers import ConvNextConfig
+    from transformers.models.convnext.modeling_convnext import ConvNextLayer
 
-    def __init__(self, d=16):
-        super().__init__()
-        self.dwconv = torch.nn.Conv2d(d, d, kernel_size=7, padding=3, groups=d)
-        self.layernorm = torch.nn.LayerNorm(d, eps=1e-6)
-        self.pwconv1, self.act, self.pwconv2 = torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)
-        self.layer_scale_parameter = torch.nn.Parameter(torch.rand(d) + 0.5)
+    torch.manual_seed(0)
+    return ConvNextLayer(ConvNextConfig(), dim=d).eval()
 
-    def forward(self, x):
-        h = self.dwconv(x).permute(0, 2, 3, 1)
-        h = self.pwconv2(self.act(self.pwconv1(self.layernorm(h))))
-        return x + (self.layer_scale_parameter * h).permute(0, 3, 1, 2)
+
+def _ort_optimized_ops(model: ir.Model, tmp_path) -> dict:
+    """The op counts of the graph ONNX Runtime runs for ``model`` (its own fusions applied, CPU provider)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    path = str(tmp_path / "nd.onnx")
+    ir.save(model, path)
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return op_counts(onnx.load(str(tmp_path / "ort.onnx")))
 
 
 @pytest.mark.slow
@@ -301,14 +305,12 @@ class _ConvNextBlockMLP(torch.nn.Module):
 def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(way, tmp_path):
     """LayerNorm's beta folded into the Linear after it becomes that Linear's bias ``b + beta W``: stored 1-D
     (``[4d]``), as the exporter stores a Linear bias. A ``[1, 4d]`` bias broadcasts the same but ONNX Runtime's
-    BiasGelu fusion (Add + Gelu) then does not fire (seen on Hugging Face ConvNeXt-T: 18 unfused Adds)."""
-    import onnxruntime as ort
-
+    BiasGelu fusion (Add + Gelu) then does not fire (seen on Hugging Face ConvNeXt-T: 18 unfused Adds). On
+    transformers' own ConvNextLayer, every parameter randomized."""
     import normdeploy
     from tests.conftest import ort_run
 
-    torch.manual_seed(0)
-    m = _ConvNextBlockMLP()
+    m = _hf_convnext_layer()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))  # beta and the biases non-zero: the fold does real work
@@ -319,12 +321,7 @@ def test_ln_bias_folded_into_a_linear_keeps_onnx_runtimes_bias_gelu_fusion(way, 
     inits = {i.name: i for i in proto.graph.initializer}
     bias_adds = [n for n in proto.graph.node if n.op_type == "Add" and any(i in inits for i in n.input)]
     assert bias_adds and all(len(inits[i].dims) == 1 for n in bias_adds for i in n.input if i in inits)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    path = str(tmp_path / "nd.onnx")
-    onnx.save(proto, path)
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    assert op_counts(onnx.load(str(tmp_path / "ort.onnx"))).get("com.microsoft::BiasGelu") == 1
+    assert _ort_optimized_ops(r.optimized_model, tmp_path).get("com.microsoft::BiasGelu") == 1
     with torch.no_grad():
         ref = m(x).numpy()
     np.testing.assert_allclose(ort_run(r.optimized_model, x.numpy())[0], ref, rtol=1e-5, atol=1e-5)
@@ -339,15 +336,10 @@ def test_ln_bias_stays_in_the_layernorm_when_the_linear_after_it_has_no_bias(way
     would give pwconv1 the bias ``beta W`` it does not have, and ONNX Runtime would run MatMul + Add + Gelu
     where the model had MatMul + Gelu. So the affine stays, with the reason, and the zero biases are cleaned
     away: the optimized graph has no constant Add left (what onnxslim and onnxoptimizer give too)."""
-    import onnxruntime as ort
-    from transformers import ConvNextConfig
-    from transformers.models.convnext.modeling_convnext import ConvNextLayer
-
     import normdeploy
     from tests.conftest import ort_run
 
-    torch.manual_seed(0)
-    m = ConvNextLayer(ConvNextConfig(), dim=16).eval()
+    m = _hf_convnext_layer()
     with torch.no_grad():
         for lin in (m.pwconv1, m.pwconv2):
             lin.bias.zero_()  # what _init_weights does to every Linear
@@ -364,12 +356,7 @@ def test_ln_bias_stays_in_the_layernorm_when_the_linear_after_it_has_no_bias(way
     (ln,) = [n for n in graph if n.op_type == "LayerNormalization"]
     assert len(ln.inputs) == 3 and np.any(ln.inputs[2].const_value.numpy() != 0), "beta stays in the LayerNorm"
     assert not [n.name for n in graph if n.op_type == "Add" and any(i.const_value is not None for i in n.inputs)]
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    path = str(tmp_path / "nd.onnx")
-    ir.save(r.optimized_model, path)
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    assert "com.microsoft::BiasGelu" not in op_counts(onnx.load(str(tmp_path / "ort.onnx")))
+    assert "com.microsoft::BiasGelu" not in _ort_optimized_ops(r.optimized_model, tmp_path)
     with torch.no_grad():
         ref = m(x).numpy()
     np.testing.assert_allclose(ort_run(r.optimized_model, x.numpy())[0], ref, rtol=1e-5, atol=1e-5)
