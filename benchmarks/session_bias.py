@@ -16,12 +16,21 @@ whose exported original is written to a file first):
 3. **A/A**: the same file as two variants A and B, the ratio p50(A) / p50(B) and its 95 % interval
    from one session each (``--sessions 1``, what normdeploy did before) and from ``--sessions S``,
    ``--reps`` times each: how often the interval excludes 1.0, the true ratio (a false "faster").
+4. **handover** (``--handover``, or ``--handover-only`` for this one alone): the order the peers
+   benchmark times its variants in, reduced to its bias: ONNX Runtime sessions ``original``,
+   ``mid`` and ``copy`` of the same file and OpenVINO (f32) on it, rotated round by round, so
+   that ``original`` mostly follows OpenVINO and ``copy`` follows ONNX Runtime. The ratio
+   p50(original) / p50(copy) (true ratio 1.0) with no handover and with ``handover="auto"``
+   (:mod:`normdeploy.bench.timing`, "Handover"), ``--reps`` times each, with the spill measured.
 
     .venv/bin/python benchmarks/session_bias.py gpt2-small models/resnet_bn.pt --threads 2
     .venv/bin/python benchmarks/session_bias.py model.onnx --input input_ids:1x64:int64 --k 4 --processes 3
+    .venv/bin/python benchmarks/session_bias.py minilm-l6 resnet-50 gpt2-small --batch 8 --threads 2 --handover-only
 
 ``gpt2-small`` is built as ``benchmarks/scale.py`` builds it (seeded random weights, exported once
-into ``--work``). Writes ``benchmarks/results/session_bias.md`` and ``.json`` (``--out``).
+into ``--work``); any other model of ``benchmarks/peers_models.py`` (``minilm-l6``, ``resnet-50``,
+...) as that benchmark builds it. ``--batch`` sets the first axis of the inputs. Writes
+``benchmarks/results/session_bias.md`` and ``.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -58,10 +67,34 @@ def prepare(model: str, inputs: list[str], work: str) -> tuple[str, list[str]]:
 
     import normdeploy
 
-    res = normdeploy.optimize(model, bench=False, inputs=tuple(inputs))
-    path = os.path.join(work, os.path.splitext(os.path.basename(model))[0] + ".onnx")
+    source, name = model, os.path.splitext(os.path.basename(model))[0]
+    if not os.path.exists(model):
+        import peers_models
+
+        from normdeploy import zoo
+
+        models = peers_models._models()
+        if model not in models:
+            raise SystemExit(f"error: {model} is neither a file nor a model of benchmarks/peers_models.py "
+                             f"({', '.join(models)}); give a path or one of those names")
+        source, inputs = zoo.third_party(models[model]), [models[model].input_text]
+    path = os.path.join(work, name + ".onnx")
+    if os.path.exists(path) and source is not model:
+        return path, inputs
+    res = normdeploy.optimize(source, bench=False, inputs=tuple(inputs), tolerance=float("inf"))
     onnx.save(res.original, path)
     return path, [f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in res.specs]
+
+
+def with_batch(specs: list[str], batch: int) -> list[str]:
+    """``specs`` with every input's first axis set to ``batch``."""
+    from normdeploy.core.inputs import parse_input_spec
+
+    out = []
+    for text in specs:
+        name, shape, dtype = parse_input_spec(text)
+        out.append(f"{name}:{'x'.join(map(str, (batch, *shape[1:])))}:{dtype}")
+    return out
 
 
 def feed_for(specs: list[str]) -> dict:
@@ -111,6 +144,30 @@ def aa(path: str, specs: list[str], sessions: int, threads: int, seconds: float,
     return out
 
 
+def handover(path: str, specs: list[str], threads: int, seconds: float, reps: int, sessions: int) -> dict:
+    """Measurement 4: p50(original) / p50(copy) in the peers' order, without and with the handover."""
+    import onnx
+
+    from normdeploy.bench.timing import interleaved
+    from normdeploy.build.openvino import OpenVinoRunner
+
+    feed = feed_for(specs)
+    proto = onnx.load(path)
+    factories = {"original": factory(path, threads), "mid": factory(path, threads), "copy": factory(path, threads),
+                 "openvino": lambda: OpenVinoRunner(proto, threads)}
+    out = {}
+    for label, value in (("none", 0.0), ("auto", "auto")):
+        out[label] = []
+        for _ in range(reps):
+            res = interleaved(factories, feed, seconds=seconds, warmup=3, min_rounds=24, sessions=sessions,
+                              handover=value)
+            lo, hi = res.ratio_interval("original", "copy")
+            out[label].append({"ratio": res.ratio("original", "copy"), "ci95": [lo, hi], "rounds": res.rounds(),
+                               "p50_ms": {n: res.p50(n) for n in res.timings}, "handover_ms": res.handover_ms,
+                               "spill_ms": res.spill_ms, "excludes_1": bool(lo == lo and (lo > 1 or hi < 1))})
+    return out
+
+
 def child(args) -> int:
     print(json.dumps(spread(args.child, args.input, args.k, args.threads, args.seconds, args.rounds)))
     return 0
@@ -131,11 +188,12 @@ def in_fresh_processes(path: str, specs: list[str], args) -> list[dict]:
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = ["# Sessions of one byte-identical model: how far apart they run", "",
-             f"Produced by `{meta['command']}` on {meta['started']}; {meta['provenance']}. {meta['load']}", "",
-             "## 1. Sessions of one file, interleaved in one process", "",
-             "| model | sessions | rounds | p50 per session, ms | spread (max / min - 1) | slowest / fastest, 95 % CI |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+             f"Produced by `{meta['command']}` on {meta['started']}; {meta['provenance']}. {meta['load']}"]
+    if any("spread" in r for r in rows):
+        lines += ["", "## 1. Sessions of one file, interleaved in one process", "",
+                  "| model | sessions | rounds | p50 per session, ms | spread (max / min - 1) | slowest / fastest, "
+                  "95 % CI |", "|---|---|---|---|---|---|"]
+    for r in (r for r in rows if "spread" in r):
         s = r["spread"]
         lines.append(f"| {r['model']} | {len(s['p50_ms'])} | {s['rounds']} | "
                      + ", ".join(f"{v:.4g}" for v in s["p50_ms"].values())
@@ -155,16 +213,34 @@ def render(rows: list[dict], meta: dict) -> str:
             if len(meds) > 1:
                 lines.append(f"| {r['model']} | across processes | medians " + ", ".join(f"{m:.4g}" for m in meds)
                              + f" | {max(meds) / min(meds) - 1:.1%} (not interleaved: drift included) |")
-    lines += ["", "## 3. A/A: the same file as both variants (true ratio 1.0)", "",
-              "| model | sessions per variant | rep | ratio | 95 % CI | per-session ratios | CI excludes 1.0 |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    if any("aa" in r for r in rows):
+        lines += ["", "## 3. A/A: the same file as both variants (true ratio 1.0)", "",
+                  "| model | sessions per variant | rep | ratio | 95 % CI | per-session ratios | CI excludes 1.0 |",
+                  "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if "aa" in r):
         for key, reps in r["aa"].items():
             for i, a in enumerate(reps):
                 ci = a["ci95"]
                 lines.append(f"| {r['model']} | {key} | {i + 1} | {a['ratio']:.3f} | "
                              + (f"{ci[0]:.3f}..{ci[1]:.3f}" if ci[0] == ci[0] else "too few rounds")
                              + " | " + ", ".join(f"{x:.3f}" for x in a["session_ratios"])
+                             + f" | {'**yes**' if a['excludes_1'] else 'no'} |")
+    if any("handover" in r for r in rows):
+        lines += ["", "## 4. Handover: ONNX Runtime after OpenVINO against ONNX Runtime after ONNX Runtime", "",
+                  "Variants `original`, `mid`, `copy` (ONNX Runtime sessions of one file) and `openvino` (OpenVINO "
+                  "f32 on the same file), rotated round by round: `original` mostly follows `openvino`, `copy` "
+                  "follows `mid`. True ratio 1.0.", "",
+                  "| model | handover | rep | handover ms (spill per variant, ms) | p50 original / copy / openvino, "
+                  "ms | original / copy | 95 % CI | CI excludes 1.0 |", "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if "handover" in r):
+        for label, reps in r["handover"].items():
+            for i, a in enumerate(reps):
+                ci, p = a["ci95"], a["p50_ms"]
+                spill = ", ".join(f"{n} {v:.1f}" for n, v in a["spill_ms"].items())
+                lines.append(f"| {r['model']} | {label} | {i + 1} | {a['handover_ms']:.0f}"
+                             + (f" ({spill})" if spill else "") + f" | {p['original']:.4g} / {p['copy']:.4g} / "
+                             f"{p['openvino']:.4g} | {a['ratio']:.3f} | "
+                             + (f"{ci[0]:.3f}..{ci[1]:.3f}" if ci[0] == ci[0] else "too few rounds")
                              + f" | {'**yes**' if a['excludes_1'] else 'no'} |")
     lines += ["", meta.get("note", ""), ""]
     return "\n".join(lines)
@@ -184,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="directory for exported models (default: a temp dir)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "session_bias.md"))
     ap.add_argument("--note", default="", help="a line appended to the results (e.g. the machine's load)")
+    ap.add_argument("--handover", action="store_true", help="also measurement 4 (the handover)")
+    ap.add_argument("--handover-only", action="store_true", help="measurement 4 alone")
+    ap.add_argument("--batch", type=int, default=None, help="first axis of every input (default: as exported)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -198,18 +277,26 @@ def main(argv=None) -> int:
     for model in args.models:
         t0 = time.perf_counter()
         path, specs = prepare(model, args.input if len(args.models) == 1 else [], work)
+        if args.batch:
+            specs = with_batch(specs, args.batch)
         print(f"{model}: {path} {specs}", flush=True)
-        row = {"model": model, "inputs": specs,
-               "spread": spread(path, specs, args.k, args.threads, args.seconds, args.rounds)}
-        print(f"  spread {row['spread']['spread']:.1%}: {row['spread']['p50_ms']}", flush=True)
-        if args.processes:
-            row["processes"] = in_fresh_processes(path, specs, args)
-            print(f"  processes: {[p.get('spread') for p in row['processes']]}", flush=True)
-        row["aa"] = {}
-        for s in sorted({1, args.sessions}):
-            row["aa"][str(s)] = aa(path, specs, s, args.threads, args.seconds, args.reps)
-            print(f"  A/A sessions {s}: {[(round(a['ratio'], 3), [round(c, 3) for c in a['ci95']]) for a in row['aa'][str(s)]]}",
-                  flush=True)
+        row = {"model": model, "inputs": specs}
+        if not args.handover_only:
+            row["spread"] = spread(path, specs, args.k, args.threads, args.seconds, args.rounds)
+            print(f"  spread {row['spread']['spread']:.1%}: {row['spread']['p50_ms']}", flush=True)
+            if args.processes:
+                row["processes"] = in_fresh_processes(path, specs, args)
+                print(f"  processes: {[p.get('spread') for p in row['processes']]}", flush=True)
+            row["aa"] = {}
+            for s in sorted({1, args.sessions}):
+                row["aa"][str(s)] = aa(path, specs, s, args.threads, args.seconds, args.reps)
+                print(f"  A/A sessions {s}: "
+                      f"{[(round(a['ratio'], 3), [round(c, 3) for c in a['ci95']]) for a in row['aa'][str(s)]]}",
+                      flush=True)
+        if args.handover or args.handover_only:
+            row["handover"] = handover(path, specs, args.threads, args.seconds, args.reps, args.sessions)
+            print("  handover: " + "; ".join(f"{k} {[round(a['ratio'], 3) for a in v]}"
+                                             for k, v in row["handover"].items()), flush=True)
         row["wall_s"] = time.perf_counter() - t0
         loads.append(os.getloadavg()[0])
         rows.append(row)

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
+from .bench.timing import handover_text
 from .build import OrtRunner, Recorded, TorchRunner, make_runner, runtime_name
 from .canonicalize.dyt import recognize_dyt
 from .canonicalize.groupnorm import recognize_groupnorm
@@ -836,7 +837,10 @@ def bench_latency(bench, batch: int) -> dict | None:
                    + ("in interleaved rounds" if bench.alive == "all" else
                       "alone in turn (one session alive at a time, --bench-alive one)")
                    + " after warm-up; p50 = median over sessions of each session's p50; speedup = "
-                   "p50(original) / p50(optimized), 95 % interval by a bootstrap over sessions, then rounds within them"),
+                   "p50(original) / p50(optimized), 95 % interval by a bootstrap over sessions, then rounds within them"
+                   + handover_text(bench)),
+        "handover_ms": bench.handover_ms,
+        "spill_ms": bench.spill_ms,
         "batch": batch, "threads": bench.threads, "machine": bench.machine,
     })
     return latency

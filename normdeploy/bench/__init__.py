@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..core.graph import to_proto
-from .timing import DEFAULT_SESSIONS, BenchResult, interleaved, machine_info, provenance
+from .timing import (DEFAULT_SESSIONS, HANDOVER_MARGIN, MAX_HANDOVER_S, BenchResult, interleaved, machine_info,
+                     provenance)
 
 # ----------------------------------------------------------------------------- one model, many variants
 
@@ -121,6 +122,8 @@ class ModelBench:
             "threads": self.threads, "machine": self.machine, "versions": self.versions,
             "method": METHOD, "rounds": len(self.result.timings["original"].samples_ms) if self.result else 0,
             "sessions": self.result.sessions if self.result else 0,
+            "handover_ms": self.result.handover_ms if self.result else 0.0,
+            "spill_ms": self.result.spill_ms if self.result else {},
             "wall_seconds": self.wall_seconds,
             "norm_cost_left": {c: v for c, (v, _) in left.items()},
             "norm_cost_left_notes": {c: why for c, (_, why) in left.items() if why},
@@ -131,7 +134,10 @@ class ModelBench:
 METHOD = ("sessions: every variant timed in several sessions, one of each variant per block, created in rotating order "
           "(A1 B1 C1, B2 C2 A2, ...) and closed after their block; interleaved within a block: warm-up, then every variant "
           "called once per round in rotating order (A B C, B C A, ...), each timed "
-          "call preceded by one untimed call of the same variant (steady state, not the previous runtime's cold caches); "
+          "call preceded by one untimed call of the same variant (steady state, not the previous runtime's cold caches) "
+          "and, at more than one thread, by untimed calls for the handover time (the previous variant's spinning thread "
+          f"pool goes quiet first; {HANDOVER_MARGIN:g} x the largest spill measured after a call, at most "
+          f"{MAX_HANDOVER_S * 1000:.0f} ms); "
           "p50 = median over sessions of each session's p50, p90/p99 over all calls; speedup = p50(original) / "
           "p50(variant) with a 95 % bootstrap interval over sessions, then paired rounds within them (the session-to-session "
           "spread included); accuracy against the original on the same inputs")
@@ -213,7 +219,9 @@ def markdown(mb: ModelBench, title: str | None = None) -> str:
     lines = [f"### {title or mb.model}", "",
              f"batch {mb.batch}, {len(mb.result.timings['original'].samples_ms) if mb.result else 0} interleaved rounds "
              f"in {mb.result.sessions if mb.result else 0} session(s) per variant, {mb.wall_seconds:.1f} s; "
-             f"{provenance(mb.machine, mb.threads)}", "",
+             f"{provenance(mb.machine, mb.threads)}"
+             + (f"; {mb.result.handover_ms:.0f} ms handover before every timed call" if mb.result and
+                mb.result.handover_ms else ""), "",
              "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in variant_rows(mb):
         lines.append("| " + " | ".join(str(r[k]).replace("|", "/") for k, _ in COLUMNS) + " |")

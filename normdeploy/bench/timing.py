@@ -40,6 +40,25 @@ the share of normalization cost is given only where it is a measurement in [0, 1
 (:meth:`BenchResult.norm_cost_share`). Every figure carries :func:`provenance` (CPU model,
 thread count, ONNX Runtime version).
 
+**Handover.** ONNX Runtime's intra-op thread pool keeps its threads spinning for a while after
+every call (about 25 ms of CPU on this 2-core machine at 2 threads; at 1 thread there is no
+pool, and OpenVINO's threads go quiet within 1 ms). In rotating rounds every variant is almost
+always called right after the same other variant (its predecessor in the list), so a variant
+that follows a spinning session shares a core with the spin during its timed call and one that
+follows a quiet runtime does not: in the peers' order (original, normdeploy, ..., OpenVINO) the
+original follows OpenVINO and every ONNX Runtime variant follows another ONNX Runtime session,
+and ONNX Runtime on the original itself read 0.75-0.89x of the original (GPT-2 small, MiniLM,
+ResNet-50 at 2 threads; ``benchmarks/session_bias.py --handover-only``). So before each timed
+call a variant is called, untimed, for at least the handover time (``handover``; and at least
+``settle`` times): the previous variant's threads go quiet while the variant's own threads do
+work, and the timed call finds the machine as a model serving alone does. ``handover="auto"``
+measures each variant's spill once, after the first block's warm-up (:func:`measure_spill`: CPU
+time the process burns in an idle window after one call) and takes
+:data:`HANDOVER_MARGIN` times the largest, at most :data:`MAX_HANDOVER_S`; at 1 thread it is 0
+without probing, and with one session alive at a time (``alive="one"``) too: the previous
+session is closed, its threads joined, before the next is made. With the handover the same
+A/B read 1.00 (0.99-1.01).
+
 **Fresh processes.** Sessions are made in this process, and no fresh process per session is
 offered: ``benchmarks/session_bias.py --processes`` found sessions within one process already
 as far apart as sessions in fresh processes (GPT-2 small: 7 % within this process, 14 % within
@@ -69,6 +88,13 @@ MIN_ROUNDS_FOR_INTERVAL = 20
 
 #: sessions per variant by default (``--sessions``); see the module docstring for what more buy
 DEFAULT_SESSIONS = 3
+
+#: the idle window after a call in which :func:`measure_spill` counts the CPU time a runtime's threads burn
+SPILL_WINDOW_S = 0.1
+#: ``handover="auto"`` waits this many times the largest spill measured (:func:`auto_handover`) ...
+HANDOVER_MARGIN = 1.25
+#: ... and at most this long before every timed call
+MAX_HANDOVER_S = 0.4
 
 #: how many sessions :func:`interleaved` holds at once: every variant's (``all``, calls interleaved
 #: round by round) or one (``one``: variants timed in turn, for models too large to hold side by side)
@@ -125,6 +151,9 @@ class BenchResult:
     machine: dict
     #: ``all``: every variant's session alive in a block, calls interleaved round by round; ``one``: in turn
     alive: str = "all"
+    #: the handover before every timed call, ms (module docstring), and the spill measured per variant for it
+    handover_ms: float = 0.0
+    spill_ms: dict[str, float] = field(default_factory=dict)
 
     def p50(self, name: str) -> float:
         return self.timings[name].p50()
@@ -256,10 +285,66 @@ def _close(runner) -> None:
         close()
 
 
+def measure_spill(runner, feed: dict, window_s: float = SPILL_WINDOW_S, sleep=time.sleep,
+                  cpu=time.process_time) -> float:
+    """The CPU time (ms) this process burns in the ``window_s`` after one call of ``runner``, nothing else running.
+
+    An idle window first lets whatever ran before go quiet; then one call, then the window, with the
+    process's CPU time (all its threads) read before and after. A window busy for more than 80 % of
+    its length may have cut the spill short, so it is measured once more with a window twice as
+    long. Several spinning threads count several times: the handover taken from it errs long.
+    ``sleep`` and ``cpu`` are injectable for tests."""
+    busy = 0.0
+    for w in (window_s, 2 * window_s):
+        sleep(w)
+        runner.run(feed)
+        c0 = cpu()
+        sleep(w)
+        busy = cpu() - c0
+        if busy <= 0.8 * w:
+            break
+    return max(0.0, busy) * 1000.0
+
+
+def runner_threads(runners) -> int:
+    """The largest thread count the runners declare (``threads``; 1 where a runner declares none)."""
+    return max((int(getattr(r, "threads", 1) or 1) for r in runners), default=1)
+
+
+def auto_handover(runners: dict, feed: dict, threads: int, **probe) -> tuple[float, dict[str, float]]:
+    """``handover="auto"``: ``(seconds, {variant: spill ms})``, seconds = :data:`HANDOVER_MARGIN` x the largest
+    :func:`measure_spill` of the runners, at most :data:`MAX_HANDOVER_S`; ``(0, {})`` at 1 thread, probing
+    nothing (no pool to spin). ``probe`` goes to :func:`measure_spill` (tests)."""
+    if threads <= 1:
+        return 0.0, {}
+    spill = {n: measure_spill(r, feed, **probe) for n, r in runners.items()}
+    return min(MAX_HANDOVER_S, HANDOVER_MARGIN * max(spill.values(), default=0.0) / 1000.0), spill
+
+
+def _handover(runner, feed: dict, settle: int, handover_s: float, clock) -> int:
+    """Untimed calls of ``runner`` before a timed one: at least ``settle``, and (handover > 0) at least one and
+    until ``handover_s`` has passed since the first (module docstring). Returns how many were made."""
+    calls = 0
+    start = clock()
+    while calls < settle or (handover_s > 0 and (calls == 0 or (clock() - start) / 1e9 < handover_s)):
+        runner.run(feed)
+        calls += 1
+    return calls
+
+
+def _handover_seconds(handover) -> float | None:
+    """``handover`` checked: None for ``"auto"``, else its seconds (a number >= 0)."""
+    if handover == "auto":
+        return None
+    if isinstance(handover, bool) or not isinstance(handover, (int, float)) or not handover >= 0:
+        raise ValueError(f"handover must be 'auto' or a number of seconds >= 0, not {handover!r}")
+    return float(handover)
+
+
 def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds: float = 3.0, warmup: int = 5,
                 min_rounds: int = 10, max_rounds: int = 200_000, progress=None, settle: int = 0,
                 sessions: int = DEFAULT_SESSIONS, first: dict | None = None, clock=time.perf_counter_ns,
-                on_create=None, alive: str = "all") -> BenchResult:
+                on_create=None, alive: str = "all", handover="auto") -> BenchResult:
     """Time every variant on ``feed`` in ``sessions`` sessions each, interleaved (module docstring).
 
     ``factories`` maps a variant's name to a callable that makes a new runner of it (an object with
@@ -273,7 +358,11 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     sessions took 50 s of a 130 s bench stage, the rounds being few anyway). ``settle`` untimed calls
     precede each timed call of a runner within a round, so that a runner is not charged for the caches
     and thread pools the previous runner (another runtime, say torch or OpenVINO) left cold: what is
-    timed is back-to-back, steady-state inference, as when one model serves alone. ``clock`` returns
+    timed is back-to-back, steady-state inference, as when one model serves alone. ``handover`` (seconds, or
+    ``"auto"``: :func:`auto_handover`, measured on the first block's runners after their warm-up) extends
+    those untimed calls until that long has passed, so that the previous variant's spinning thread pool
+    has gone quiet (module docstring, "Handover"); the result carries it (``handover_ms``, ``spill_ms``).
+    ``clock`` returns
     nanoseconds (tests inject a fake one); ``on_create(block, name)`` is called as each session is made.
 
     ``alive="one"`` (:data:`ALIVE_MODES`): one session alive at a time, for models whose sessions do not
@@ -289,6 +378,7 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
         raise ValueError(f"sessions must be an integer >= 1, not {sessions!r}")
     if alive not in ALIVE_MODES:
         raise ValueError(f"alive must be one of {', '.join(ALIVE_MODES)}, not {alive!r}")
+    handover_s = _handover_seconds(handover)
     for n, f in factories.items():
         if not callable(f):
             raise TypeError(f"interleaved: the factory of {n!r} is a {type(f).__name__}, not a callable that "
@@ -305,7 +395,8 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
     if alive == "one":
         return _one_alive(factories, feed, timings, first, sessions=sessions, per_block_s=per_block_s,
                           block_min=block_min, block_max=block_max, block_warmup=block_warmup, settle=settle,
-                          progress=progress, clock=clock, on_create=on_create)
+                          progress=progress, clock=clock, on_create=on_create, handover_s=handover_s or 0.0)
+    spill: dict[str, float] = {}
     for block in range(sessions):
         runners = {}
         try:
@@ -318,14 +409,16 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
             for _ in range(block_warmup):
                 for n in names:
                     runners[n].run(feed)
+            if handover_s is None:  # auto: measured once, on the first block's warm runners
+                handover_s, spill = auto_handover({n: runners[n] for n in names}, feed,
+                                                  runner_threads(runners.values()))
             samples = {n: [] for n in names}
             start = clock()
             rounds = 0
             while rounds < block_max and (rounds < block_min or (clock() - start) / 1e9 < per_block_s):
                 order = names[rounds % len(names):] + names[:rounds % len(names)]
                 for n in order:
-                    for _ in range(settle):
-                        runners[n].run(feed)
+                    _handover(runners[n], feed, settle, handover_s, clock)
                     t0 = clock()
                     runners[n].run(feed)
                     samples[n].append((clock() - t0) / 1e6)
@@ -343,15 +436,18 @@ def interleaved(factories: dict[str, Callable[[], object]], feed: dict, seconds:
         for n in names:
             timings[n].session_ms.append(samples[n])
             timings[n].samples_ms.extend(samples[n])
-    return BenchResult(timings, threads, machine_info(threads))
+    return BenchResult(timings, threads, machine_info(threads), handover_ms=1000.0 * (handover_s or 0.0),
+                       spill_ms=spill)
 
 
 def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_min, block_max, block_warmup,
-               settle, progress, clock, on_create) -> BenchResult:
+               settle, progress, clock, on_create, handover_s) -> BenchResult:
     """:func:`interleaved` with ``alive="one"``: in every block, each variant's session alone, in turn.
 
     The rotation starts at the first variant ``first`` gives a runner of, which is block 0's first session;
-    the other given runners are closed before anything runs (two alive sessions is what this mode avoids)."""
+    the other given runners are closed before anything runs (two alive sessions is what this mode avoids).
+    A given ``handover_s`` precedes each session's first timed call (``"auto"`` is 0 here: the session
+    before was closed, its threads joined)."""
     names = list(factories)
     offset = next((names.index(n) for n in first if n in names), 0)
     given = first.pop(names[offset], None) if names else None
@@ -370,8 +466,9 @@ def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_
                     on_create(block, n)
                 if block == 0 and i == 0:
                     threads = getattr(runner, "threads", 1)
-                for _ in range(block_warmup + settle):
+                for _ in range(block_warmup):
                     runner.run(feed)
+                _handover(runner, feed, settle, handover_s, clock)
                 start = clock()
                 while len(samples[n]) < block_max and (len(samples[n]) < block_min
                                                        or (clock() - start) / 1e9 < share_s):
@@ -386,7 +483,7 @@ def _one_alive(factories, feed, timings, first, *, sessions, per_block_s, block_
         for n in names:
             timings[n].session_ms.append(samples[n])
             timings[n].samples_ms.extend(samples[n])
-    return BenchResult(timings, threads, machine_info(threads), alive="one")
+    return BenchResult(timings, threads, machine_info(threads), alive="one", handover_ms=1000.0 * handover_s)
 
 
 def one_session_alive(weight_bytes: int, half_on_cpu: bool = False) -> bool:
@@ -401,6 +498,16 @@ def one_session_alive(weight_bytes: int, half_on_cpu: bool = False) -> bool:
     is the better measurement.
     """
     return weight_bytes >= (ONE_ALIVE_HALF_BYTES if half_on_cpu else ONE_ALIVE_BYTES)
+
+
+def handover_text(result: BenchResult) -> str:
+    """The handover of a run, for a report's method line ("" where there was none)."""
+    if not result.handover_ms:
+        return ""
+    spill = f", {HANDOVER_MARGIN:g} x the largest spill measured, {max(result.spill_ms.values()):.1f} ms" \
+        if result.spill_ms else ""
+    return (f"; each timed call preceded by untimed calls of the same variant for {result.handover_ms:.0f} ms "
+            f"(the handover{spill}: the previous variant's spinning thread pool goes quiet first)")
 
 
 def provenance(machine: dict, threads: int) -> str:

@@ -127,8 +127,9 @@ def test_quick_run_on_the_tiny_gpt2_writes_md_json_png(tmp_path):
     assert pm.main(["--quick", "--only", "tiny-gpt2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "peers_models.json").read_text())
     (cell,) = data["models"][0]["cells"]
-    assert cell["best_normdeploy"] == "normdeploy" and cell["best_peer"] in {n for n, s in pm.VARIANTS.items()
-                                                                            if s.kind == "peer"}
+    kinds = {n: s.kind for n, s in pm.VARIANTS.items()}
+    # which variant is fastest is a timing of 0.3 s: only its kind is asserted
+    assert kinds[cell["best_normdeploy"]] == "normdeploy" and kinds[cell["best_peer"]] == "peer"
     assert cell["max_rel_err"]["normdeploy"] < 1e-4 and "onnxslim" in cell["speedup"]
     assert os.path.getsize(tmp_path / "peers_models.png") > 0
     assert "p50(normdeploy best) / p50(best peer)" in (tmp_path / "peers_models.md").read_text()
