@@ -41,14 +41,14 @@ the share of normalization cost is given only where it is a measurement in [0, 1
 thread count, ONNX Runtime version).
 
 **Handover.** ONNX Runtime's intra-op thread pool keeps its threads spinning for a while after
-every call (about 25 ms of CPU on this 2-core machine at 2 threads; at 1 thread there is no
+every call (22-50 ms of CPU on this 2-core machine at 2 threads; at 1 thread there is no
 pool, and OpenVINO's threads go quiet within 1 ms). In rotating rounds every variant is almost
 always called right after the same other variant (its predecessor in the list), so a variant
 that follows a spinning session shares a core with the spin during its timed call and one that
 follows a quiet runtime does not: in the peers' order (original, normdeploy, ..., OpenVINO) the
 original follows OpenVINO and every ONNX Runtime variant follows another ONNX Runtime session,
-and ONNX Runtime on the original itself read 0.75-0.89x of the original (GPT-2 small, MiniLM,
-ResNet-50 at 2 threads; ``benchmarks/session_bias.py --handover-only``). So before each timed
+and ONNX Runtime on the original itself read 0.78-0.95x of the original (MiniLM, ResNet-50,
+GPT-2 small at batch 8, 2 threads; ``benchmarks/results/session_bias_handover_b8.md``). So before each timed
 call a variant is called, untimed, for at least the handover time (``handover``; and at least
 ``settle`` times): the previous variant's threads go quiet while the variant's own threads do
 work, and the timed call finds the machine as a model serving alone does. ``handover="auto"``
@@ -57,7 +57,7 @@ time the process burns in an idle window after one call) and takes
 :data:`HANDOVER_MARGIN` times the largest, at most :data:`MAX_HANDOVER_S`; at 1 thread it is 0
 without probing, and with one session alive at a time (``alive="one"``) too: the previous
 session is closed, its threads joined, before the next is made. With the handover the same
-A/B read 1.00 (0.99-1.01).
+A/B read 0.98-1.02, every interval covering 1.0.
 
 **Fresh processes.** Sessions are made in this process, and no fresh process per session is
 offered: ``benchmarks/session_bias.py --processes`` found sessions within one process already
