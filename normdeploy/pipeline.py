@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from .bench.floor import floor_model
-from .bench.timing import handover_text
+from .bench.timing import MIN_ROUNDS_FOR_INTERVAL, handover_text
 from .build import OrtRunner, Recorded, TorchRunner, make_runner, runtime_name
 from .canonicalize.dyt import recognize_dyt
 from .canonicalize.groupnorm import recognize_groupnorm
@@ -562,9 +562,11 @@ def _optimize_ort(run: _Run, progress: Progress) -> Result:
         first = {"original": run_orig, "optimized": run_opt} if alive == "all" else {"optimized": run_opt}
         feed = example_arrays(run.prepared.specs, seed=0, batch=run.batch)
         # the verified sessions are the first block's; each block's sessions are closed before the next is made
+        # at least the rounds an interval needs, past the time budget if need be: at more than one thread the
+        # handover (~60 ms per timed call) leaves a small model's 3 s budget with fewer
         bench = interleaved(factories, feed, seconds=options.bench.seconds, warmup=options.bench.warmup, settle=1,
                             sessions=options.bench.sessions, first=first, progress=lambda f: progress("bench", f),
-                            alive=alive)
+                            alive=alive, min_rounds=MIN_ROUNDS_FOR_INTERVAL)
     else:
         run_opt.close()
     latency = bench_latency(bench, run.batch)

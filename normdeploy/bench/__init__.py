@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..core.graph import to_proto
-from .timing import (DEFAULT_SESSIONS, HANDOVER_MARGIN, MAX_HANDOVER_S, BenchResult, interleaved, machine_info,
-                     provenance)
+from .timing import (DEFAULT_SESSIONS, HANDOVER_MARGIN, MAX_HANDOVER_S, MIN_ROUNDS_FOR_INTERVAL, BenchResult,
+                     interleaved, machine_info, provenance)
 
 # ----------------------------------------------------------------------------- one model, many variants
 
@@ -243,7 +243,7 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
                      seconds: float = 3.0, warmup: int = 10, settle: int = 1, sessions: int = DEFAULT_SESSIONS,
                      notes: list[str] | None = None,
                      norm_nodes: dict | None = None, progress=_noop, prepared_peers: list | None = None,
-                     verify: bool = True, min_rounds: int = 10) -> ModelBench:
+                     verify: bool = True, min_rounds: int = MIN_ROUNDS_FOR_INTERVAL) -> ModelBench:
     """Build every variant of one model, check each against the original, time them all in one interleaved run.
 
     ``candidates`` maps a name to ``(model, what it is)``: normdeploy's optimized model, or
@@ -253,7 +253,8 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
     entries of :data:`.peers.PEERS`, built from ``original``, or ``prepared_peers`` gives them
     already prepared (:func:`.peers.prepare`: a benchmark over several thread counts rewrites
     each model once). ``settle`` untimed calls precede every timed call and at least
-    ``min_rounds`` rounds are timed; every variant is timed in ``sessions`` sessions, the
+    ``min_rounds`` rounds are timed (by default the rounds an interval needs, past ``seconds`` if need be:
+    at more than one thread the handover leaves a short budget fewer); every variant is timed in ``sessions`` sessions, the
     runners built here being the first of each, closed when it is done (see
     :func:`.timing.interleaved`). Original, candidates and floor run on the target's runtime
     (``openvino``: OpenVINO's CPU plugin at f32, where the ``openvino`` peer is the original column
