@@ -254,8 +254,8 @@ def compare_variants(model: str, loaded, original, candidates: dict, floor, *, t
     already prepared (:func:`.peers.prepare`: a benchmark over several thread counts rewrites
     each model once). ``settle`` untimed calls precede every timed call and at least
     ``min_rounds`` rounds are timed (by default the rounds an interval needs, past ``seconds`` if need be:
-    at more than one thread the handover leaves a short budget fewer); every variant is timed in ``sessions`` sessions, the
-    runners built here being the first of each, closed when it is done (see
+    at more than one thread the handover leaves a short budget fewer); every variant is timed in
+    ``sessions`` sessions, the runners built here being the first of each, closed when it is done (see
     :func:`.timing.interleaved`). Original, candidates and floor run on the target's runtime
     (``openvino``: OpenVINO's CPU plugin at f32, where the ``openvino`` peer is the original column
     itself); the ONNX Runtime peers on ONNX Runtime. ``verify=False`` skips the accuracy
