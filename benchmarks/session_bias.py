@@ -83,18 +83,19 @@ def prepare(model: str, inputs: list[str], work: str) -> tuple[str, list[str]]:
         return path, inputs
     res = normdeploy.optimize(source, bench=False, inputs=tuple(inputs), tolerance=float("inf"))
     onnx.save(res.original, path)
-    return path, [f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in res.specs]
+    return path, [spec_text(s.name, s.shape, s.dtype) for s in res.specs]
+
+
+def spec_text(name: str, shape, dtype: str) -> str:
+    """``NAME:SHAPE:DTYPE``, as ``--input`` takes it."""
+    return f"{name}:{'x'.join(map(str, shape))}:{dtype}"
 
 
 def with_batch(specs: list[str], batch: int) -> list[str]:
     """``specs`` with every input's first axis set to ``batch``."""
     from normdeploy.core.inputs import parse_input_spec
 
-    out = []
-    for text in specs:
-        name, shape, dtype = parse_input_spec(text)
-        out.append(f"{name}:{'x'.join(map(str, (batch, *shape[1:])))}:{dtype}")
-    return out
+    return [spec_text(name, (batch, *shape[1:]), dtype) for name, shape, dtype in map(parse_input_spec, specs)]
 
 
 def feed_for(specs: list[str]) -> dict:
