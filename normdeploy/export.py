@@ -6,9 +6,9 @@
   single ``normdeploy::*`` nodes (:mod:`normdeploy.nn`); their function bodies are attached.
   Constants are folded and dead nodes removed with onnxscript's constant folder, which
   evaluates only nodes whose inputs are all constant: it folds no statistic computed at run
-  time, but it does compute a running-statistic scale written from parameters only (a traced
-  ``w / sqrt(r + eps)``) into one constant, after which that affine is a frozen one
-  (:mod:`normdeploy.canonicalize.unified_norm`).
+  time, and it leaves the ``r + eps`` of a running-statistic scale written from parameters
+  only (a traced ``w / sqrt(r + eps)``) unfolded, so that the canonicalize stage can still name
+  it (:mod:`normdeploy.canonicalize.unified_norm`).
 * TorchScript: only the TorchScript exporter reads it (``torch.onnx.export(dynamo=False)``),
   run with ``training=PRESERVE`` on the module in eval mode: that exporter's eval-mode
   peephole would fold Conv + BatchNorm on its own, and the report must account for every
@@ -39,6 +39,7 @@ import onnx
 import onnx_ir as ir
 
 from .core import ops
+from .core.affine import constant_of
 from .core.errors import UnsupportedError
 from .core.graph import infer_shapes
 from .core.inputs import InputSpec, example_arrays
@@ -265,7 +266,7 @@ def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
     _drop_reduce_attribute_of_later_opsets(model)
     if model.opset_imports and ops.model_opset(model) >= 18 and not _has_subgraphs(model):
         try:
-            optimizer.fold_constants(model)  # in place
+            optimizer.fold_constants(model, should_fold=_keep_running_statistic)  # in place
             optimizer.remove_unused_nodes(model)
         except Exception:  # noqa: BLE001 - the folder is a nicety; the graph stays valid without it
             pass
@@ -275,6 +276,32 @@ def finalize(model: ir.Model, notes: list[str] | None = None) -> ir.Model:
     if failure and notes is not None:
         notes.append(f"exported model: {failure}")
     return model
+
+
+def _keep_running_statistic(node: ir.Node) -> bool | None:
+    """The constant folder's ``should_fold``: False for the ``r + eps`` of a scale ``w / sqrt(r + eps)``.
+
+    Such a scale, computed from constants only, is how ``torch.export`` traces an eval division by a
+    running statistic (:class:`normdeploy.nn.UnifiedNorm`, :class:`normdeploy.nn.PowerNorm`); folded
+    into one constant it could no longer be told apart from any frozen affine
+    (:mod:`normdeploy.canonicalize.unified_norm` reads it). Kept: an ``Add`` of a per-channel
+    constant and one scalar whose output a ``Sqrt`` reads, whose output divides a constant. Every
+    other node: the folder's own rules (None). Nothing is lost: the affine folds and the clean-up
+    step evaluate what is left (``Sqrt`` included) where nothing recognizes it.
+    """
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    sizes = sorted(i.const_value.size for i in node.inputs if i is not None and i.const_value is not None)
+    if len(sizes) != 2 or sizes[0] != 1 or sizes[1] == 1:
+        return None
+    for root, _ in node.outputs[0].uses():
+        if root.op_type != "Sqrt":
+            continue
+        for div, slot in root.outputs[0].uses():
+            numerator = div.inputs[0]
+            if div.op_type == "Div" and slot == 1 and numerator is not None and constant_of(numerator) is not None:
+                return False
+    return None
 
 
 #: reductions that gained ``noop_with_empty_axes`` (and took ``axes`` as an input) at opset 18

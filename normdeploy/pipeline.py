@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .bench.floor import floor_model
 from .bench.timing import MIN_ROUNDS_FOR_INTERVAL, handover_text
-from .build import OrtRunner, Recorded, TorchRunner, make_runner, runtime_name
+from .build import OrtRunner, Recorded, TorchRunner, make_runner, runtime_cause, runtime_name
 from .canonicalize.dyt import recognize_dyt
 from .canonicalize.groupnorm import recognize_groupnorm
 from .canonicalize.crmsnorm import recognize_crmsnorm
@@ -30,7 +30,7 @@ from .canonicalize.rmsnorm import recognize_rmsnorm
 from .canonicalize.scalenorm import recognize_scalenorm
 from .canonicalize.unified_norm import recognize_unified_norm
 from .core import norms
-from .core.errors import InputError
+from .core.errors import InputError, NormdeployError
 from .core.graph import LARGE_MODEL_BYTES, infer_shapes, signature, to_proto, weight_bytes
 from .core.inputs import InputSpec, example_arrays
 from .core.passes import ModelStep, Pass, PassContext, PassResult, Step, run_steps
@@ -761,7 +761,17 @@ def verify(run_orig, run_opt, run: _Run, label: str = "", keep_original: bool = 
         module = loaded.obj.module() if loaded.kind == "exported_program" else loaded.obj
         torch_runner = TorchRunner(module, run_orig.input_names, run_orig.output_names)
         fidelity = compare(torch_runner, run_orig, sets["random"][0][:1], "torch eager vs exported ONNX, random")
-    reference = Recorded(run_orig, [f for feeds, _ in sets.values() for f in feeds])
+    try:
+        reference = Recorded(run_orig, [f for feeds, _ in sets.values() for f in feeds])
+    except NormdeployError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each runtime raises its own types
+        what = "the input model" if loaded.kind == "onnx" else "the exported model"
+        raise InputError(f"{what} itself fails on {runtime_name(run.target)} before any rewrite: "
+                         f"{runtime_cause(e)}",
+                         "the file computes nothing to compare with: check it with onnxruntime; a torch export "
+                         "that writes a wrong literal shape (torch.onnx.export(dynamo=False) of a module that "
+                         "reads its own sizes) is fixed by exporting with dynamo=True") from None
     if not keep_original:
         run_orig.close()
     try:

@@ -118,6 +118,9 @@ class OrtRunner:
             raise UnsupportedError(f"ONNX Runtime cannot load the model: {first[:300]}",
                                    "an op or type may be unsupported by this runtime; run inspect to see which") from None
         self.threads = so.intra_op_num_threads
+        # a failed run raises with ONNX Runtime's message: its logger (errors, level 3) would print it a second time
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # plain copies: ORT's NodeArg objects keep the whole session (and its weights) alive after close()
@@ -158,7 +161,7 @@ class OrtRunner:
                                      "fix --input or the data file")
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, {k: v for k, v in feed.items() if k in self._input_meta})
+        return self.session.run(None, {k: v for k, v in feed.items() if k in self._input_meta}, self._run_options)
 
     def close(self) -> None:
         """Free the session (and its copy of the weights) and the file it was made from."""
@@ -177,6 +180,21 @@ def make_runner(model, target: str, threads: int | None = None, **ort_options):
 
         return OpenVinoRunner(model, threads)
     return OrtRunner(model, target, threads, **ort_options)
+
+
+def runtime_cause(e: BaseException) -> str:
+    """The one-line cause of a runtime's failure to run a model, e.g. ``Reshape node /Reshape_new_reshape: The
+    input tensor cannot be reshaped to the requested shape. Input shape:{2,16,5}, requested shape:{2,16,3,1}``
+    (ONNX Runtime's message without its source path and check expression)."""
+    import re
+
+    text = " ".join(str(e).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    detail = text.split("Status Message:", 1)[-1].strip()
+    if " was false. " in detail:
+        detail = detail.split(" was false. ", 1)[1]
+    cause = f"{node.group(1)} node {node.group(2)}: {detail}" if node else f"{type(e).__name__}: {detail}"
+    return cause[:300]
 
 
 def runtime_name(target: str) -> str:

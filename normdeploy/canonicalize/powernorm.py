@@ -503,7 +503,7 @@ def join_powernorm(graph: ir.Graph, result: PassResult) -> None:
             result.notes.append(f"GroupScaling {gs.name} and {name} stay apart: {done}")
             continue
         result.matched += 1
-        label = ("sIncerass/powernorm MaskPowerNorm eval" if not isinstance(after, Affine)
+        label = ("PowerNorm eval, the running-phi affine a UnifiedNorm" if not isinstance(after, Affine)
                  else "PowerNorm eval, the running-phi affine a constant")
         result.rewrote(*done, f"{label}: GroupScaling {spelling}")
 

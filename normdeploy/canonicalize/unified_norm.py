@@ -32,19 +32,21 @@ Candidates are divisions by (the root of) a constant; conditions (each failure i
 reason naming the Div): w and b are constants; they vary along one common channel axis, with the input's channel count there,
 and do not raise its rank; ``r + eps > 0`` (``s > 0``: a folded divisor must be a square
 root); no intermediate tensor is read outside the match. A Div whose input is itself a
-constant shift or scale of something (``(x - mean) / sqrt(var + eps)``: a decomposed
-BatchNorm) is not this recognizer's: a BatchNorm spelling is left to the affine folds.
+per-channel constant shift or scale of something (``(x - mean) / sqrt(var + eps)``: a decomposed
+BatchNorm) is not this recognizer's: a BatchNorm spelling is left to the affine folds. A shift
+of another shape (ViT's ``tokens + pos_embed``, one value per token and channel) is an input.
 
-Not recognized, on purpose: a ``.pt2`` of :class:`normdeploy.nn.UnifiedNorm` (``torch.export``
-traces its eval arithmetic, ``x * (w / sqrt(r + eps)) + b``, the scale computed first). The
-export stage's constant folder (:func:`normdeploy.export.finalize`, opset >= 18) computes
-``w / sqrt(r + eps)`` into one constant, so this stage sees ``Mul(x, a) -> Add(b)``: a
-per-channel constant affine that nothing tells apart from any other frozen affine (a
-FrozenBatchNorm2d, a layer scale), and calling it a UnifiedNorm would be a guess. It is reported
-as what it is (``left_alone``: a per-channel constant affine) and ``fold_affine_into_linear``
-folds it exactly as it folds a UnifiedNorm node, so the optimized model is the same as the
-``.pt``'s; only the report's ``norm_nodes.before`` counts one UnifiedNorm less
-(tests/test_zoo_pt2.py asserts exactly that).
+The scale computed first, ``x * (w / sqrt(r + eps)) + b`` (a ``.pt2`` of
+:class:`normdeploy.nn.UnifiedNorm` or :class:`normdeploy.nn.PowerNorm`: ``torch.export`` traces
+their eval arithmetic), is the same affine::
+
+    x ──> Mul(x, [Reshape](Div(w, Sqrt(Add(r, eps))))) ──> Add(., b) ──> y
+
+The export stage's constant folder would compute ``w / sqrt(r + eps)`` into one constant, after
+which nothing tells it apart from any other frozen affine (a FrozenBatchNorm2d, a layer scale);
+it leaves the ``r + eps`` of such a scale alone (:func:`normdeploy.export.finalize`), so this
+stage reads ``r``, ``eps`` and ``w`` apart and names the UnifiedNorm. The scale's Reshape gives
+``r`` and ``w`` the layout along ``x``.
 """
 from __future__ import annotations
 
@@ -62,7 +64,11 @@ from .static_values import evaluate, per_channel
 X = Var("x")
 ROOT = op("Sqrt", op("Add", Var("r"), Var("eps")), name="root")
 NORMED = op("Div", X, any_of(ROOT, Var("s")), name="div")
-RUNNING_AFFINE = op("Add", op("Mul", Var("w"), NORMED), Var("b"))
+#: the scale computed first, ``w / sqrt(r + eps)``, viewed to broadcast (``v.reshape(-1, 1, 1)``) or not
+SCALE = op("Div", Var("w"), ROOT, name="div")
+VIEWED_SCALE = any_of(SCALE, op("Reshape", SCALE, Var("view"), name="viewed"))
+RUNNING_AFFINE = any_of(op("Add", op("Mul", Var("w"), NORMED), Var("b")),
+                        op("Add", op("Mul", X, VIEWED_SCALE, name="scaled"), Var("b")))
 STATISTIC = op("Div", X, ROOT, name="div")  # a candidate: x divided by the root of a constant + eps
 
 
@@ -77,11 +83,27 @@ class UnifiedNormPlan:
     folded: bool
 
 
-def _shifted_input(x: ir.Value) -> bool:
-    """``x`` is a constant shift or scale of something (a decomposed BatchNorm's ``x - mean``)."""
-    n = x.producer()
-    return (n is not None and n.op_type in ("Sub", "Add", "Mul", "Div") and len(n.inputs) == 2
-            and any(i is not None and evaluate(i) is not None for i in n.inputs))
+def _shifted_input(x: ir.Value, channels: int) -> bool:
+    """``x`` is a per-channel constant shift or scale of something, ``channels`` values (the statistic's),
+    maybe times scalars: a decomposed BatchNorm's ``x - mean``. A shift of another shape (ViT's ``tokens + pos_embed``, one value
+    per token and channel) is an input like any other."""
+    for _ in range(8):  # through scalar factors: MPBN's tdBatchNorm2d divides alpha * V_th * (x - mean)
+        n = x.producer()
+        if n is None or n.op_type not in ("Sub", "Add", "Mul", "Div") or len(n.inputs) != 2 or None in n.inputs:
+            return False
+        consts = [evaluate(i) for i in n.inputs]
+        if any(c is not None and c.size == channels for c in consts):
+            return True
+        if not any(c is not None and c.size == 1 for c in consts) or all(c is not None for c in consts):
+            return False
+        x = n.inputs[0] if consts[0] is None else n.inputs[1]
+    return False
+
+
+def _candidate(m: Match) -> bool:
+    r, eps = evaluate(m.bound["r"]), evaluate(m.bound["eps"])
+    return (r is not None and eps is not None and max(r.size, eps.size) > 1
+            and not _shifted_input(m.bound["x"], max(r.size, eps.size)))
 
 
 def _statistic(m: Match) -> tuple[np.ndarray, float, bool] | str | None:
@@ -119,27 +141,47 @@ def _statistic(m: Match) -> tuple[np.ndarray, float, bool] | str | None:
     return v, 0.0, True
 
 
+def _viewed(a: np.ndarray, view: ir.Node) -> np.ndarray | None:
+    """``a`` reshaped as the scale's ``Reshape`` node ``view`` reshapes the scale (same element count)."""
+    shape = evaluate(view.inputs[1])
+    if shape is None:
+        return None
+    dims = [int(d) for d in shape.reshape(-1)]
+    if not view.attributes.get_int("allowzero", 0):
+        dims = [a.shape[i] if d == 0 and i < a.ndim else d for i, d in enumerate(dims)]
+    try:
+        return a.reshape(dims)
+    except ValueError:
+        return None
+
+
 def _plan(graph: ir.Graph, m: Match) -> UnifiedNormPlan | str | None:
     x = m.bound["x"]
-    if _shifted_input(x):
-        return None
+    if "scaled" in m.bound and (evaluate(x) is not None or evaluate(m.bound["w"]) is None):
+        return None  # not a scale of constants times the input: the other spelling reads it
     stat = _statistic(m)
     if not isinstance(stat, tuple):
         return stat
     r, eps, folded = stat
+    if _shifted_input(x, r.size):
+        return None
     div = m.bound["div"].name
+    reason = outside_consumer(m)
+    if reason:
+        return f"Div {div}: {reason}"
     w, b = evaluate(m.bound["w"]), evaluate(m.bound["b"])
     if w is None or b is None:
         return f"Div {div}: the {'weight' if w is None else 'bias'} after it is not a constant"
+    if "viewed" in m.bound:  # r and w broadcast as the scale's view makes them broadcast
+        r, w = (_viewed(np.array(a), m.bound["viewed"]) for a in np.broadcast_arrays(r, w))
+        if r is None or w is None:
+            return f"Div {div}: the Reshape {m.bound['viewed'].name} of the scale is not a static view"
     layout = per_channel({"statistic": r, "weight": w, "bias": b}, x)
     if isinstance(layout, str):
         return f"Div {div}: {layout}"
     axis, channels, vec = layout
     if axis is None:
         return f"Div {div}: statistic, weight and bias are scalars (not per channel)"
-    reason = outside_consumer(m)
-    if reason:
-        return f"Div {div}: {reason}"
     dtype = dtype_of(x) or w.dtype
     r64 = np.asarray(vec["statistic"], np.float64)
     stat = (r64 * r64 if folded else r64).astype(dtype)
@@ -172,9 +214,7 @@ UNIFIED_NORM_RECOGNIZER = Recognizer(
     rewrite=_rewrite,
     candidate=STATISTIC,
     candidate_ops=frozenset({"Div"}),
-    accept_candidate=lambda m: (not _shifted_input(m.bound["x"]) and evaluate(m.bound["r"]) is not None
-                                and evaluate(m.bound["eps"]) is not None
-                                and max(evaluate(m.bound["r"]).size, evaluate(m.bound["eps"]).size) > 1),
+    accept_candidate=_candidate,
     incomplete="x / sqrt(r + eps) with a constant per-channel r is not followed by a constant weight Mul and bias Add "
                "(Unified Normalization / PowerNorm eval: w * x / sqrt(r + eps) + b)",
 )

@@ -1,10 +1,13 @@
 """recognize_unified_norm: ``w x / sqrt(r + eps) + b`` (UN's eval path, PowerNorm's affine) -> normdeploy::UnifiedNorm."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 
+from normdeploy import nn
 from normdeploy.core import ops
 from tests.conftest import randomize
 from tests.corpus import harness
@@ -131,6 +134,26 @@ def test_decomposed_batchnorm_is_not_a_candidate():
     _assert_untouched(b.model("y"), None)
 
 
+@pytest.mark.parametrize("scale_first", [False, True])
+def test_input_shifted_by_a_position_embedding_is_an_input(scale_first):
+    """The first block of a ViT normalizes ``tokens + pos_embed`` (a constant per token and channel, not per
+    channel): a UnifiedNorm of that sum, in either spelling (the zoo's vit_un from a .pt2 missed its first one)."""
+    r, w, bias = _params(5)
+    b = GraphBuilder(18)
+    x = b.input("x", [2, 4, C])
+    pos = np.random.default_rng(6).normal(size=(1, 4, C)).astype(np.float32)
+    shifted = b("Add", x, b.const(pos))
+    if scale_first:
+        _hand_scale_first(b, shifted, r, w, bias, view=None)
+    else:
+        d = b("Div", shifted, b("Sqrt", b("Add", b.const(r), b.const(np.float32(1e-5)))), out="d")
+        b("Add", b("Mul", b.const(w), d), b.const(bias), out="y")
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {"Add": 1, UN: 1} and result.skipped == [], result
+    assert_same_outputs(model, after)
+
+
 def test_division_by_a_run_time_statistic_is_not_a_candidate():
     """``x / sqrt(mean(x^2) + eps) * w + b`` divides by a statistic of x: an RMSNorm's business, not UN's."""
     _, w, bias = _params()
@@ -140,6 +163,70 @@ def test_division_by_a_run_time_statistic_is_not_a_candidate():
     d = b("Div", x, b("Sqrt", b("Add", ms, b.const(np.float32(1e-5)))), out="d")
     b("Add", b("Mul", b.const(w), d), b.const(bias), out="y")
     _assert_untouched(b.model("y"), None)
+
+
+def _hand_scale_first(b: GraphBuilder, x: str, r, w, bias, eps=1e-5, view=(-1, 1, 1), bias_reads_scale=False) -> str:
+    """normdeploy.nn.UnifiedNorm's eval as ``torch.export`` traces it: ``x * view(w / sqrt(r + eps)) + view(b)``
+    (normdeploy/nn.py ``_bcast``: ``v.reshape(-1, 1, 1)`` for channel axis 1 of a 4-D input)."""
+    scale = b("Div", b.const(w), b("Sqrt", b("Add", b.const(r), b.const(np.float32(eps)))), out="d")
+    if view is not None:
+        scale = b("Reshape", scale, b.const(np.array(view, np.int64), dtype=np.int64))
+    shift = b.const(bias.reshape(view) if view is not None else bias)
+    if bias_reads_scale:  # a hand-written BatchNorm: b - mean * scale, the scale read twice
+        shift = b("Sub", shift, b("Mul", b.const(np.full(len(r), 0.5, np.float32).reshape(view or (-1,))), scale))
+    return b("Add", b("Mul", x, scale), shift, out="y")
+
+
+@pytest.mark.parametrize("shape, view, axis", [([2, C, 5, 4], (-1, 1, 1), 1), ([2, 5, C], None, 2)])
+def test_scale_computed_first(shape, view, axis):
+    """``x * (w / sqrt(r + eps)) + b``, the scale viewed along channel axis 1 or not at all (channels last)."""
+    r, w, bias = _params(2)
+    b = GraphBuilder(18)
+    _hand_scale_first(b, b.input("x", shape), r, w, bias, view=view)
+    model = b.model("y")
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {UN: 1} and result.skipped == [], result
+    assert result.rewrites[0].spelling.endswith(": Add Sqrt Div Mul Add" if view is None else
+                                                ": Add Sqrt Div Reshape Mul Add"), result.rewrites[0].spelling
+    c = _canonical(after)
+    assert c["axis"] == axis and c["epsilon"] == pytest.approx(1e-5)
+    for k, v in (("r", r), ("w", w), ("b", bias)):
+        np.testing.assert_array_equal(c[k], v)
+    assert_same_outputs(model, after)
+
+
+def test_scale_computed_first_read_twice_is_left_to_the_affine_folds():
+    """A hand-written BatchNorm that computes its shift from the same scale: not a UnifiedNorm, said so."""
+    r, w, bias = _params(3)
+    b = GraphBuilder(18)
+    _hand_scale_first(b, b.input("x", [2, C, 5, 4]), r, w, bias, bias_reads_scale=True)
+    _assert_untouched(b.model("y"), "has another consumer")
+
+
+def test_export_folder_keeps_the_running_statistic_of_a_scale_and_folds_the_rest():
+    """normdeploy.export.finalize: ``r + eps`` under ``w / sqrt(.)`` stays; ``x / sqrt(r + eps)`` folds to one constant."""
+    import onnx_ir as ir
+
+    from normdeploy.export import finalize
+
+    r, w, bias = _params(4)
+    for scale_first, want in ((True, {"Add": 2, "Sqrt": 1, "Div": 1, "Reshape": 1, "Mul": 1}),
+                              (False, {"Div": 1, "Mul": 1, "Add": 1})):
+        b = GraphBuilder(18)
+        x = b.input("x", [2, C, 5, 1])
+        (_hand_scale_first if scale_first else _hand_un)(b, x, r, w, bias)
+        model = finalize(ir.from_proto(b.model("y")))
+        assert collections.Counter(n.op_type for n in model.graph) == want, scale_first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opset", [17, 18, 23])
+@pytest.mark.parametrize("factory, kind", [(lambda: nn.UnifiedNorm(16, axis=-1), "UnifiedNorm"),
+                                           (lambda: nn.PowerNorm(16, groups=2), "PowerNorm")])
+def test_pt2_of_normdeploys_own_module_names_it(factory, kind, opset, tmp_path):
+    """A ``.pt2`` of normdeploy.nn.UnifiedNorm / PowerNorm (torch.export traces the eval arithmetic, the scale
+    first): counted as its kind before, gone after on ort-cpu, exact vs torch."""
+    harness.check(_module(factory), (torch.randn(2, 5, 16),), "pt2", tmp_path, before={kind: 1}, opset=opset)
 
 
 # ----------------------------------------------------------------------------- the corpus (issue 12)
