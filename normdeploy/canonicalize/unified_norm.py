@@ -85,8 +85,8 @@ class UnifiedNormPlan:
 
 def _shifted_input(x: ir.Value, channels: int) -> bool:
     """``x`` is a per-channel constant shift or scale of something, ``channels`` values (the statistic's),
-    maybe times scalars: a decomposed BatchNorm's ``x - mean``. A shift of another shape (ViT's ``tokens + pos_embed``, one value
-    per token and channel) is an input like any other."""
+    maybe times scalars: a decomposed BatchNorm's ``x - mean``. A shift of another shape (ViT's
+    ``tokens + pos_embed``, one value per token and channel) is an input like any other."""
     for _ in range(8):  # through scalar factors: MPBN's tdBatchNorm2d divides alpha * V_th * (x - mean)
         n = x.producer()
         if n is None or n.op_type not in ("Sub", "Add", "Mul", "Div") or len(n.inputs) != 2 or None in n.inputs:
@@ -159,6 +159,9 @@ def _plan(graph: ir.Graph, m: Match) -> UnifiedNormPlan | str | None:
     x = m.bound["x"]
     if "scaled" in m.bound and (evaluate(x) is not None or evaluate(m.bound["w"]) is None):
         return None  # not a scale of constants times the input: the other spelling reads it
+    r = evaluate(m.bound["r"]) if "root" in m.bound else None
+    if r is not None and _shifted_input(x, r.size):
+        return None  # before the statistic's checks: a decomposed BatchNorm is reported by no one here
     stat = _statistic(m)
     if not isinstance(stat, tuple):
         return stat
