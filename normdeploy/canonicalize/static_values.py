@@ -38,6 +38,14 @@ def evaluate(v: ir.Value | None) -> np.ndarray | None:
     return a
 
 
+def onnx_reshape(x: np.ndarray, shape: list[int], allowzero: int = 0) -> np.ndarray:
+    """``x`` reshaped as ONNX's Reshape does: a 0 copies x's dimension there unless ``allowzero``; -1 is inferred.
+    Raises ValueError where the element counts differ."""
+    if not allowzero:
+        shape = [x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
 def _known(a: np.ndarray | None) -> np.ndarray | None:
     """An object array of shape values with every entry known, as int64 (others unchanged)."""
     if a is not None and a.dtype == object and not any(e is None for e in a.reshape(-1)):
@@ -127,11 +135,7 @@ def _partial_op(v: ir.Value | None, depth: int) -> np.ndarray | None:
             return x.astype(to)
         if op in ("Reshape",):
             shape = _ints(ins[1])
-            if shape is None:
-                return None
-            if not attr(n, "allowzero", 0):
-                shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-            return x.reshape(shape)
+            return None if shape is None else onnx_reshape(x, shape, attr(n, "allowzero", 0))
         if op == "Unsqueeze":
             axes = _axes(n, depth - 1)
             if axes is None:

@@ -59,7 +59,7 @@ from ..core.graph import Namer, add_node, constant
 from ..core.ops import DOMAIN
 from ..core.passes import PassContext, PassResult
 from ..core.pattern import Match, Recognizer, Var, any_of, dtype_of, op, outside_consumer, static_shape, take_over
-from .static_values import evaluate, per_channel
+from .static_values import evaluate, onnx_reshape, per_channel
 
 X = Var("x")
 ROOT = op("Sqrt", op("Add", Var("r"), Var("eps")), name="root")
@@ -146,11 +146,8 @@ def _viewed(a: np.ndarray, view: ir.Node) -> np.ndarray | None:
     shape = evaluate(view.inputs[1])
     if shape is None:
         return None
-    dims = [int(d) for d in shape.reshape(-1)]
-    if not view.attributes.get_int("allowzero", 0):
-        dims = [a.shape[i] if d == 0 and i < a.ndim else d for i, d in enumerate(dims)]
     try:
-        return a.reshape(dims)
+        return onnx_reshape(a, [int(d) for d in shape.reshape(-1)], view.attributes.get_int("allowzero", 0))
     except ValueError:
         return None
 
@@ -166,7 +163,7 @@ def _plan(graph: ir.Graph, m: Match) -> UnifiedNormPlan | str | None:
     if not isinstance(stat, tuple):
         return stat
     r, eps, folded = stat
-    if _shifted_input(x, r.size):
+    if "root" not in m.bound and _shifted_input(x, r.size):  # (the root form's r was read above)
         return None
     div = m.bound["div"].name
     reason = outside_consumer(m)

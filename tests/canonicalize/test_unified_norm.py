@@ -37,6 +37,19 @@ def _hand_un(b: GraphBuilder, x: str, r, w, bias, eps=1e-5, folded: bool = False
     return b("Add", b("Mul", b.const(w.reshape(shape)), div), b.const(bias.reshape(shape)), out="y")
 
 
+def _assert_one_un(model, spelling: str, axis: int, r, w, bias, eps: float = 1e-5):
+    """``model`` becomes one UnifiedNorm with these parameters (rewritten with ``spelling``), outputs unchanged."""
+    after, result = apply(model, PASS)
+    assert op_counts(after) == {UN: 1}
+    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, []), result
+    assert result.rewrites[0].spelling == f"running-statistic affine (UN / PowerNorm eval): {spelling}"
+    c = _canonical(after)
+    assert c["axis"] == axis and c["epsilon"] == pytest.approx(eps)
+    for k, v in (("r", r), ("w", w), ("b", bias)):
+        np.testing.assert_array_equal(c[k], v)
+    assert_same_outputs(model, after)
+
+
 def _canonical(after) -> dict:
     node = node_of(after, "UnifiedNorm")
     assert node.domain == ops.DOMAIN
@@ -52,16 +65,7 @@ def test_root_of_statistic_plus_eps():
     r, w, bias = _params()
     b = GraphBuilder(18)
     _hand_un(b, b.input("x", ["batch", C, 5, 1]), r, w, bias)
-    model = b.model("y")
-    after, result = apply(model, PASS)
-    assert op_counts(after) == {UN: 1}
-    assert (result.matched, len(result.rewrites), result.skipped) == (1, 1, [])
-    assert result.rewrites[0].spelling == "running-statistic affine (UN / PowerNorm eval): Add Sqrt Div Mul Add"
-    c = _canonical(after)
-    assert c["axis"] == 1 and c["epsilon"] == pytest.approx(1e-5)
-    for k, v in (("r", r), ("w", w), ("b", bias)):
-        np.testing.assert_array_equal(c[k], v)
-    assert_same_outputs(model, after)
+    _assert_one_un(b.model("y"), "Add Sqrt Div Mul Add", 1, r, w, bias)
 
 
 def test_divisor_folded_by_the_exporter():
@@ -183,16 +187,8 @@ def test_scale_computed_first(shape, view, axis):
     r, w, bias = _params(2)
     b = GraphBuilder(18)
     _hand_scale_first(b, b.input("x", shape), r, w, bias, view=view)
-    model = b.model("y")
-    after, result = apply(model, PASS)
-    assert op_counts(after) == {UN: 1} and result.skipped == [], result
-    assert result.rewrites[0].spelling.endswith(": Add Sqrt Div Mul Add" if view is None else
-                                                ": Add Sqrt Div Reshape Mul Add"), result.rewrites[0].spelling
-    c = _canonical(after)
-    assert c["axis"] == axis and c["epsilon"] == pytest.approx(1e-5)
-    for k, v in (("r", r), ("w", w), ("b", bias)):
-        np.testing.assert_array_equal(c[k], v)
-    assert_same_outputs(model, after)
+    _assert_one_un(b.model("y"), "Add Sqrt Div Mul Add" if view is None else "Add Sqrt Div Reshape Mul Add", axis,
+                   r, w, bias)
 
 
 def test_scale_computed_first_read_twice_is_left_to_the_affine_folds():
